@@ -1,0 +1,67 @@
+"""CIFAR-10-LT (DESIGN §8 profiles). From tfds (network the first time), or the shared JPEG copy:
+
+  python -m launch.pipeline --config=configs/cifar10_lt.py:profile=cpu,source=folder --workdir=runs/c10
+  python -m launch.pipeline --config=configs/cifar10_lt.py:profile=paper --workdir=runs/c10_paper
+
+`source=folder` reads `data.train_path` (default: the shared CIFAR-10 training JPEG tarball) and sets
+aside a balanced local test split (`holdout:1000`) and validation, since that copy has no test split.
+"""
+
+from configs import common
+
+
+def cifar_config(arg, dataset: str):
+  """CIFAR-10/100-LT config; `dataset` is the tfds name (cifar10 | cifar100)."""
+  args = common.parse_arg(arg, profile="cpu", source="tfds", imbalance_factor=100.0, ipc=10,
+                          method="mtt")
+  c = common.base_config()
+  c.profile = args.profile
+  c.method = args.method
+  c.data.dataset = f"{dataset}_lt"
+  c.data.tfds_name = dataset
+  c.data.image_size = 32
+  c.data.imbalance_factor = args.imbalance_factor
+  if args.source == "tfds":
+    c.data.train_source, c.data.test_source = "tfds", "tfds"
+    c.data.validation_per_class = 50
+  elif args.source == "folder":
+    c.data.train_source = "folder"
+    c.data.train_path = f"../shared/data/{dataset}-train-jpeg.tar.gz"
+    c.data.test_source = "holdout:1000" if dataset == "cifar10" else "holdout:100"
+    c.data.validation_per_class = 100 if dataset == "cifar10" else 10
+  else:
+    raise ValueError(f"source must be 'tfds' or 'folder', got {args.source!r}.")
+  c.data.normalize, c.data.zca, c.data.zca_eps = False, True, 0.1
+  c.distill.ipc = args.ipc
+  if args.profile == "cpu":
+    c.model.depth, c.model.width = 3, 32
+    c.experts.num_experts, c.experts.epochs = 5, 10
+    c.experts.lr, c.experts.momentum, c.experts.weight_decay, c.experts.batch_size = 0.01, 0, 0, 256
+    c.distill.syn_steps, c.distill.expert_epochs, c.distill.max_start_epoch = 10, 2, 5
+    c.distill.iterations, c.distill.lr_img, c.distill.lr_lr = 200, 100.0, 1e-5
+    c.distill.syn_lr_init, c.distill.batch_syn = 0.01, 100
+    c.datm.initial_max_start_epoch, c.datm.window_grow_every = 2, 50
+    c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 3, 300, 10
+    c.evaluate.cross_arch_width = 16
+  elif args.profile == "paper":
+    c.model.depth, c.model.width = 3, 128
+    c.experts.num_experts, c.experts.epochs = 100, 50
+    c.experts.lr, c.experts.momentum, c.experts.weight_decay = 0.01, 0.0, 0.0
+    c.distill.syn_steps = 80 if args.ipc >= 50 else 50
+    c.distill.expert_epochs = 2
+    c.distill.max_start_epoch = 40 if args.ipc >= 50 else 20
+    c.distill.iterations = 5000
+    c.distill.lr_img = 1000.0 if args.ipc >= 50 else 100.0
+    c.distill.lr_lr, c.distill.syn_lr_init = 1e-5, 0.01
+    c.distill.batch_syn = min(256, 10 * args.ipc if dataset == "cifar10" else 100 * args.ipc)
+    c.datm.lr_label, c.datm.initial_max_start_epoch, c.datm.window_grow_every = 2.0, 10, 500
+    c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 5, 1000, 200
+    c.evaluate.cross_arch_width = 64
+  else:
+    raise ValueError(f"profile must be 'cpu' or 'paper', got {args.profile!r}.")
+  c.lock()
+  return c
+
+
+def get_config(arg=None):
+  return cifar_config(arg, "cifar10")

@@ -1,0 +1,153 @@
+"""The full set of hyperparameters every stage reads; dataset configs start from `base_config()`.
+
+Every key any stage of ltdd_jax reads is listed here, so a typo in `--config.x=...` fails at parse
+time (the ConfigDict is locked) and the resolved config written to the workdir is the whole story.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses the `:key=value,...` suffix of `--config=configs/x.py:...` into a ConfigDict.
+
+  Unknown keys fail with the list of accepted ones; values take the type of their default.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r} in {arg!r}; accepted: {sorted(defaults)}.")
+    kind = type(defaults[key])
+    out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every hyperparameter with a neutral value; dataset configs set them per profile."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.profile = "cpu"
+  # mtt | datm | ltdd, or a baseline: random | herding | full. Suffixes (+two_stage, +hierarchical)
+  # are read by launch/pipeline.py.
+  c.method = "mtt"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "digits"           # Name used in reports.
+  c.data.train_source = "digits"      # digits | tfds | folder | listfile
+  c.data.test_source = "digits"       # digits | tfds | folder | listfile | holdout:K
+  c.data.tfds_name = "cifar10"
+  c.data.train_path = ""              # folder, .tar.gz or list file for folder/listfile sources.
+  c.data.test_path = ""
+  c.data.image_root = ""              # listfile: folder the listed paths are relative to.
+  c.data.image_size = 32              # folder/listfile images are resized to this.
+  c.data.cache_dir = "~/.cache/ltdd_jax"
+  c.data.imbalance_factor = 10.0
+  c.data.imbalance_profile = "exp"    # exp | step
+  c.data.n_max = 0                    # 0: all the smallest class pool allows.
+  c.data.validation_per_class = 0
+  c.data.normalize = True             # per-channel mean/std
+  c.data.zca = False
+  c.data.zca_eps = 0.1
+  c.data.shot_rule = "thirds"         # thirds (CIFAR) | thresholds (ImageNet-LT)
+
+  c.dsa = ml_collections.ConfigDict()
+  c.dsa.enabled = True
+  c.dsa.strategy = "color_crop_cutout_flip_scale_rotate"
+  c.dsa.mode = "single"               # single (DSA's 'S': one family per call) | all
+  c.dsa.siamese = True
+  c.dsa.brightness = 1.0
+  c.dsa.saturation = 2.0
+  c.dsa.contrast = 0.5
+  c.dsa.crop_pad = 0.125
+  c.dsa.cutout = 0.5
+  c.dsa.scale = 1.2
+  c.dsa.rotate = 15.0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "convnet"            # convnet | resnet18 | vgg11 | alexnet
+  c.model.depth = 3
+  c.model.width = 128
+  c.model.norm = "instance"           # instance | batch | none
+  c.model.conv_impl = "auto"          # auto | xla | im2col
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = -1
+  c.mesh.distributed = False          # call jax.distributed.initialize() (multi-host)
+
+  c.experts = ml_collections.ConfigDict()
+  c.experts.num_experts = 5
+  c.experts.epochs = 10
+  c.experts.lr = 0.01
+  c.experts.momentum = 0.0
+  c.experts.weight_decay = 0.0
+  c.experts.batch_size = 256
+  c.experts.sampling = "instance"     # instance | class_balanced
+  c.experts.loss = "ce"               # ce | balanced_softmax
+  c.experts.dsa = True
+  c.experts.classes = ()              # a class subset (relabelled 0..k-1); () = all classes
+  # Classifier-only re-training (LTDD's classifier experts), run after the main trajectories.
+  c.experts.classifier_epochs = 0     # 0: none
+  c.experts.classifier_from_epoch = -1  # -1: the last epoch
+  c.experts.classifier_lr = 0.01
+  c.experts.classifier_sampling = "class_balanced"
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.ipc = 10
+  c.distill.syn_steps = 10
+  c.distill.expert_epochs = 2
+  c.distill.max_start_epoch = 5
+  c.distill.iterations = 200
+  c.distill.lr_img = 100.0
+  c.distill.lr_lr = 1e-5
+  c.distill.syn_lr_init = 0.01
+  c.distill.momentum = 0.5
+  c.distill.batch_syn = 100
+  c.distill.init = "real"             # real | noise
+  c.distill.allow_duplicates = True   # classes with fewer than ipc images repeat them
+  c.distill.remat = True              # jax.checkpoint the inner step (memory ~ constant in syn_steps)
+  c.distill.remat_policy = "nothing_saveable"
+  c.distill.checkpoint_every = 50
+  c.distill.eval_every = 0            # 0: validation only at the end
+  c.distill.log_every = 10
+
+  # DATM-style options (method=datm and ltdd).
+  c.datm = ml_collections.ConfigDict()
+  c.datm.lr_label = 2.0
+  c.datm.label_expert_epoch = -1      # expert epoch whose logits initialise soft labels; -1: last
+  c.datm.correct_only = True          # initialise from images that expert classifies correctly
+  c.datm.min_start_epoch = 0
+  c.datm.initial_max_start_epoch = 2  # window upper bound grows from here to distill.max_start_epoch
+  c.datm.window_grow_every = 50       # iterations per +1 of the window's upper bound
+
+  # LTDD-style options (method=ltdd).
+  c.ltdd = ml_collections.ConfigDict()
+  c.ltdd.dam = True                   # inner loss weighted by LT class frequency
+  c.ltdd.ed = True                    # backbone / classifier decoupled matching
+  c.ltdd.ed_lambda = 1.0
+
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.num_models = 3
+  c.evaluate.epochs = 300
+  c.evaluate.full_epochs = 30         # epochs for the `full` baseline (standard training)
+  c.evaluate.lr = 0.01                # baselines; distilled sets use their learned lr
+  c.evaluate.use_learned_lr = True
+  c.evaluate.momentum = 0.9
+  c.evaluate.weight_decay = 5e-4
+  c.evaluate.batch_size = 256
+  c.evaluate.dsa = True
+  c.evaluate.archs = ("convnet",)
+  c.evaluate.cross_arch_width = 64    # base width of resnet18 / vgg11 / alexnet
+  c.evaluate.test_batch_size = 1000
+
+  c.grouping = ml_collections.ConfigDict()
+  c.grouping.strategy = "frequency"   # frequency | similarity | manual
+  c.grouping.max_imbalance = 5.0
+  c.grouping.num_groups = 0           # >0 overrides max_imbalance for frequency/similarity
+  c.grouping.manual = ()              # ((0, 1), (2, 3, 4), ...) for strategy=manual
+  c.grouping.min_group_size = 2
+  c.grouping.prediction = "soft"      # soft | hard
+  c.grouping.lambda_1 = 1.0
+  c.grouping.lambda_2 = 1.0
+  return c

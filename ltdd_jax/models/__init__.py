@@ -1,0 +1,53 @@
+"""Architectures by name; every classifier is `Classifier(backbone, head)`.
+
+Parameters are plain pytrees {'backbone': ..., 'head': ...} with no mutable state (instance norm, or
+batch norm on current-batch statistics), so a student can be unrolled and differentiated through.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from ltdd_jax.models.alexnet import AlexNet
+from ltdd_jax.models.convnet import ConvNet
+from ltdd_jax.models.heads import GroupHead, WithinGroupHeads
+from ltdd_jax.models.layers import resolve_conv_impl
+from ltdd_jax.models.resnet import ResNet18
+from ltdd_jax.models.vgg import VGG11
+
+ARCHS = ("convnet", "resnet18", "vgg11", "alexnet")
+
+
+class Classifier(nn.Module):
+  """backbone(images) -> head(features). images [N, H, W, C] -> logits (or a tuple of them)."""
+  backbone: nn.Module
+  head: nn.Module
+
+  def __call__(self, images):
+    return self.head(self.backbone(images))
+
+
+def make_backbone(model_config, arch: str | None = None, width: int | None = None) -> nn.Module:
+  """The backbone named by `arch` (default `model.name`) with the config's norm and conv impl."""
+  arch = arch or model_config.name
+  width = width or model_config.width
+  impl = model_config.conv_impl
+  if arch == "convnet":
+    return ConvNet(depth=model_config.depth, width=width, norm=model_config.norm, conv_impl=impl)
+  if arch == "resnet18":
+    return ResNet18(width=width, norm=model_config.norm, conv_impl=impl)
+  if arch == "vgg11":
+    return VGG11(width=width, norm=model_config.norm, conv_impl=impl)
+  if arch == "alexnet":
+    return AlexNet(width=width, conv_impl=impl)
+  raise ValueError(f"Unknown architecture {arch!r}; accepted: {ARCHS}.")
+
+
+def make_classifier(model_config, num_classes: int, arch: str | None = None,
+                    width: int | None = None) -> Classifier:
+  """Backbone plus a linear head with `num_classes` outputs."""
+  return Classifier(make_backbone(model_config, arch, width), nn.Dense(num_classes))
+
+
+__all__ = ["ARCHS", "AlexNet", "Classifier", "ConvNet", "GroupHead", "ResNet18", "VGG11",
+           "WithinGroupHeads", "make_backbone", "make_classifier", "resolve_conv_impl"]

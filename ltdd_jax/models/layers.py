@@ -1,0 +1,113 @@
+"""Layers shared by every architecture: a convolution with a selectable implementation, norms, pools.
+
+Why a custom convolution: on CPU, XLA's second derivative of `lax.conv_general_dilated` through an
+unrolled student is pathologically slow (DEVELOPERS.md: 38 s vs 1.7 s for one meta-gradient). The
+`im2col` form (shifted slices concatenated along channels, then one matmul) computes the same function
+with plain slicing and dot products, whose derivatives of any order XLA handles well. `auto` picks the
+implementation measured fastest for the backend (bench/conv_impl.py).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CONV_IMPLS = ("auto", "xla", "im2col")
+NORMS = ("instance", "batch", "none")
+# Measured per backend by bench/conv_impl.py (see bench/RESULTS.md). GPU/TPU convolutions are
+# native and fast; on CPU im2col wins for anything differentiated twice.
+_FASTEST = {"cpu": "im2col", "gpu": "xla", "tpu": "xla"}
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """Maps `auto` to the measured-fastest implementation for the default backend."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"Unknown model.conv_impl {impl!r}; accepted: {CONV_IMPLS}.")
+  if impl == "auto":
+    return _FASTEST.get(jax.default_backend(), "xla")
+  return impl
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """2-D convolution (cross-correlation, NHWC / HWIO) as shifted slices plus one matmul.
+
+  Args:
+    x: [N, H, W, Cin].
+    kernel: [kh, kw, Cin, Cout].
+    stride: spatial stride.
+    padding: zero padding on each side.
+
+  Returns:
+    [N, Ho, Wo, Cout], equal to `lax.conv_general_dilated` with the same arguments.
+  """
+  kh, kw, _, cout = kernel.shape
+  if padding:
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  n, h, w, cin = x.shape
+  ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+  patches = [x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+             for i in range(kh) for j in range(kw)]
+  cols = jnp.concatenate(patches, axis=-1)  # [N, Ho, Wo, kh*kw*Cin], (i, j, c) order = HWIO.
+  return (cols.reshape(-1, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)).reshape(
+      n, ho, wo, cout)
+
+
+def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """The same convolution through `lax.conv_general_dilated`."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), [(padding, padding), (padding, padding)],
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv(nn.Module):
+  """k x k convolution with bias; `impl` is `xla`, `im2col` or `auto`."""
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  padding: int = 1
+  impl: str = "auto"
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.kaiming_uniform(), (k, k, x.shape[-1],
+                                                                       self.features))
+    fn = im2col_conv if resolve_conv_impl(self.impl) == "im2col" else xla_conv
+    y = fn(x, kernel.astype(x.dtype), self.stride, self.padding)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    return y
+
+
+class Norm(nn.Module):
+  """Instance norm, stateless batch norm (current batch statistics) or identity, with affine."""
+  kind: str = "instance"
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    if self.kind == "none":
+      return x
+    if self.kind == "instance":
+      axes = (1, 2)
+    elif self.kind == "batch":
+      axes = (0, 1, 2)
+    else:
+      raise ValueError(f"Unknown norm {self.kind!r}; accepted: {NORMS}.")
+    mean = x.mean(axis=axes, keepdims=True)
+    var = jnp.square(x - mean).mean(axis=axes, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    return y * scale + bias
+
+
+def pool2x2(x: jax.Array, kind: str = "avg") -> jax.Array:
+  """2x2 stride-2 pooling as a reshape (cheap to differentiate twice). x: [N, H, W, C]."""
+  n, h, w, c = x.shape
+  if h < 2 or w < 2:
+    return x
+  x = x[:, :h // 2 * 2, :w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c)
+  return x.mean(axis=(2, 4)) if kind == "avg" else x.max(axis=(2, 4))

@@ -1,0 +1,125 @@
+import os
+import tarfile
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SHARED_CIFAR
+from ltdd_jax.data import dataset, sources
+
+
+def _data_config(tmp_path, **kw):
+  c = ml_collections.ConfigDict(dict(
+      tfds_name="cifar10", train_path="", test_path="", image_root="", image_size=8,
+      cache_dir=str(tmp_path / "cache")))
+  c.update(kw)
+  return c
+
+
+def _write_tree(root, counts, size=8, suffix=".png"):
+  rng = np.random.default_rng(0)
+  for c, n in enumerate(counts):
+    (root / f"class{c}").mkdir(parents=True)
+    for i in range(n):
+      Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(
+          root / f"class{c}" / f"{i:03d}{suffix}")
+
+
+def test_digits_splits_are_disjoint_and_fixed():
+  train = sources.load_pool("digits", "train", None)
+  test = sources.load_pool("digits", "test", None)
+  assert train.images.shape[1:] == (8, 8, 1) and train.images.dtype == np.uint8
+  assert len(test.labels) == 10 * sources.DIGITS_TEST_PER_CLASS
+  assert len(train.labels) + len(test.labels) == 1797
+  np.testing.assert_array_equal(sources.load_pool("digits", "test", None).images, test.images)
+
+
+def test_folder_source_and_cache(tmp_path):
+  _write_tree(tmp_path / "imgs", [5, 3, 2])
+  cfg = _data_config(tmp_path, train_path=str(tmp_path / "imgs"))
+  pool = sources.load_pool("folder", "train", cfg)
+  assert pool.class_names == ("class0", "class1", "class2")
+  np.testing.assert_array_equal(np.bincount(pool.labels), [5, 3, 2])
+  assert pool.images.shape == (10, 8, 8, 3)
+  again = sources.load_pool("folder", "train", cfg)  # served from the .npy cache
+  np.testing.assert_array_equal(again.images, pool.images)
+  assert any((tmp_path / "cache").rglob("images.npy"))
+
+
+def test_tarball_equals_folder_and_resizes(tmp_path):
+  _write_tree(tmp_path / "train", [4, 4], size=12, suffix=".jpg")
+  archive = tmp_path / "data.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    tar.add(tmp_path / "train", arcname="train")
+  from_tar = sources.load_pool("folder", "train", _data_config(tmp_path, train_path=str(archive)))
+  from_dir = sources.load_pool("folder", "train",
+                               _data_config(tmp_path, train_path=str(tmp_path / "train")))
+  assert from_tar.images.shape == (8, 8, 8, 3)
+  np.testing.assert_array_equal(from_tar.images, from_dir.images)
+  assert from_tar.class_names == from_dir.class_names
+
+
+def test_listfile_source(tmp_path):
+  _write_tree(tmp_path / "root", [2, 3])
+  lines = [f"class{c}/{i:03d}.png {c}" for c, n in ((0, 2), (1, 3)) for i in range(n)]
+  (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+  cfg = _data_config(tmp_path, train_path=str(tmp_path / "list.txt"),
+                     image_root=str(tmp_path / "root"))
+  pool = sources.load_pool("listfile", "train", cfg)
+  np.testing.assert_array_equal(pool.labels, [0, 0, 1, 1, 1])
+  (tmp_path / "bad.txt").write_text("class0/000.png zero\n")
+  with pytest.raises(ValueError, match="expected 'relative/path label'"):
+    sources.load_pool("listfile", "train", _data_config(tmp_path, train_path=str(tmp_path / "bad.txt"),
+                                                        image_root=str(tmp_path / "root")))
+
+
+def test_bad_inputs_fail_clearly(tmp_path):
+  with pytest.raises(ValueError, match="Unknown data source 'hdf5'"):
+    sources.load_pool("hdf5", "train", _data_config(tmp_path, train_path=str(tmp_path)))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    sources.load_pool("folder", "train", _data_config(tmp_path, train_path=str(tmp_path / "nope")))
+  (tmp_path / "empty" / "a").mkdir(parents=True)
+  with pytest.raises(ValueError, match="No images"):
+    sources.load_pool("folder", "train", _data_config(tmp_path, train_path=str(tmp_path / "empty")))
+  (tmp_path / "broken" / "a").mkdir(parents=True)
+  (tmp_path / "broken" / "a" / "x.png").write_bytes(b"not a png")
+  with pytest.raises(ValueError, match="Cannot read image .*x.png"):
+    sources.load_pool("folder", "train", _data_config(tmp_path, train_path=str(tmp_path / "broken")))
+  with pytest.raises(ValueError, match="needs data.train_path"):
+    sources.load_pool("folder", "train", _data_config(tmp_path))
+  with pytest.raises(ValueError, match="holdout:K"):
+    dataset.parse_holdout("holdout:x")
+
+
+def test_tfds_source_offline():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=20):
+    pool = sources.load_pool("tfds", "train", ml_collections.ConfigDict({"tfds_name": "cifar10"}))
+  assert pool.images.shape == (20, 32, 32, 3) and pool.images.dtype == np.uint8
+  assert pool.num_classes == 10 and pool.labels.max() < 10
+
+
+def test_load_dataset_with_holdout(tmp_path, digits_config):
+  digits_config.data.test_source = "holdout:20"
+  data = dataset.load_dataset(digits_config.data, seed=0)
+  np.testing.assert_array_equal(np.bincount(data.test_labels), [20] * 10)
+  np.testing.assert_array_equal(np.bincount(data.val_labels), [10] * 10)
+  np.testing.assert_array_equal(np.bincount(data.train_labels, minlength=10), data.counts)
+  assert data.train_images.dtype == np.float32
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"shared CIFAR-10 JPEG tarball not found at "
+                    f"{SHARED_CIFAR} (only present beside a developer/CI checkout)")
+def test_shared_cifar10_tarball(tmp_path):
+  cfg = _data_config(tmp_path, train_path=str(SHARED_CIFAR), image_size=32)
+  pool = sources.load_pool("folder", "train", cfg)
+  assert pool.images.shape == (50000, 32, 32, 3)
+  np.testing.assert_array_equal(np.bincount(pool.labels), [5000] * 10)
+  assert len(pool.class_names) == 10
+  start = time.time()
+  again = sources.load_pool("folder", "train", cfg)
+  assert time.time() - start < 2.0, "a cached load of CIFAR-sized data should take under 2 s"
+  assert again.images.shape == pool.images.shape

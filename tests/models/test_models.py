@@ -1,0 +1,62 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from ltdd_jax import models
+from ltdd_jax.models import layers
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+@pytest.mark.parametrize("shape", [(2, 32, 32, 3), (2, 8, 8, 1)])
+def test_output_shapes(arch, shape):
+  cfg = common.base_config().model
+  cfg.width = 8
+  net = models.make_classifier(cfg, 7, arch, width=4)
+  params = net.init(jax.random.key(0), jnp.zeros(shape))
+  chex.assert_shape(net.apply(params, jnp.ones(shape)), (2, 7))
+  assert set(params["params"]) == {"backbone", "head"}
+
+
+def test_group_heads():
+  feats = jnp.ones((3, 5))
+  head = models.WithinGroupHeads((2, 3, 1))
+  out = head.apply(head.init(jax.random.key(0), feats), feats)
+  assert [o.shape for o in out] == [(3, 2), (3, 3), (3, 1)]
+  group = models.GroupHead(4)
+  chex.assert_shape(group.apply(group.init(jax.random.key(0), feats), feats), (3, 4))
+
+
+@pytest.mark.parametrize("stride,padding,k", [(1, 1, 3), (2, 1, 3), (1, 2, 5), (2, 0, 1)])
+def test_conv_impls_agree_in_value_and_derivatives(stride, padding, k):
+  with jax.enable_x64(True):  # float64, so only real differences (not rounding) show.
+    _check_conv_impls(stride, padding, k)
+
+
+def _check_conv_impls(stride, padding, k):
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 3), dtype=jnp.float64)
+  w = jax.random.normal(jax.random.key(1), (k, k, 3, 4), dtype=jnp.float64)
+  a = layers.im2col_conv(x, w, stride, padding)
+  b = layers.xla_conv(x, w, stride, padding)
+  np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+  def loss(fn):
+    # A "meta" objective: one inner gradient step on w, then a loss of the updated kernel; its
+    # gradient w.r.t. x is a second derivative through the convolution.
+    def inner(w_, x_):
+      return jnp.sum(jnp.tanh(fn(x_, w_, stride, padding)) ** 2)
+    return lambda x_: inner(w - 0.1 * jax.grad(inner)(w, x_), x_)
+
+  first = lambda fn: jax.grad(lambda w_: jnp.sum(jnp.tanh(fn(x, w_, stride, padding)) ** 2))(w)
+  np.testing.assert_allclose(first(layers.im2col_conv), first(layers.xla_conv), rtol=1e-9, atol=1e-9)
+  np.testing.assert_allclose(jax.grad(loss(layers.im2col_conv))(x),
+                             jax.grad(loss(layers.xla_conv))(x), rtol=1e-9, atol=1e-9)
+
+
+def test_conv_impl_selection():
+  assert layers.resolve_conv_impl("auto") == "im2col"  # tests run on CPU
+  assert layers.resolve_conv_impl("xla") == "xla"
+  with pytest.raises(ValueError, match="accepted"):
+    layers.resolve_conv_impl("winograd")

@@ -1,0 +1,45 @@
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+CONFIGS = ["digits_lt", "cifar10_lt", "cifar100_lt", "imagenet_lt"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("profile", ["cpu", "paper"])
+def test_configs_load_with_every_section(name, profile):
+  c = importlib.import_module(f"configs.{name}").get_config(f"profile={profile}")
+  for section in ("data", "dsa", "model", "experts", "distill", "datm", "ltdd", "evaluate",
+                  "grouping", "mesh"):
+    assert section in c
+  assert c.profile == profile
+  with pytest.raises(AttributeError):
+    c.distill.not_a_key = 1  # locked: typos fail
+
+
+def test_cifar10_cpu_profile_matches_design():
+  c = importlib.import_module("configs.cifar10_lt").get_config("profile=cpu,source=folder")
+  assert (c.model.depth, c.model.width, c.data.zca, c.data.zca_eps, c.data.normalize) == (
+      3, 32, True, 0.1, False)
+  assert (c.experts.num_experts, c.experts.epochs, c.experts.lr, c.experts.batch_size) == (
+      5, 10, 0.01, 256)
+  assert (c.distill.ipc, c.distill.syn_steps, c.distill.expert_epochs, c.distill.max_start_epoch,
+          c.distill.iterations, c.distill.lr_img, c.distill.batch_syn) == (10, 10, 2, 5, 200, 100.0,
+                                                                           100)
+  assert (c.evaluate.num_models, c.evaluate.epochs) == (3, 300)
+  assert c.data.test_source == "holdout:1000"
+
+
+def test_bad_config_argument_fails():
+  with pytest.raises(ValueError, match="Unknown config argument 'profil'"):
+    importlib.import_module("configs.digits_lt").get_config("profil=cpu")
+
+
+def test_unknown_override_fails_on_command_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.inspect_data", "--config=configs/digits_lt.py",
+       f"--workdir={tmp_path}", "--config.data.not_a_key=3"], capture_output=True, text=True)
+  assert proc.returncode != 0
+  assert "not_a_key" in proc.stderr
