@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.experts.dsa = True
   c.experts.classes = ()              # a class subset (relabelled 0..k-1); () = all classes
   # Classifier-only re-training (LTDD's classifier experts), run after the main trajectories.
-  c.experts.classifier_epochs = 0     # 0: none
+  c.experts.classifier_epochs = 5     # classifier-only re-training epochs (LTDD ED only)
   c.experts.classifier_from_epoch = -1  # -1: the last epoch
   c.experts.classifier_lr = 0.01
   c.experts.classifier_sampling = "class_balanced"

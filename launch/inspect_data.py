@@ -3,19 +3,16 @@
   python -m launch.inspect_data --config=configs/digits_lt.py --workdir=runs/digits_data
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
+from launch import _common
 from ltdd_jax import inspect
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  print(inspect.inspect_data(_CONFIG.value, _WORKDIR.value))
+  _common.quiet_libraries()
+  print(inspect.inspect_data(_common.CONFIG.value, _common.WORKDIR.value))
 
 
 if __name__ == "__main__":

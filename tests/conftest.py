@@ -21,3 +21,32 @@ def digits_config(tmp_path):
   c.model.width = 8
   c.model.depth = 2
   return c
+
+
+def tiny_config(tmp_dir):
+  """digits with a 2-block width-8 ConvNet and every loop cut to a few steps."""
+  from configs import digits_lt  # pylint: disable=g-import-not-at-top
+  c = digits_lt.get_config()
+  c.data.cache_dir = str(tmp_dir / "cache")
+  c.model.depth, c.model.width = 2, 8
+  c.experts.num_experts, c.experts.epochs, c.experts.batch_size = 2, 4, 64
+  c.experts.classifier_epochs = 2
+  c.distill.ipc, c.distill.syn_steps, c.distill.expert_epochs = 2, 4, 1
+  c.distill.max_start_epoch, c.distill.iterations, c.distill.batch_syn = 3, 6, 20
+  c.distill.checkpoint_every, c.distill.log_every = 3, 1
+  c.datm.initial_max_start_epoch, c.datm.window_grow_every = 1, 2
+  c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 2, 5, 2
+  c.mesh.num_devices = 1
+  return c
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+  """(config, dataset, expert set) shared by the tests that need trained experts."""
+  from ltdd_jax import experts  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("tiny")
+  config = tiny_config(root)
+  data = dataset.load_dataset(config.data, config.seed)
+  expert_set = experts.train_experts(config, data, root / "experts" / "flat")
+  return config, data, expert_set

@@ -6,12 +6,19 @@ import flax.linen as nn
 
 
 class GroupHead(nn.Module):
-  """Linear head over G groups: features [N, F] -> logits [N, G]."""
+  """Linear head over G outputs (groups, or a group's classes): features [N, F] -> logits [N, G].
+
+  Its parameters are {kernel, bias}, the same tree as a flat `nn.Dense` head, so group networks and
+  group experts unroll and match exactly like flat ones.
+  """
   num_groups: int
 
   @nn.compact
   def __call__(self, features):
-    return nn.Dense(self.num_groups)(features)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (features.shape[-1], self.num_groups))
+    bias = self.param("bias", nn.initializers.zeros, (self.num_groups,))
+    return features @ kernel + bias
 
 
 class WithinGroupHeads(nn.Module):

@@ -1,0 +1,26 @@
+"""Trains the expert trajectories (resumable) and prints their validation accuracy.
+
+  python -m launch.buffer --config=configs/digits_lt.py --workdir=runs/digits
+"""
+
+import json
+
+from absl import app
+
+from launch import _common
+from ltdd_jax import pipeline
+
+
+def main(argv):
+  del argv
+  _common.quiet_libraries()
+  config, workdir = _common.CONFIG.value, _common.WORKDIR.value
+  workdir, mesh, data = pipeline.setup(config, workdir)
+  expert_set, _ = pipeline.stage_experts(config, workdir, data, mesh)
+  acc = pipeline.expert_validation_accuracy(config, data, expert_set)
+  print(f"{expert_set.num_experts} experts x {expert_set.epochs} epochs in {expert_set.directory}")
+  print("validation accuracy at the last epoch:", json.dumps(acc))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,22 @@
+"""The main job: experts -> distillation -> evaluation -> report.json (resumable).
+
+  python -m launch.pipeline --config=configs/digits_lt.py --workdir=runs/digits
+  python -m launch.pipeline --config=configs/digits_lt.py --config.method=random --workdir=runs/rand
+"""
+
+from absl import app
+
+from launch import _common
+from ltdd_jax import evaluate, pipeline
+
+
+def main(argv):
+  del argv
+  _common.quiet_libraries()
+  report = pipeline.run_pipeline(_common.CONFIG.value, _common.WORKDIR.value)
+  print(evaluate.format_report(report))
+  print(f"wall time {report['wall_seconds']:.0f}s; outputs in {_common.WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

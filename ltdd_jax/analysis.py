@@ -1,0 +1,126 @@
+"""Evidence for (or against) the grouping hypothesis, from experts already trained (DESIGN §6).
+
+(a) per-class accuracy vs class count for the flat experts, with its correlation;
+(b) the same inside each group, for the per-group experts;
+(c) each class's share of the expert's parameter movement per epoch (the projection of its summed
+    per-image gradients onto the actual movement theta_{e+1} - theta_e), against its share of data.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from ltdd_jax import models, reporting, training
+from ltdd_jax import experts as experts_lib
+from ltdd_jax import grouping as grouping_lib
+
+
+def correlation(acc: np.ndarray, counts: np.ndarray) -> dict:
+  """Pearson (vs log count) and Spearman correlation of per-class accuracy with class count."""
+  acc, counts = np.asarray(acc, np.float64), np.asarray(counts, np.float64)
+  if len(acc) < 3 or np.ptp(counts) == 0 or np.ptp(acc) == 0:
+    return {"pearson_log_count": float("nan"), "spearman": float("nan"), "num_classes": len(acc)}
+  return {"pearson_log_count": float(stats.pearsonr(np.log(counts), acc)[0]),
+          "spearman": float(stats.spearmanr(counts, acc)[0]), "num_classes": len(acc)}
+
+
+def expert_per_class_accuracy(config, expert_set: experts_lib.ExpertSet, images, labels,
+                              num_outputs: int) -> np.ndarray:
+  """[K, num_outputs] per-class accuracy (%) of every expert's last epoch on (images, labels)."""
+  model = models.make_classifier(config.model, num_outputs)
+  last = jax.tree.map(lambda x: x[:, -1], expert_set.load_all())
+  pred = training.predict(training.make_apply(model), last, images,
+                          config.evaluate.test_batch_size).argmax(-1)
+  return np.stack([100 * (pred[:, labels == c] == c).mean(1) for c in range(num_outputs)], 1)
+
+
+def movement_shares(config, expert_set: experts_lib.ExpertSet, images, labels, num_classes: int,
+                    expert: int = 0) -> np.ndarray:
+  """[E, C] share of each class in the parameter movement of one expert, epoch by epoch.
+
+  share[e, c] = <-g_c(theta_e), delta_e> / sum_c' <-g_c'(theta_e), delta_e>, where g_c is the sum of
+  class c's per-image loss gradients (no augmentation) and delta_e = theta_{e+1} - theta_e.
+  """
+  model = models.make_classifier(config.model, num_classes)
+  apply_fn = training.make_apply(model)
+  trajectory = expert_set.load(expert)
+  images, labels = jnp.asarray(images), jnp.asarray(labels)
+
+  @jax.jit
+  def class_projections(params, delta):
+    def per_class(c):
+      weight = (labels == c).astype(jnp.float32)
+      loss = lambda p: jnp.sum(weight * -jnp.take_along_axis(
+          jax.nn.log_softmax(apply_fn(p, images)), labels[:, None], 1)[:, 0])
+      grad = jax.grad(loss)(params)
+      return -sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(delta)))
+    return jax.lax.map(per_class, jnp.arange(num_classes))
+
+  shares = []
+  for e in range(expert_set.epochs):
+    theta = jax.tree.map(lambda x: x[e], trajectory)
+    delta = jax.tree.map(lambda x: x[e + 1] - x[e], trajectory)
+    proj = np.asarray(class_projections(theta, delta), np.float64)
+    shares.append(proj / proj.sum())
+  return np.stack(shares)
+
+
+def analyze(config, data, grouping: grouping_lib.Grouping, flat: experts_lib.ExpertSet,
+            within: dict[int, experts_lib.ExpertSet], workdir) -> dict:
+  """Runs (a), (b), (c); writes groups_report.json and PNG plots; returns the report."""
+  workdir = pathlib.Path(workdir)
+  counts = np.asarray(data.counts)
+  flat_acc = expert_per_class_accuracy(config, flat, data.test_images, data.test_labels,
+                                       data.num_classes).mean(0)
+  report = {"counts": counts.tolist(), "grouping": grouping.to_dict(),
+            "flat": {"per_class_acc": flat_acc.tolist(), **correlation(flat_acc, counts)},
+            "flat_within_groups": {}, "group_experts": {}}
+  group_acc = np.full(data.num_classes, np.nan)
+  for g, classes in enumerate(grouping.groups):
+    classes = list(classes)
+    # The flat expert's accuracy restricted to the group, for a like-for-like comparison.
+    report["flat_within_groups"][g] = correlation(flat_acc[classes], counts[classes])
+    if g not in within:
+      continue
+    images, labels = experts_lib.subset_classes(data.test_images, data.test_labels, classes)
+    acc = expert_per_class_accuracy(config, within[g], images, labels, len(classes)).mean(0)
+    group_acc[classes] = acc
+    report["group_experts"][g] = {"classes": classes, "per_class_acc": acc.tolist(),
+                                  **correlation(acc, counts[classes])}
+  shares = movement_shares(config, flat, data.train_images, data.train_labels, data.num_classes)
+  data_share = counts / counts.sum()
+  report["movement_share_per_epoch"] = shares.tolist()
+  report["movement_share_mean"] = shares.mean(0).tolist()
+  report["data_share"] = data_share.tolist()
+  report["movement_vs_data"] = correlation(shares.mean(0), counts)
+  _plots(workdir, counts, flat_acc, group_acc, grouping, shares.mean(0), data_share)
+  reporting.write_json(workdir / "groups_report.json", report)
+  return report
+
+
+def _plots(workdir, counts, flat_acc, group_acc, grouping, movement, data_share) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  colors = plt.cm.tab10(grouping.group_of % 10)
+  axes[0].scatter(counts, flat_acc, c=colors, marker="o", label="flat experts")
+  if np.isfinite(group_acc).any():
+    axes[0].scatter(counts, group_acc, c=colors, marker="x", label="per-group experts")
+  axes[0].set_xscale("log")
+  axes[0].set_xlabel("training images of the class")
+  axes[0].set_ylabel("test accuracy (%)")
+  axes[0].legend(fontsize=7)
+  axes[0].set_title("accuracy vs count (colour = group)", fontsize=9)
+  axes[1].scatter(data_share, movement, c=colors)
+  lim = max(float(np.max(data_share)), float(np.max(movement))) * 1.1
+  axes[1].plot([0, lim], [0, lim], "k--", lw=0.8)
+  axes[1].set_xlabel("share of the data")
+  axes[1].set_ylabel("share of parameter movement")
+  axes[1].set_title("who moves the expert", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(workdir / "groups_analysis.png", dpi=100)
+  plt.close(fig)

@@ -1,0 +1,192 @@
+"""The evaluation protocol (DESIGN §5): T fresh networks trained on a labelled set, tested on the
+balanced test split, with long-tail bias figures.
+
+T networks train as one vmapped program: SGD momentum 0.9, weight decay 5e-4, lr/10 at half the
+epochs, DSA on, soft-label cross-entropy when labels are soft. The reported accuracy is the final
+one (never the best over test evaluations).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ltdd_jax import experts as experts_lib
+from ltdd_jax import models, parallel, reporting, training
+from ltdd_jax.data import longtail
+
+REPORT_FIELDS = ("method", "dataset", "imbalance_factor", "ipc", "test_acc_mean", "test_acc_std",
+                 "per_class_acc", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
+                 "head_tail_gap", "pred_kl_uniform", "wall_seconds")
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray, counts: np.ndarray,
+                           shot_rule: str = "thirds") -> dict:
+  """Accuracy and bias figures of T models' predictions on a balanced test set.
+
+  Args:
+    predictions: [T, N] predicted classes.
+    labels: [N] true classes.
+    counts: [C] training images per class (defines many/medium/few).
+    shot_rule: `thirds` or `thresholds` (see `longtail.shot_groups`).
+
+  Returns:
+    Accuracies in percent: test_acc_mean/std (over T), per_class_acc [C] (mean over T) and its std
+    over T, many/medium/few_acc, per_class_acc_std (spread over classes), head_tail_gap
+    (many - few), pred_kl_uniform (KL of the predicted-class histogram from uniform, nats, mean over
+    T), balanced_acc (mean of per-class accuracy).
+  """
+  predictions = np.asarray(predictions)
+  labels = np.asarray(labels)
+  num_classes = len(counts)
+  correct = predictions == labels[None]
+  per_model = 100.0 * correct.mean(axis=1)
+  per_class = np.stack([100.0 * correct[:, labels == c].mean(axis=1) if (labels == c).any()
+                        else np.full(len(predictions), np.nan) for c in range(num_classes)], 1)
+  per_class_mean = per_class.mean(axis=0)
+  shots = longtail.shot_groups(counts, shot_rule)
+  shot_acc = {k: float(np.nanmean(per_class_mean[v])) if len(v) else float("nan")
+              for k, v in shots.items()}
+  hist = np.stack([np.bincount(p, minlength=num_classes) / len(p) for p in predictions])
+  with np.errstate(divide="ignore", invalid="ignore"):
+    kl = np.where(hist > 0, hist * np.log(hist * num_classes), 0.0).sum(axis=1)
+  return {
+      "test_acc_mean": float(per_model.mean()),
+      "test_acc_std": float(per_model.std()),
+      "test_acc_per_model": per_model.tolist(),
+      "per_class_acc": per_class_mean.tolist(),
+      "per_class_acc_std_over_models": per_class.std(axis=0).tolist(),
+      "balanced_acc": float(np.nanmean(per_class_mean)),
+      "many_acc": shot_acc["many"],
+      "medium_acc": shot_acc["medium"],
+      "few_acc": shot_acc["few"],
+      "per_class_acc_std": float(np.nanstd(per_class_mean)),
+      "head_tail_gap": shot_acc["many"] - shot_acc["few"],
+      "pred_kl_uniform": float(kl.mean()),
+  }
+
+
+def eval_spec(evaluate_config, num_images: int) -> training.TrainSpec:
+  """TrainSpec of an evaluation network (batch capped at the set size)."""
+  batch = min(evaluate_config.batch_size, num_images)
+  return training.TrainSpec(batch_size=batch,
+                            steps_per_epoch=training.steps_per_epoch(num_images, batch),
+                            momentum=evaluate_config.momentum,
+                            weight_decay=evaluate_config.weight_decay,
+                            dsa=evaluate_config.dsa)
+
+
+def hard_labels(targets: np.ndarray) -> np.ndarray:
+  """[N] int labels of hard ([N]) or soft ([N, C]) targets."""
+  targets = np.asarray(targets)
+  return targets.astype(np.int32) if targets.ndim == 1 else targets.argmax(-1).astype(np.int32)
+
+
+def train_networks(config, model, images: np.ndarray, targets: np.ndarray, num_classes: int,
+                   lr: float, epochs: int, seed: int, mesh=None, label: str = "evaluate"):
+  """Trains `evaluate.num_models` fresh networks on (images, targets); returns params [T, ...].
+
+  Args:
+    config: the whole config (evaluate, dsa, mesh).
+    model: a Flax classifier.
+    images: [N, H, W, C] model-space images.
+    targets: [N] int labels or [N, C] target probabilities.
+    num_classes: C.
+    lr: initial learning rate (divided by 10 at half the epochs).
+    epochs: training epochs.
+    seed: initialisation and data-order seed.
+    mesh: device mesh (the model axis is sharded over it).
+    label: progress label.
+  """
+  mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
+  num_models = config.evaluate.num_models
+  spec = eval_spec(config.evaluate, len(images))
+  epoch_fn = experts_lib.make_epoch_fn(training.make_apply(model), spec, config.dsa, num_classes)
+  params = training.init_ensemble(model, jax.random.key(seed), num_models, images.shape[1:])
+  state = parallel.shard_leading((params, jax.tree.map(jnp.zeros_like, params)), mesh)
+  images_d, targets_d, labels_d = parallel.replicate(
+      (jnp.asarray(images), jnp.asarray(targets), jnp.asarray(hard_labels(targets))), mesh)
+  base = jax.random.key(seed + 7919)
+  progress = reporting.Progress(label, epochs)
+  for epoch in range(epochs):
+    epoch_lr = lr if epoch < epochs // 2 else lr * 0.1
+    keys = jax.random.split(jax.random.fold_in(base, epoch), num_models)
+    params, velocity, loss = epoch_fn(*state, keys, jnp.float32(epoch_lr), images_d, targets_d,
+                                      labels_d)
+    state = (params, velocity)
+    progress.update(epoch + 1, f"loss {float(np.mean(loss)):.3f}")
+  if not np.isfinite(np.asarray(loss)).all():
+    raise FloatingPointError(f"{label}: evaluation training diverged (loss {np.asarray(loss)}); the "
+                             f"learning rate {lr} is too high for this set.")
+  return state[0]
+
+
+def evaluate_set(config, data, images: np.ndarray, targets: np.ndarray, lr: float, epochs: int,
+                 *, method: str, ipc: int | None, seed: int | None = None, mesh=None,
+                 split: str = "test") -> dict:
+  """Trains on a labelled set with the protocol and tests on a balanced split.
+
+  `split` is `test` for reported numbers and `validation` for model selection and tuning inside a
+  run (DESIGN §1: never test).
+
+  Every architecture in `evaluate.archs` is evaluated; the top-level fields are the first one's,
+  and `archs` holds one row per architecture.
+
+  Returns:
+    A report dict with REPORT_FIELDS and more (see `classification_metrics`).
+  """
+  start = time.time()
+  seed = config.seed if seed is None else seed
+  if split == "test":
+    eval_images, eval_labels = data.test_images, data.test_labels
+  elif split == "validation":
+    eval_images, eval_labels = data.val_images, data.val_labels
+    if not len(eval_labels):
+      raise ValueError("Validation requested but data.validation_per_class is 0; set it > 0.")
+  else:
+    raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+  rows = {}
+  for arch in config.evaluate.archs:
+    width = None if arch == config.model.name else config.evaluate.cross_arch_width
+    model = models.make_classifier(config.model, data.num_classes, arch, width)
+    params = train_networks(config, model, images, targets, data.num_classes, lr, epochs, seed,
+                            mesh, label=f"evaluate {method} {arch}")
+    logits = training.predict(training.make_apply(model), params, eval_images,
+                              config.evaluate.test_batch_size)
+    rows[arch] = classification_metrics(logits.argmax(-1), eval_labels, data.counts,
+                                        config.data.shot_rule)
+  first = rows[config.evaluate.archs[0]]
+  return {
+      "method": method, "dataset": data.name, "split": split,
+      "imbalance_factor": float(config.data.imbalance_factor), "ipc": ipc,
+      **first, "arch": config.evaluate.archs[0], "archs": rows,
+      "num_images": int(len(images)), "lr": float(lr), "epochs": int(epochs),
+      "num_models": int(config.evaluate.num_models),
+      "wall_seconds": time.time() - start,
+  }
+
+
+def write_report(workdir, report: dict, counts: np.ndarray, name: str = "report") -> None:
+  """Writes `<name>.json` and the per-class accuracy chart `<name>_per_class.png`."""
+  workdir = pathlib.Path(workdir)
+  reporting.write_json(workdir / f"{name}.json", report)
+  title = (f"{report['method']} on {report['dataset']} (IF {report['imbalance_factor']:g}, "
+           f"IPC {report['ipc']}): {report['test_acc_mean']:.1f} +- {report['test_acc_std']:.1f}%")
+  reporting.per_class_chart(np.asarray(report["per_class_acc"]) / 100.0, counts,
+                            workdir / f"{name}_per_class.png", title,
+                            stds=np.asarray(report["per_class_acc_std_over_models"]) / 100.0)
+
+
+def format_report(report: dict) -> str:
+  """One human line per architecture."""
+  lines = []
+  for arch, r in report["archs"].items():
+    lines.append(f"{report['method']} [{arch}] test {r['test_acc_mean']:.2f} +- "
+                 f"{r['test_acc_std']:.2f}  many {r['many_acc']:.1f} medium {r['medium_acc']:.1f} "
+                 f"few {r['few_acc']:.1f}  gap {r['head_tail_gap']:.1f}  "
+                 f"KL {r['pred_kl_uniform']:.3f}")
+  return "\n".join(lines)

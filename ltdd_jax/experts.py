@@ -1,0 +1,208 @@
+"""Expert trajectories (DESIGN §3): K networks trained as one vmapped program, saved every epoch.
+
+Layout of an expert set under `<workdir>/experts/<name>/`:
+  epochs/              orbax checkpoints of the whole ensemble {params, velocity} per finished epoch
+                       (what an interrupted run resumes from; removed once trajectories are written);
+  trajectories/expert_KKK/   one expert's trajectory: every parameter leaf with axes [epoch, ...];
+  meta.json            num_experts, epochs, classes; written last, so its presence means complete.
+Loading one expert reads only its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ltdd_jax import checkpoints, models, parallel, reporting, training
+
+
+def subset_classes(images: np.ndarray, labels: np.ndarray, classes) -> tuple[np.ndarray, np.ndarray]:
+  """Keeps the images of `classes` and relabels them 0..k-1 in the given order. () keeps all."""
+  if not classes:
+    return images, labels
+  classes = list(classes)
+  keep = np.isin(labels, classes)
+  relabel = np.full(int(labels.max()) + 1, -1, np.int32)
+  relabel[classes] = np.arange(len(classes), dtype=np.int32)
+  return images[keep], relabel[labels[keep]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSet:
+  """A finished set of expert trajectories on disk."""
+  directory: pathlib.Path
+  num_experts: int
+  epochs: int
+  classes: tuple[int, ...]
+  num_classes: int
+  label_map: tuple[int, ...] | None = None
+
+  @classmethod
+  def open(cls, directory) -> "ExpertSet":
+    directory = pathlib.Path(directory)
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+      raise FileNotFoundError(f"No finished expert set in {directory} (meta.json missing). Train "
+                              "the experts first: python -m launch.buffer --config=... --workdir=W")
+    meta = json.loads(meta_path.read_text())
+    label_map = meta.get("label_map")
+    return cls(directory, meta["num_experts"], meta["epochs"], tuple(meta["classes"]),
+               meta["num_classes"], None if label_map is None else tuple(label_map))
+
+  def load(self, k: int):
+    """Trajectory of expert k: params pytree with leaves [epochs + 1, ...] (numpy)."""
+    if not 0 <= k < self.num_experts:
+      raise IndexError(f"expert {k} requested, the set has {self.num_experts}.")
+    return checkpoints.load_tree(self.directory / "trajectories" / f"expert_{k:03d}")
+
+  def load_all(self):
+    """Every trajectory stacked: leaves [K, epochs + 1, ...]."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *[self.load(k) for k in range(self.num_experts)])
+
+
+def make_epoch_fn(apply_fn, spec: training.TrainSpec, dsa_config, num_classes: int):
+  """A jitted function running one epoch for every network of an ensemble (vmapped on axis 0)."""
+  one = functools.partial(training.train_epoch, apply_fn, spec, dsa_config,
+                          num_classes=num_classes)
+  ensemble = jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None))
+  return jax.jit(ensemble)
+
+
+def train_trajectories(directory, model, spec: training.TrainSpec, dsa_config, images, labels,
+                       num_classes: int, init_params, lr: float, epochs: int, seed: int,
+                       mesh, classes=(), label: str = "experts",
+                       label_map=None) -> ExpertSet:
+  """Trains an ensemble from `init_params` ([K, ...]) and saves every epoch's parameters.
+
+  Resumes from the last finished epoch found under `directory/epochs`; returns at once if the set
+  is already complete. The PRNG key of epoch e is fold_in(seed, e), so a resumed run reproduces an
+  uninterrupted one exactly.
+  """
+  directory = pathlib.Path(directory)
+  if (directory / "meta.json").exists():
+    return ExpertSet.open(directory)
+  num_models = jax.tree.leaves(init_params)[0].shape[0]
+  epoch_fn = make_epoch_fn(training.make_apply(model), spec, dsa_config, num_classes)
+  state = {"params": init_params, "velocity": jax.tree.map(np.zeros_like, init_params)}
+  store = checkpoints.Checkpoints(directory / "epochs", max_to_keep=None)
+  start = store.latest_step()
+  if start is None:
+    store.save(0, state)
+    start = 0
+  else:
+    state = store.restore(start, state)
+  state = parallel.shard_leading(state, mesh)
+  data = parallel.replicate((jnp.asarray(images), jnp.asarray(labels)), mesh)
+  base = jax.random.key(seed)
+  progress = reporting.Progress(label, epochs, start)
+  for epoch in range(start + 1, epochs + 1):
+    keys = jax.random.split(jax.random.fold_in(base, epoch), num_models)
+    images_d, labels_d = data
+    params, velocity, loss = epoch_fn(state["params"], state["velocity"], keys, jnp.float32(lr),
+                                      images_d, labels_d, labels_d)
+    loss = np.asarray(loss)
+    if not np.isfinite(loss).all():
+      raise FloatingPointError(f"{label}: training loss became {loss} at epoch {epoch}; lower the "
+                               "learning rate (experts.lr). Epochs up to the last finite one are "
+                               f"saved in {directory / 'epochs'}.")
+    state = {"params": params, "velocity": velocity}
+    store.save(epoch, state)
+    progress.update(epoch, f"loss {loss.mean():.3f}")
+  store.close()
+  _write_trajectories(directory, epochs, num_models, classes, num_classes, label_map)
+  return ExpertSet.open(directory)
+
+
+def _write_trajectories(directory: pathlib.Path, epochs: int, num_models: int, classes,
+                        num_classes: int, label_map=None) -> None:
+  """Regroups per-epoch ensemble checkpoints into one trajectory per expert, then meta.json."""
+  store = checkpoints.Checkpoints(directory / "epochs", max_to_keep=None)
+  snapshots = [store.restore_any(e)["params"] for e in range(epochs + 1)]
+  store.close()
+  for k in range(num_models):
+    trajectory = jax.tree.map(lambda *xs: np.stack([x[k] for x in xs]), *snapshots)
+    checkpoints.save_tree(directory / "trajectories" / f"expert_{k:03d}", trajectory)
+  reporting.write_json(directory / "meta.json", {
+      "num_experts": num_models, "epochs": epochs, "classes": list(classes),
+      "num_classes": num_classes,
+      "label_map": None if label_map is None else [int(x) for x in label_map]})
+  shutil.rmtree(directory / "epochs")
+
+
+
+def expert_spec(experts_config, num_images: int, head_only: bool = False) -> training.TrainSpec:
+  """The TrainSpec of (classifier-only, when head_only) expert training from `config.experts`."""
+  return training.TrainSpec(
+      batch_size=experts_config.batch_size,
+      steps_per_epoch=training.steps_per_epoch(num_images, experts_config.batch_size),
+      momentum=experts_config.momentum, weight_decay=experts_config.weight_decay,
+      sampling=experts_config.classifier_sampling if head_only else experts_config.sampling,
+      loss=experts_config.loss, dsa=experts_config.dsa, head_only=head_only)
+
+
+def train_experts(config, data, directory, classes=(), mesh=None,
+                  label_map: np.ndarray | None = None) -> ExpertSet:
+  """Trains (or resumes, or just opens) the expert set a config asks for on `data`'s LT train set.
+
+  Args:
+    config: the whole config (experts, model, dsa, seed).
+    data: a `Dataset`.
+    directory: where the set lives (e.g. <workdir>/experts/flat).
+    classes: class subset, relabelled 0..k-1 (per-group experts); () = all classes.
+    mesh: device mesh; the expert axis is sharded over it.
+    label_map: optional [C] map of every class to a coarser label (group experts: class -> group);
+      not combined with `classes`.
+
+  Returns:
+    The finished `ExpertSet`.
+  """
+  mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
+  cfg = config.experts
+  images, labels = subset_classes(data.train_images, data.train_labels, classes)
+  num_classes = len(classes) if classes else data.num_classes
+  if label_map is not None:
+    if classes:
+      raise ValueError("train_experts takes either a class subset or a label map, not both.")
+    labels = np.asarray(label_map, np.int32)[labels]
+    num_classes = int(np.max(label_map)) + 1
+  model = models.make_classifier(config.model, num_classes)
+  init = training.init_ensemble(model, jax.random.key(config.seed), cfg.num_experts,
+                                data.image_shape)
+  spec = expert_spec(cfg, len(images))
+  tag = f"experts {pathlib.Path(directory).name}"
+  return train_trajectories(directory, model, spec, config.dsa, images, labels, num_classes,
+                            init, cfg.lr, cfg.epochs, config.seed, mesh, classes, tag, label_map)
+
+
+def classifier_experts(config, data, experts: ExpertSet, mesh=None) -> ExpertSet:
+  """LTDD's classifier experts: each expert's head re-trained alone (class-balanced by default)
+  from its epoch `experts.classifier_from_epoch`; the backbone stays frozen. Saved beside the
+  experts as `<name>_classifier`."""
+  mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
+  cfg = config.experts
+  if cfg.classifier_epochs < 1:
+    raise ValueError("Classifier-only experts need experts.classifier_epochs >= 1 (LTDD's ED uses "
+                     "them); it is 0.")
+  images, labels = subset_classes(data.train_images, data.train_labels, experts.classes)
+  if experts.label_map is not None:
+    labels = np.asarray(experts.label_map, np.int32)[labels]
+  start = cfg.classifier_from_epoch if cfg.classifier_from_epoch >= 0 else experts.epochs
+  if start > experts.epochs:
+    raise ValueError(f"experts.classifier_from_epoch={start} but the experts have "
+                     f"{experts.epochs} epochs.")
+  init = jax.tree.map(lambda *xs: np.stack([x[start] for x in xs]),
+                      *[experts.load(k) for k in range(experts.num_experts)])
+  model = models.make_classifier(config.model, experts.num_classes)
+  spec = expert_spec(cfg, len(images), head_only=True)
+  directory = experts.directory.parent / f"{experts.directory.name}_classifier"
+  return train_trajectories(directory, model, spec, config.dsa, images, labels,
+                            experts.num_classes, init, cfg.classifier_lr, cfg.classifier_epochs,
+                            config.seed + 1, mesh, experts.classes, f"{directory.name}",
+                            experts.label_map)

@@ -1,0 +1,182 @@
+"""The two-stage classifier and the two-stage hierarchical distillation plugin (DESIGN §6).
+
+Two-stage classifier: a group network (backbone + GroupHead, trained with group labels) and one
+within-group network per group (backbone + a head over the group's classes, trained on the group's
+images only). Prediction `soft`: p(c) = p(g(c)) * p(c | g(c)); `hard`: the argmax group, then the
+argmax class inside it.
+
+Hierarchical distillation: the same C x IPC synthetic images are matched against group experts
+with group labels (stage 1) and against each group's own experts with within-group labels on that
+group's images (stage 2): loss = lambda_1 * L_1 + lambda_2 * sum_g L_2(g). It only builds
+`MatchingObjective`s, so it wraps any method of `distill` (MTT, DATM-style, LTDD-style options).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from ltdd_jax import distill, matching, models, parallel, training
+from ltdd_jax import evaluate as evaluate_lib
+from ltdd_jax import experts as experts_lib
+from ltdd_jax import grouping as grouping_lib
+
+# ----------------------------------------------------------------------------------------------
+# Label projections shared by the classifier and the distillation plugin.
+
+
+def group_targets(targets: np.ndarray, grouping: grouping_lib.Grouping) -> np.ndarray:
+  """Class targets ([N] ints or [N, C] probabilities) -> group targets ([N] or [N, G])."""
+  targets = np.asarray(targets)
+  if targets.ndim == 1:
+    return grouping.group_of[targets]
+  onehot = np.eye(grouping.num_groups, dtype=np.float32)[grouping.group_of]  # [C, G]
+  return targets @ onehot
+
+
+def within_targets(targets: np.ndarray, grouping: grouping_lib.Grouping, group: int,
+                   index: np.ndarray) -> np.ndarray:
+  """Targets of the images `index` (all of the group) as within-group labels / renormalised probs."""
+  targets = np.asarray(targets)[index]
+  if targets.ndim == 1:
+    return grouping.within_label_map(group)[targets]
+  local = targets[:, list(grouping.groups[group])]
+  return local / np.maximum(local.sum(-1, keepdims=True), 1e-12)
+
+
+def combine(group_probs: np.ndarray, within_probs: list[np.ndarray],
+            grouping: grouping_lib.Grouping, mode: str) -> np.ndarray:
+  """Class scores [..., C] from p(group) [..., G] and p(class | group) per group [..., size_g].
+
+  `soft`: p(g(c)) * p(c | g(c)). `hard`: p(c | g) inside the argmax group, 0 elsewhere (so the
+  argmax is the hard two-stage decision).
+  """
+  shape = group_probs.shape[:-1]
+  scores = np.zeros((*shape, grouping.num_classes), np.float64)
+  if mode == "soft":
+    for g, classes in enumerate(grouping.groups):
+      scores[..., list(classes)] = group_probs[..., g:g + 1] * within_probs[g]
+    return scores
+  if mode == "hard":
+    chosen = group_probs.argmax(-1)
+    for g, classes in enumerate(grouping.groups):
+      scores[..., list(classes)] = np.where((chosen == g)[..., None], within_probs[g], 0.0)
+    return scores
+  raise ValueError(f"grouping.prediction must be 'soft' or 'hard', got {mode!r}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The two-stage classifier.
+
+
+def _probs(config, model, params, images) -> np.ndarray:
+  logits = training.predict(training.make_apply(model), params, images,
+                            config.evaluate.test_batch_size)
+  return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+
+def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np.ndarray,
+                       targets: np.ndarray, lr: float, epochs: int, *, method: str,
+                       ipc: int | None, split: str = "test", mesh=None) -> dict:
+  """Trains T group networks and T within-group networks per group on one labelled set and tests
+  the two-stage prediction. Returns the usual report fields plus group_acc and within_group_acc
+  (accuracy of the within-group networks on the images of their group), both in percent."""
+  start = time.time()
+  mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
+  eval_images, eval_labels = ((data.test_images, data.test_labels) if split == "test"
+                              else (data.val_images, data.val_labels))
+  backbone = models.make_backbone(config.model)
+  labels = evaluate_lib.hard_labels(targets)
+  group_model = models.Classifier(backbone, models.GroupHead(grouping.num_groups))
+  group_params = evaluate_lib.train_networks(
+      config, group_model, images, group_targets(targets, grouping), grouping.num_groups, lr,
+      epochs, config.seed, mesh, label=f"evaluate {method} groups")
+  group_probs = _probs(config, group_model, group_params, eval_images)  # [T, N, G]
+  within, within_correct = [], []
+  true_group = grouping.group_of[eval_labels]
+  for g, classes in enumerate(grouping.groups):
+    n_test = (true_group == g).sum()
+    if len(classes) == 1:  # One class: p(c | g) = 1, nothing to train.
+      within.append(np.ones((*group_probs.shape[:2], 1)))
+      within_correct.append(np.ones((group_probs.shape[0], n_test), bool))
+      continue
+    index = np.flatnonzero(np.isin(labels, classes))
+    if len(index) == 0:
+      raise ValueError(f"Group {g} (classes {classes}) has no images in the evaluated set.")
+    model = models.Classifier(backbone, models.GroupHead(len(classes)))
+    params = evaluate_lib.train_networks(
+        config, model, images[index], within_targets(targets, grouping, g, index), len(classes),
+        lr, epochs, config.seed + 1 + g, mesh, label=f"evaluate {method} group {g}")
+    probs = _probs(config, model, params, eval_images)
+    within.append(probs)
+    local = grouping.within_label_map(g)[eval_labels[true_group == g]]
+    within_correct.append(probs[:, true_group == g].argmax(-1) == local[None])
+  scores = combine(group_probs, within, grouping, config.grouping.prediction)
+  report = evaluate_lib.classification_metrics(scores.argmax(-1), eval_labels, data.counts,
+                                               config.data.shot_rule)
+  report["group_acc"] = float(100 * (group_probs.argmax(-1) == true_group[None]).mean())
+  report["within_group_acc"] = float(100 * np.concatenate(within_correct, axis=1).mean())
+  return {"method": method, "dataset": data.name, "split": split,
+          "imbalance_factor": float(config.data.imbalance_factor), "ipc": ipc, **report,
+          "arch": config.model.name, "archs": {config.model.name: dict(report)},
+          "classifier": f"two_stage_{config.grouping.prediction}",
+          "grouping": grouping.to_dict(), "num_images": int(len(images)), "lr": float(lr),
+          "epochs": int(epochs), "num_models": int(config.evaluate.num_models),
+          "wall_seconds": time.time() - start}
+
+
+# ----------------------------------------------------------------------------------------------
+# Two-stage hierarchical distillation.
+
+
+def group_expert_sets(config, data, grouping: grouping_lib.Grouping, workdir, mesh=None):
+  """Trains (or opens) the group experts and every multi-class group's own experts.
+
+  Returns:
+    (group set, its classifier set or None, {g: (within set, classifier set or None)}).
+  """
+  workdir = pathlib.Path(workdir)
+  ed = distill.method_options(config).ed
+  root = workdir / "experts"
+  group_set = experts_lib.train_experts(config, data, root / "groups", mesh=mesh,
+                                        label_map=grouping.group_of)
+  group_cls = experts_lib.classifier_experts(config, data, group_set, mesh) if ed else None
+  within = {}
+  for g, classes in enumerate(grouping.groups):
+    if len(classes) < 2:
+      continue  # A one-class expert never moves: nothing to match.
+    s = experts_lib.train_experts(config, data, root / f"group_{g}", classes=classes, mesh=mesh)
+    within[g] = (s, experts_lib.classifier_experts(config, data, s, mesh) if ed else None)
+  return group_set, group_cls, within
+
+
+def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, workdir, mesh=None):
+  """The stage-1 and stage-2 objectives and their weights [lambda_1, lambda_2, ...]."""
+  options = distill.method_options(config)
+  group_set, group_cls, within = group_expert_sets(config, data, grouping, workdir, mesh)
+  backbone = models.make_backbone(config.model)
+  syn_labels = np.repeat(np.arange(data.num_classes), config.distill.ipc)
+
+  def objective(expert_set, cls_set, label_map, num_outputs, counts, index):
+    model = models.Classifier(backbone, models.GroupHead(num_outputs))
+    return distill.MatchingObjective(
+        experts=expert_set.load_all(), apply_fn=training.make_apply(model),
+        label_map=np.asarray(label_map), num_outputs=num_outputs, image_index=index,
+        classifier_experts=None if cls_set is None else cls_set.load_all(),
+        class_weights=matching.class_frequency_weights(counts) if options.dam else None,
+        ed_lambda=config.ltdd.ed_lambda)
+
+  group_counts = np.bincount(grouping.group_of, weights=data.counts, minlength=grouping.num_groups)
+  objectives = [objective(group_set, group_cls, grouping.group_of, grouping.num_groups,
+                          group_counts, None)]
+  weights = [config.grouping.lambda_1]
+  for g, (s, cls_set) in within.items():
+    classes = list(grouping.groups[g])
+    index = np.flatnonzero(np.isin(syn_labels, classes))
+    objectives.append(objective(s, cls_set, grouping.within_label_map(g), len(classes),
+                                data.counts[classes], index))
+    weights.append(config.grouping.lambda_2)
+  return objectives, weights

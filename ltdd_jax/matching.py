@@ -1,0 +1,134 @@
+"""Trajectory matching (DESIGN §4): the MTT loss and its DATM / LTDD options, as pure functions.
+
+A student starts at an expert's parameters theta_s, takes N SGD steps on synthetic minibatches (DSA
+on, learnable lr), and is compared with the expert M epochs later:
+    loss = ||theta_N - theta_{s+M}||^2 / ||theta_s - theta_{s+M}||^2.
+The inner loop is a `lax.scan` whose body is `jax.checkpoint`-ed, so reverse-mode memory is roughly
+constant in N (recomputation instead of storing every step's activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ltdd_jax import parallel, training
+from ltdd_jax.data import augment
+
+PyTree = Any
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerSpec:
+  """Static description of the student's unrolled training (hashable, closed over by jit).
+
+  Attributes:
+    syn_steps: N inner SGD steps.
+    batch_syn: synthetic images per inner step.
+    remat: wrap the scan body in `jax.checkpoint`.
+    remat_policy: a `jax.checkpoint_policies` name.
+  """
+  syn_steps: int
+  batch_syn: int
+  remat: bool = True
+  remat_policy: str = "nothing_saveable"
+
+  def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"Unknown distill.remat_policy {self.remat_policy!r}; accepted: "
+                       f"{REMAT_POLICIES}.")
+
+
+def minibatch_indices(key: jax.Array, num_images: int, spec: InnerSpec) -> jax.Array:
+  """[syn_steps, batch_syn] indices: consecutive chunks of fresh random permutations (as MTT)."""
+  batch = min(spec.batch_syn, num_images)
+  per_perm = num_images // batch
+  perms = -(-spec.syn_steps // per_perm)
+  keys = jax.random.split(key, perms)
+  order = jax.vmap(lambda k: jax.random.permutation(k, num_images)[:per_perm * batch])(keys)
+  return order.reshape(-1, batch)[:spec.syn_steps]
+
+
+def unroll_student(apply_fn, spec: InnerSpec, dsa_config, start_params: PyTree,
+                   images: jax.Array, targets: jax.Array, syn_lr: jax.Array, key: jax.Array,
+                   class_weights: jax.Array | None = None, mesh=None) -> PyTree:
+  """Trains a student from `start_params` for `spec.syn_steps` plain SGD steps on synthetic data.
+
+  Args:
+    apply_fn: (params, images) -> logits.
+    spec: the `InnerSpec`.
+    dsa_config: `config.dsa`.
+    start_params: expert parameters at the start epoch.
+    images: [N, H, W, C] synthetic images.
+    targets: [N] int labels or [N, C] target probabilities.
+    syn_lr: learned inner learning rate (scalar).
+    key: PRNG key (minibatch order and DSA).
+    class_weights: optional [C] inner-loss class weights (LTDD's DAM).
+    mesh: when given, each minibatch is sharded over the mesh's `data` axis.
+
+  Returns:
+    The student's parameters after the last step, differentiable w.r.t. images, targets, syn_lr.
+  """
+  order_key, aug_key = jax.random.split(key)
+  batches = minibatch_indices(order_key, images.shape[0], spec)
+  aug_keys = jax.random.split(aug_key, spec.syn_steps)
+
+  def step(params, inputs):
+    idx, k = inputs
+    x = parallel.constrain_leading(images[idx], mesh)
+    x = augment.augment(k, x, dsa_config)
+    grads = jax.grad(lambda p: training.cross_entropy(apply_fn(p, x), targets[idx],
+                                                      class_weights))(params)
+    return jax.tree.map(lambda p, g: p - syn_lr * g, params, grads), None
+
+  if spec.remat:
+    step = jax.checkpoint(step, policy=getattr(jax.checkpoint_policies, spec.remat_policy))
+  final, _ = jax.lax.scan(step, start_params, (batches, aug_keys))
+  return final
+
+
+def leaf_mask(params: PyTree, part: str) -> PyTree:
+  """Per-leaf booleans selecting `all`, `backbone` or `head` parameters of a Classifier pytree."""
+  if part == "all":
+    return jax.tree.map(lambda _: True, params)
+  if part not in ("backbone", "head"):
+    raise ValueError(f"part must be 'all', 'backbone' or 'head', got {part!r}.")
+  return {k: jax.tree.map(lambda _, keep=(k == part): keep, v) for k, v in params.items()}
+
+
+def normalized_distance(final: PyTree, start: PyTree, target: PyTree,
+                        part: str = "all") -> jax.Array:
+  """||final - target||^2 / ||start - target||^2 over the leaves of `part`."""
+  mask = jax.tree.leaves(leaf_mask(target, part))
+  sq = lambda a, b: [jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a),
+                                                                 jax.tree.leaves(b))]
+  num = sum(d for d, m in zip(sq(final, target), mask) if m)
+  den = sum(d for d, m in zip(sq(start, target), mask) if m)
+  return num / den
+
+
+def trajectory_matching_loss(apply_fn, spec: InnerSpec, dsa_config, images: jax.Array,
+                             targets: jax.Array, syn_lr: jax.Array, start: PyTree, target: PyTree,
+                             key: jax.Array, class_weights=None, mesh=None,
+                             part: str = "all") -> jax.Array:
+  """The MTT loss for one (start, target) pair of expert parameters. Scalar."""
+  final = unroll_student(apply_fn, spec, dsa_config, start, images, targets, syn_lr, key,
+                         class_weights, mesh)
+  return normalized_distance(final, start, target, part)
+
+
+def class_frequency_weights(counts: np.ndarray) -> np.ndarray:
+  """LTDD's DAM weights: proportional to the long-tailed class frequency, mean 1. [C] float32."""
+  counts = np.asarray(counts, np.float64)
+  return (counts / counts.mean()).astype(np.float32)
+
+
+def soft_targets(label_logits: jax.Array) -> jax.Array:
+  """Learnable label logits [N, C] -> target probabilities (DATM)."""
+  return jax.nn.softmax(label_logits, axis=-1)

@@ -1,0 +1,211 @@
+"""Stages a run is made of, each resumable, and the end-to-end pipeline the launchers call.
+
+  experts   -> <workdir>/experts/flat (and flat_classifier for LTDD's ED)
+  distill   -> <workdir>/synthetic.npz, synthetic.png, distill_ckpt/
+  evaluate  -> <workdir>/report.json, report_per_class.png
+Every stage writes the resolved config and appends to <workdir>/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from ltdd_jax import distill, hierarchical, parallel, reporting, selection, training
+from ltdd_jax import grouping as grouping_lib
+from ltdd_jax import evaluate as evaluate_lib
+from ltdd_jax import experts as experts_lib
+from ltdd_jax import models
+from ltdd_jax.data import dataset as dataset_lib
+
+BASELINES = ("random", "herding", "full")
+
+
+def parse_method(method: str) -> tuple[str, tuple[str, ...]]:
+  """'mtt+two_stage' -> ('mtt', ('two_stage',)), validating both parts."""
+  base, *plugins = method.split("+")
+  if base not in distill.METHODS + BASELINES:
+    raise ValueError(f"Unknown method {base!r}; accepted: {distill.METHODS + BASELINES}, "
+                     "optionally with +two_stage or +hierarchical.")
+  for p in plugins:
+    if p not in ("two_stage", "hierarchical"):
+      raise ValueError(f"Unknown method suffix {p!r} in {method!r}; accepted: +two_stage, "
+                       "+hierarchical.")
+  return base, tuple(plugins)
+
+
+def setup(config, workdir):
+  """Common start of every stage: multi-host init, mesh, resolved config, dataset."""
+  parallel.initialize_distributed(config.mesh.distributed)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  reporting.write_config(workdir, config)
+  mesh = parallel.make_mesh(config.mesh.num_devices)
+  data = dataset_lib.load_dataset(config.data, config.seed)
+  return workdir, mesh, data
+
+
+def stage_experts(config, workdir, data=None, mesh=None):
+  """Trains (or resumes) the flat expert set, plus classifier experts when the method needs them.
+
+  Returns:
+    (expert set, classifier expert set or None).
+  """
+  if data is None:
+    workdir, mesh, data = setup(config, workdir)
+  workdir = pathlib.Path(workdir)
+  start = time.time()
+  expert_set = experts_lib.train_experts(config, data, workdir / "experts" / "flat", mesh=mesh)
+  classifier_set = None
+  base, _ = parse_method(config.method)
+  if base in distill.METHODS and distill.method_options(config).ed:
+    classifier_set = experts_lib.classifier_experts(config, data, expert_set, mesh)
+  reporting.MetricsWriter(workdir).write("experts", expert_set.epochs,
+                                         seconds=time.time() - start)
+  return expert_set, classifier_set
+
+
+def expert_validation_accuracy(config, data, expert_set: experts_lib.ExpertSet) -> dict:
+  """Validation accuracy (%) of every expert at its last epoch: {mean, std, per_expert}."""
+  if not len(data.val_labels):
+    return {}
+  model = models.make_classifier(config.model, expert_set.num_classes)
+  last = jax.tree.map(lambda x: x[:, -1], expert_set.load_all())
+  logits = training.predict(training.make_apply(model), last, data.val_images,
+                            config.evaluate.test_batch_size)
+  acc = 100.0 * (logits.argmax(-1) == data.val_labels[None]).mean(axis=1)
+  return {"mean": float(acc.mean()), "std": float(acc.std()), "per_expert": acc.tolist()}
+
+
+def class_mean_features(config, data, expert_set: experts_lib.ExpertSet) -> np.ndarray:
+  """[C, F] mean backbone features of every class under expert 0's last epoch."""
+  feats = expert_features(config, data, expert_set)
+  return np.stack([feats[data.train_labels == c].mean(0) for c in range(data.num_classes)])
+
+
+def expert_features(config, data, expert_set: experts_lib.ExpertSet) -> np.ndarray:
+  """[N, F] backbone features of the LT training images under expert 0's last epoch."""
+  model = models.make_classifier(config.model, expert_set.num_classes)
+  last = jax.tree.map(lambda x: x[-1], expert_set.load(0))
+  fn = jax.jit(lambda p, x: model.backbone.apply({"params": p["backbone"]}, x))
+  return np.concatenate([np.asarray(fn(last, data.train_images[i:i + 1000]))
+                         for i in range(0, len(data.train_images), 1000)])
+
+
+def stage_grouping(config, workdir, data, mesh=None) -> grouping_lib.Grouping:
+  """The run's class grouping (saved as grouping.json; similarity uses the flat experts)."""
+  features = None
+  if config.grouping.strategy == "similarity":
+    expert_set, _ = stage_experts(config, workdir, data, mesh)
+    features = class_mean_features(config, data, expert_set)
+  grouping = grouping_lib.make_grouping(config.grouping, data.counts, config.seed, features)
+  grouping.save(pathlib.Path(workdir) / "grouping.json")
+  return grouping
+
+
+def stage_distill(config, workdir, data=None, mesh=None) -> dict:
+  """Experts (if missing), then distillation (flat, or hierarchical for `+hierarchical`);
+  writes synthetic.npz and the PNG grid."""
+  if data is None:
+    workdir, mesh, data = setup(config, workdir)
+  _, plugins = parse_method(config.method)
+  expert_set, classifier_set = stage_experts(config, workdir, data, mesh)
+  start = time.time()
+  init = distill.initial_synthetic(config, data, expert_set, classifier_set)
+  if "hierarchical" in plugins:
+    grouping = stage_grouping(config, workdir, data, mesh)
+    objectives, weights = hierarchical.hierarchical_objectives(config, data, grouping, workdir,
+                                                               mesh)
+  else:
+    objectives = [distill.flat_objective(config, data, expert_set, classifier_set)]
+    weights = [1.0]
+  syn = distill.run_distillation(config, data, objectives, weights, init, workdir, mesh)
+  distill.save_synthetic(workdir, syn, data, config)
+  reporting.MetricsWriter(workdir).write("distill_done", config.distill.iterations,
+                                         seconds=time.time() - start)
+  return syn
+
+
+def baseline_set(config, data, base: str, workdir=None, mesh=None):
+  """(images, targets, lr, epochs, ipc) of a baseline: full LT set, random or herding selection."""
+  ev = config.evaluate
+  if base == "full":
+    return data.train_images, data.train_labels, ev.lr, ev.full_epochs, None
+  ipc = config.distill.ipc
+  if base == "random":
+    idx = selection.random_selection(data.train_labels, data.num_classes, ipc, config.seed,
+                                     config.distill.allow_duplicates)
+  elif base == "herding":
+    expert_set, _ = stage_experts(config, workdir, data, mesh)
+    feats = expert_features(config, data, expert_set)
+    idx = selection.herding_selection(feats, data.train_labels, data.num_classes, ipc,
+                                      config.distill.allow_duplicates)
+  else:
+    raise ValueError(f"Unknown baseline {base!r}; accepted: {BASELINES}.")
+  return data.train_images[idx], data.train_labels[idx], ev.lr, ev.epochs, ipc
+
+
+def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=None,
+                   two_stage: bool = False) -> dict:
+  """Evaluates a set on the test split and writes report.json + report_per_class.png.
+
+  Args:
+    which: `synthetic` (<workdir>/synthetic.npz), `synthetic:PATH`, `random`, `herding` or `full`.
+    two_stage: evaluate with the two-stage classifier (grouping from the config).
+  """
+  if data is None:
+    workdir, mesh, data = setup(config, workdir)
+  workdir = pathlib.Path(workdir)
+  start = time.time()
+  if which.startswith("synthetic"):
+    _, _, path = which.partition(":")
+    syn = distill.load_synthetic(path or workdir / "synthetic.npz")
+    images = syn["images"]
+    targets = syn["soft_labels"] if "soft_labels" in syn else syn["labels"]
+    lr, epochs = distill.synthetic_lr(config, syn), config.evaluate.epochs
+    method, ipc = config.method, int(len(images) // data.num_classes)
+  elif which in BASELINES:
+    images, targets, lr, epochs, ipc = baseline_set(config, data, which, workdir, mesh)
+    method = which
+  else:
+    raise ValueError(f"--set={which!r}: accepted synthetic, synthetic:PATH, {', '.join(BASELINES)}.")
+  if images.shape[1:] != data.image_shape:
+    raise ValueError(f"The set's images are {images.shape[1:]} but the dataset's are "
+                     f"{data.image_shape}; evaluate with the config it was distilled with.")
+  if two_stage:
+    grouping = stage_grouping(config, workdir, data, mesh)
+    report = hierarchical.evaluate_two_stage(config, data, grouping, images, targets, lr, epochs,
+                                             method=config.method, ipc=ipc, mesh=mesh)
+  else:
+    report = evaluate_lib.evaluate_set(config, data, images, targets, lr, epochs, method=method,
+                                       ipc=ipc, mesh=mesh)
+  report["wall_seconds"] = time.time() - start
+  evaluate_lib.write_report(workdir, report, data.counts)
+  reporting.MetricsWriter(workdir).write("evaluate", 0, method=method,
+                                         test_acc_mean=report["test_acc_mean"],
+                                         test_acc_std=report["test_acc_std"])
+  return report
+
+
+def run_pipeline(config, workdir) -> dict:
+  """The main job: experts -> distillation -> evaluation -> report (or a baseline's evaluation)."""
+  start = time.time()
+  workdir, mesh, data = setup(config, workdir)
+  base, plugins = parse_method(config.method)
+  if "hierarchical" in plugins and base in BASELINES:
+    raise ValueError(f"{config.method}: +hierarchical distils, so it needs mtt, datm or ltdd; use "
+                     f"{base}+two_stage to evaluate a baseline with the two-stage classifier.")
+  # Hierarchical distillation is always evaluated with the two-stage classifier.
+  two_stage = bool(plugins)
+  if base in BASELINES:
+    report = stage_evaluate(config, workdir, base, data, mesh, two_stage)
+  else:
+    stage_distill(config, workdir, data, mesh)
+    report = stage_evaluate(config, workdir, "synthetic", data, mesh, two_stage)
+  report["wall_seconds"] = time.time() - start
+  report["stage"] = "pipeline"
+  evaluate_lib.write_report(workdir, report, data.counts)
+  return report

@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ltdd_jax import evaluate, selection
+
+
+def test_metrics_on_known_predictions():
+  labels = np.repeat(np.arange(3), 4)  # balanced test set, 3 classes
+  counts = np.array([100, 10, 1])
+  perfect = labels[None]
+  biased = np.zeros((1, 12), int)  # always predicts the head class
+  m = evaluate.classification_metrics(np.concatenate([perfect, perfect]), labels, counts)
+  assert m["test_acc_mean"] == 100 and m["test_acc_std"] == 0 and m["pred_kl_uniform"] == 0
+  b = evaluate.classification_metrics(biased, labels, counts)
+  np.testing.assert_allclose(b["per_class_acc"], [100, 0, 0])
+  assert (b["many_acc"], b["medium_acc"], b["few_acc"], b["head_tail_gap"]) == (100, 0, 0, 100)
+  np.testing.assert_allclose(b["pred_kl_uniform"], np.log(3))
+  np.testing.assert_allclose(b["balanced_acc"], b["test_acc_mean"])
+
+
+def test_oracle_set_scores_near_perfect(tiny):
+  config, data, _ = tiny
+  config = config.copy_and_resolve_references()
+  config.dsa.enabled = False
+  config.evaluate.dsa = False
+  config.model.width = 16
+  config.evaluate.epochs, config.evaluate.batch_size = 40, 64
+  report = evaluate.evaluate_set(config, data, data.test_images, data.test_labels, 0.05, 40,
+                                 method="oracle", ipc=None)
+  assert report["test_acc_mean"] > 97, report["test_acc_mean"]
+  for field in evaluate.REPORT_FIELDS:
+    assert field in report
+  np.testing.assert_allclose(np.mean(report["per_class_acc"]), report["test_acc_mean"], atol=1e-6)
+
+
+def test_random_selection_and_duplicates():
+  labels = np.array([0] * 10 + [1] * 2)
+  idx = selection.random_selection(labels, 2, 3, seed=0, allow_duplicates=True)
+  np.testing.assert_array_equal(labels[idx], [0, 0, 0, 1, 1, 1])
+  assert len(set(idx[:3])) == 3 and set(idx[3:]) == {10, 11}
+  np.testing.assert_array_equal(idx, selection.random_selection(labels, 2, 3, 0, True))
+  with pytest.raises(ValueError, match="class 1 has only 2 training images"):
+    selection.random_selection(labels, 2, 3, seed=0)
+
+
+def test_herding_starts_at_the_mean():
+  features = np.array([[0.0], [10.0], [4.0], [6.0]])
+  labels = np.zeros(4, int)
+  idx = selection.herding_selection(features, labels, 1, 2)
+  assert idx[0] in (2, 3)  # 4 and 6 are closest to the mean 5
+  assert set(idx) == {2, 3}  # together they hit the mean exactly
+
+
+def test_evaluate_cli_writes_report(tmp_path):
+  cmd = [sys.executable, "-m", "launch.evaluate", "--config=configs/digits_lt.py",
+         f"--workdir={tmp_path}", "--set=random", "--config.model.width=8",
+         "--config.evaluate.epochs=3", "--config.evaluate.num_models=2",
+         f"--config.data.cache_dir={tmp_path}/cache", "--config.distill.ipc=3"]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert report["method"] == "random" and report["ipc"] == 3 and report["num_images"] == 30
+  assert len(report["per_class_acc"]) == 10 and len(report["test_acc_per_model"]) == 2
+  assert (tmp_path / "report_per_class.png").exists()
+  bad = subprocess.run(cmd[:-1] + ["--config.distill.ipc=500", "--config.distill.allow_duplicates=False"],
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and "allow_duplicates" in bad.stderr

@@ -1,0 +1,98 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from ltdd_jax import matching, models, parallel, training
+
+
+def _setup(dtype=jnp.float32, dsa=True, width=2, size=4, n=6):
+  cfg = common.base_config()
+  cfg.model.depth, cfg.model.width = 1, width
+  cfg.dsa.enabled = dsa
+  cfg.dsa.strategy = "color_scale"
+  model = models.make_classifier(cfg.model, 3)
+  apply_fn = training.make_apply(model)
+  start = jax.tree.map(lambda x: x.astype(dtype), model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 1)))["params"])
+  target = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), start)
+  images = jax.random.normal(jax.random.key(1), (n, size, size, 1), dtype)
+  labels = jnp.arange(n) % 3
+  return cfg, apply_fn, start, target, images, labels
+
+
+def test_image_gradient_matches_finite_differences():
+  with jax.enable_x64(True):
+    cfg, apply_fn, start, target, images, labels = _setup(jnp.float64)
+    spec = matching.InnerSpec(syn_steps=3, batch_syn=4)
+    f = lambda x: matching.trajectory_matching_loss(apply_fn, spec, cfg.dsa, x, labels,
+                                                    jnp.float64(0.1), start, target,
+                                                    jax.random.key(3))
+    grad = jax.grad(f)(images)
+    assert np.abs(np.asarray(grad)).max() > 0
+    for seed in range(3):
+      d = jax.random.normal(jax.random.key(10 + seed), images.shape, jnp.float64)
+      eps = 1e-5
+      numeric = (f(images + eps * d) - f(images - eps * d)) / (2 * eps)
+      np.testing.assert_allclose(jnp.vdot(grad, d), numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_remat_gives_the_same_gradients():
+  cfg, apply_fn, start, target, images, labels = _setup()
+  grads = {}
+  for remat in (True, False):
+    spec = matching.InnerSpec(syn_steps=4, batch_syn=3, remat=remat)
+    grads[remat] = jax.grad(lambda x, lr: matching.trajectory_matching_loss(
+        apply_fn, spec, cfg.dsa, x, labels, lr, start, target, jax.random.key(3)),
+        argnums=(0, 1))(images, jnp.float32(0.1))
+  for a, b in zip(grads[True], grads[False]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_zero_lr_student_stays_at_start():
+  cfg, apply_fn, start, target, images, labels = _setup()
+  spec = matching.InnerSpec(syn_steps=2, batch_syn=3)
+  loss = matching.trajectory_matching_loss(apply_fn, spec, cfg.dsa, images, labels,
+                                           jnp.float32(0.0), start, target, jax.random.key(0))
+  np.testing.assert_allclose(loss, 1.0, rtol=1e-6)
+
+
+def test_soft_label_gradient_and_parts():
+  cfg, apply_fn, start, target, images, _ = _setup(dsa=False)
+  logits = jax.random.normal(jax.random.key(4), (images.shape[0], 3))
+  spec = matching.InnerSpec(syn_steps=2, batch_syn=3)
+  for part in ("all", "backbone", "head"):
+    g = jax.grad(lambda l: matching.trajectory_matching_loss(
+        apply_fn, spec, cfg.dsa, images, matching.soft_targets(l), jnp.float32(0.1), start,
+        target, jax.random.key(0), part=part))(logits)
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
+
+
+def test_four_devices_equal_one():
+  cfg, apply_fn, start, target, images, labels = _setup(n=8)
+  spec = matching.InnerSpec(syn_steps=3, batch_syn=4)
+  results = []
+  for n in (1, 4):
+    mesh = parallel.make_mesh(n)
+    fn = jax.jit(jax.value_and_grad(lambda x: matching.trajectory_matching_loss(
+        apply_fn, spec, cfg.dsa, x, labels, jnp.float32(0.1), start, target, jax.random.key(2),
+        mesh=mesh)))
+    results.append(parallel.gather(fn(parallel.replicate(images, mesh))))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_minibatches_cover_permutations():
+  spec = matching.InnerSpec(syn_steps=5, batch_syn=4)
+  idx = np.asarray(matching.minibatch_indices(jax.random.key(0), 8, spec))
+  assert idx.shape == (5, 4)
+  assert sorted(idx[:2].ravel()) == list(range(8))
+
+
+def test_dam_weights_and_bad_policy():
+  w = matching.class_frequency_weights(np.array([100, 10, 10]))
+  np.testing.assert_allclose(w.mean(), 1.0, rtol=1e-6)
+  assert w[0] == pytest.approx(10 * w[1])
+  with pytest.raises(ValueError, match="remat_policy"):
+    matching.InnerSpec(syn_steps=1, batch_syn=1, remat_policy="all")
