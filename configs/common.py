@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.distributed = False          # call jax.distributed.initialize() (multi-host)
 
   c.experts = ml_collections.ConfigDict()
+  c.experts.directory = ""            # shared expert folder (reused across runs); "": <workdir>/experts
   c.experts.num_experts = 5
   c.experts.epochs = 10
   c.experts.lr = 0.01

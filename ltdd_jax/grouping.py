@@ -69,6 +69,11 @@ class Grouping:
     out[list(self.groups[group])] = np.arange(len(self.groups[group]))
     return out
 
+  def fingerprint(self) -> str:
+    """A short stable id of the partition (names the folders of its experts)."""
+    import hashlib  # pylint: disable=g-import-not-at-top
+    return hashlib.sha1(json.dumps(self.to_dict()).encode()).hexdigest()[:8]
+
   def to_dict(self) -> dict:
     return {"groups": [list(g) for g in self.groups], "num_classes": self.num_classes}
 

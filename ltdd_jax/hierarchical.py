@@ -132,18 +132,21 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
 # Two-stage hierarchical distillation.
 
 
-def group_expert_sets(config, data, grouping: grouping_lib.Grouping, workdir, mesh=None):
-  """Trains (or opens) the group experts and every multi-class group's own experts.
+def group_expert_sets(config, data, grouping: grouping_lib.Grouping, root, mesh=None,
+                      stage1: bool = True):
+  """Trains (or opens) the group experts (when `stage1`) and every multi-class group's own experts
+  under `root` (`grouping_<fingerprint>/groups`, `.../group_<g>`).
 
   Returns:
-    (group set, its classifier set or None, {g: (within set, classifier set or None)}).
+    (group set or None, its classifier set or None, {g: (within set, classifier set or None)}).
   """
-  workdir = pathlib.Path(workdir)
   ed = distill.method_options(config).ed
-  root = workdir / "experts"
-  group_set = experts_lib.train_experts(config, data, root / "groups", mesh=mesh,
-                                        label_map=grouping.group_of)
-  group_cls = experts_lib.classifier_experts(config, data, group_set, mesh) if ed else None
+  root = pathlib.Path(root) / f"grouping_{grouping.fingerprint()}"
+  group_set = group_cls = None
+  if stage1:
+    group_set = experts_lib.train_experts(config, data, root / "groups", mesh=mesh,
+                                          label_map=grouping.group_of)
+    group_cls = experts_lib.classifier_experts(config, data, group_set, mesh) if ed else None
   within = {}
   for g, classes in enumerate(grouping.groups):
     if len(classes) < 2:
@@ -153,10 +156,18 @@ def group_expert_sets(config, data, grouping: grouping_lib.Grouping, workdir, me
   return group_set, group_cls, within
 
 
-def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, workdir, mesh=None):
-  """The stage-1 and stage-2 objectives and their weights [lambda_1, lambda_2, ...]."""
+def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, expert_root,
+                            mesh=None):
+  """The stage-1 and stage-2 objectives and their weights (lambda_1, then lambda_2 per group).
+
+  Stage 1 is left out when lambda_1 is 0 or there is one group (a one-output network never moves);
+  stage 2 leaves out one-class groups and is left out entirely when lambda_2 is 0.
+  """
   options = distill.method_options(config)
-  group_set, group_cls, within = group_expert_sets(config, data, grouping, workdir, mesh)
+  lambda_1, lambda_2 = config.grouping.lambda_1, config.grouping.lambda_2
+  stage1 = lambda_1 != 0 and grouping.num_groups > 1
+  group_set, group_cls, within = group_expert_sets(config, data, grouping, expert_root, mesh,
+                                                   stage1)
   backbone = models.make_backbone(config.model)
   syn_labels = np.repeat(np.arange(data.num_classes), config.distill.ipc)
 
@@ -169,14 +180,21 @@ def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, workd
         class_weights=matching.class_frequency_weights(counts) if options.dam else None,
         ed_lambda=config.ltdd.ed_lambda)
 
-  group_counts = np.bincount(grouping.group_of, weights=data.counts, minlength=grouping.num_groups)
-  objectives = [objective(group_set, group_cls, grouping.group_of, grouping.num_groups,
-                          group_counts, None)]
-  weights = [config.grouping.lambda_1]
-  for g, (s, cls_set) in within.items():
-    classes = list(grouping.groups[g])
-    index = np.flatnonzero(np.isin(syn_labels, classes))
-    objectives.append(objective(s, cls_set, grouping.within_label_map(g), len(classes),
-                                data.counts[classes], index))
-    weights.append(config.grouping.lambda_2)
+  objectives, weights = [], []
+  if stage1:
+    group_counts = np.bincount(grouping.group_of, weights=data.counts,
+                               minlength=grouping.num_groups)
+    objectives.append(objective(group_set, group_cls, grouping.group_of, grouping.num_groups,
+                                group_counts, None))
+    weights.append(lambda_1)
+  if lambda_2 != 0:
+    for g, (s, cls_set) in within.items():
+      classes = list(grouping.groups[g])
+      index = np.flatnonzero(np.isin(syn_labels, classes))
+      objectives.append(objective(s, cls_set, grouping.within_label_map(g), len(classes),
+                                  data.counts[classes], index))
+      weights.append(lambda_2)
+  if not objectives:
+    raise ValueError("Hierarchical distillation has nothing to match: set grouping.lambda_1 or "
+                     "grouping.lambda_2 above 0 (and use groups of at least two classes).")
   return objectives, weights

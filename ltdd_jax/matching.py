@@ -75,6 +75,7 @@ def unroll_student(apply_fn, spec: InnerSpec, dsa_config, start_params: PyTree,
   Returns:
     The student's parameters after the last step, differentiable w.r.t. images, targets, syn_lr.
   """
+  images, targets = jnp.asarray(images), jnp.asarray(targets)
   order_key, aug_key = jax.random.split(key)
   batches = minibatch_indices(order_key, images.shape[0], spec)
   aug_keys = jax.random.split(aug_key, spec.syn_steps)

@@ -48,6 +48,14 @@ def setup(config, workdir):
   return workdir, mesh, data
 
 
+def expert_root(config, workdir) -> pathlib.Path:
+  """Where expert sets live: `experts.directory` when set (shared across runs), else <workdir>/experts.
+
+  Experts depend on the data, model, expert and seed settings only, so runs that differ in method
+  or IPC can share them."""
+  return pathlib.Path(config.experts.directory or pathlib.Path(workdir) / "experts")
+
+
 def stage_experts(config, workdir, data=None, mesh=None):
   """Trains (or resumes) the flat expert set, plus classifier experts when the method needs them.
 
@@ -58,7 +66,8 @@ def stage_experts(config, workdir, data=None, mesh=None):
     workdir, mesh, data = setup(config, workdir)
   workdir = pathlib.Path(workdir)
   start = time.time()
-  expert_set = experts_lib.train_experts(config, data, workdir / "experts" / "flat", mesh=mesh)
+  expert_set = experts_lib.train_experts(config, data, expert_root(config, workdir) / "flat",
+                                         mesh=mesh)
   classifier_set = None
   base, _ = parse_method(config.method)
   if base in distill.METHODS and distill.method_options(config).ed:
@@ -117,8 +126,8 @@ def stage_distill(config, workdir, data=None, mesh=None) -> dict:
   init = distill.initial_synthetic(config, data, expert_set, classifier_set)
   if "hierarchical" in plugins:
     grouping = stage_grouping(config, workdir, data, mesh)
-    objectives, weights = hierarchical.hierarchical_objectives(config, data, grouping, workdir,
-                                                               mesh)
+    objectives, weights = hierarchical.hierarchical_objectives(
+        config, data, grouping, expert_root(config, workdir), mesh)
   else:
     objectives = [distill.flat_objective(config, data, expert_set, classifier_set)]
     weights = [1.0]

@@ -103,16 +103,24 @@ def test_pipeline_cli_end_to_end(tmp_path):
          "--config.model.width=8", "--config.experts.num_experts=2", "--config.experts.epochs=3",
          "--config.distill.ipc=2", "--config.distill.syn_steps=3", "--config.distill.iterations=4",
          "--config.distill.max_start_epoch=2", "--config.distill.expert_epochs=1",
-         "--config.evaluate.epochs=3", "--config.evaluate.num_models=2", "--config.method=datm"]
+         "--config.evaluate.epochs=3", "--config.evaluate.num_models=2",
+         "--config.method=mtt+hierarchical"]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("config.json", "metrics.jsonl", "synthetic.npz", "synthetic.png", "report.json",
-               "report_per_class.png"):
+               "report_per_class.png", "grouping.json"):
     assert (tmp_path / name).exists(), name
   report = json.loads((tmp_path / "report.json").read_text())
-  assert report["method"] == "datm" and report["ipc"] == 2 and report["num_images"] == 20
+  assert report["method"] == "mtt+hierarchical" and report["ipc"] == 2
+  assert report["num_images"] == 20  # the flat budget: C x IPC
+  assert report["classifier"] == "two_stage_soft" and 0 <= report["group_acc"] <= 100
+  groups = json.loads((tmp_path / "grouping.json").read_text())["groups"]
+  assert len(groups) > 1
+  losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()
+            if json.loads(line)["stage"] == "distill"]
+  assert len(losses[-1]["losses"]) == 1 + sum(len(g) > 1 for g in groups)  # stage 1 + stage 2
   with np.load(tmp_path / "synthetic.npz") as syn:
     assert syn["images"].shape == (20, 8, 8, 1) and syn["pixels"].shape == (20, 8, 8, 1)
-    assert syn["soft_labels"].shape == (20, 10) and float(syn["lr"]) > 0
+    assert syn["labels"].shape == (20,) and float(syn["lr"]) > 0
   stages = [json.loads(line)["stage"] for line in (tmp_path / "metrics.jsonl").open()]
   assert "distill" in stages and "evaluate" in stages

@@ -1,0 +1,40 @@
+"""The benchmark grid: imbalance factor x IPC x method on CIFAR-10/100-LT (or digits), experts shared.
+
+  python -m launch.benchmark --config=configs/benchmark.py:profile=cpu --workdir=runs/bench
+  python -m launch.benchmark --config=configs/benchmark.py:profile=paper,dataset=cifar100 --workdir=W
+  python -m launch.benchmark --config=configs/benchmark.py:dataset=digits --workdir=runs/bench_digits
+
+Every cell is a full pipeline run in <workdir>/<cell>/; a finished cell (report.json present) is not
+run again, so an interrupted grid resumes where it stopped.
+"""
+
+import ml_collections
+
+from configs import cifar10_lt, common, digits_lt
+
+METHODS = ("random", "herding", "mtt", "datm", "ltdd", "random+two_stage", "herding+two_stage",
+           "mtt+two_stage", "datm+two_stage", "ltdd+two_stage", "mtt+hierarchical",
+           "ltdd+hierarchical")
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, profile="cpu", dataset="cifar10", source="folder")
+  if args.dataset == "digits":
+    c = digits_lt.get_config(f"profile={args.profile}")
+    factors, ipcs = (10.0,), (1, 5, 10)
+  elif args.dataset in ("cifar10", "cifar100"):
+    c = cifar10_lt.cifar_config(f"profile={args.profile},source={args.source}", args.dataset)
+    factors, ipcs = (10.0, 100.0), (1, 10)
+    if args.profile == "paper":
+      factors, ipcs = (10.0, 50.0, 100.0, 200.0), (1, 10, 50)
+  else:
+    raise ValueError(f"dataset must be digits, cifar10 or cifar100, got {args.dataset!r}.")
+  c.unlock()
+  c.benchmark = ml_collections.ConfigDict()
+  c.benchmark.imbalance_factors = factors
+  c.benchmark.ipcs = ipcs
+  c.benchmark.methods = METHODS
+  c.benchmark.include_full = True     # one `full` row per imbalance factor
+  c.benchmark.per_class_if = max(factors)  # IF of the per-class accuracy figure
+  c.lock()
+  return c

@@ -1,0 +1,37 @@
+"""Grouping-hypothesis analysis from trained experts: accuracy vs count (flat and per-group experts)
+and each class's share of the expert's parameter movement. Trains missing experts first.
+
+  python -m launch.analyze_groups --config=configs/digits_lt.py --workdir=runs/digits_groups
+"""
+
+import json
+
+from absl import app
+
+from launch import _common
+from ltdd_jax import analysis, hierarchical, pipeline
+
+
+def main(argv):
+  del argv
+  _common.quiet_libraries()
+  config, workdir = _common.CONFIG.value, _common.WORKDIR.value
+  workdir, mesh, data = pipeline.setup(config, workdir)
+  flat, _ = pipeline.stage_experts(config, workdir, data, mesh)
+  grouping = pipeline.stage_grouping(config, workdir, data, mesh)
+  _, _, within = hierarchical.group_expert_sets(config, data, grouping,
+                                                pipeline.expert_root(config, workdir), mesh,
+                                                stage1=False)
+  report = analysis.analyze(config, data, grouping, flat, {g: s for g, (s, _) in within.items()},
+                            workdir)
+  print("groups:", grouping.groups)
+  print("flat experts, accuracy vs count:", json.dumps(report["flat"]["pearson_log_count"]))
+  for g, r in report["group_experts"].items():
+    print(f"group {g} experts, accuracy vs count (pearson log):", r["pearson_log_count"],
+          "| flat experts on the same classes:", report["flat_within_groups"][g]["pearson_log_count"])
+  print("movement share vs data share:", report["movement_vs_data"])
+  print(f"wrote {workdir}/groups_report.json and groups_analysis.png")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,20 @@
+"""Runs (or resumes) the benchmark grid and writes results.csv, results.md and figures.
+
+  python -m launch.benchmark --config=configs/benchmark.py:profile=cpu --workdir=runs/bench
+"""
+
+from absl import app
+
+from launch import _common
+from ltdd_jax import benchmark
+
+
+def main(argv):
+  del argv
+  _common.quiet_libraries()
+  rows = benchmark.run_grid(_common.CONFIG.value, _common.WORKDIR.value)
+  print(benchmark.markdown_table(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,143 @@
+"""A resumable grid of pipeline runs and the tables and figures made from their reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import time
+
+import numpy as np
+
+from ltdd_jax import pipeline, reporting
+
+COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
+           "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
+           "head_tail_gap", "pred_kl_uniform", "group_acc", "within_group_acc", "wall_seconds")
+
+
+def cells(config) -> list[tuple[float, int | None, str]]:
+  """(imbalance factor, ipc, method) of every cell; `full` once per factor with ipc None."""
+  out = []
+  for factor in config.benchmark.imbalance_factors:
+    if config.benchmark.include_full:
+      out.append((float(factor), None, "full"))
+    for ipc in config.benchmark.ipcs:
+      out.extend((float(factor), int(ipc), m) for m in config.benchmark.methods)
+  return out
+
+
+def cell_name(factor: float, ipc: int | None, method: str) -> str:
+  return f"if{factor:g}_" + ("" if ipc is None else f"ipc{ipc}_") + method.replace("+", "-")
+
+
+def cell_config(config, factor: float, ipc: int | None, method: str, workdir: pathlib.Path):
+  """The pipeline config of one cell; experts are shared by every cell of an imbalance factor."""
+  c = config.copy_and_resolve_references()
+  c.data.imbalance_factor = factor
+  if ipc is not None:
+    c.distill.ipc = ipc
+  c.method = method
+  c.experts.directory = str(workdir / f"if{factor:g}_experts")
+  return c
+
+
+def run_grid(config, workdir) -> list[dict]:
+  """Runs every unfinished cell, then writes results.csv, results.md and the figures."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  reporting.write_config(workdir, config)
+  grid = cells(config)
+  start = time.time()
+  for i, (factor, ipc, method) in enumerate(grid):
+    cell = workdir / cell_name(factor, ipc, method)
+    if (cell / "report.json").exists():
+      continue
+    print(f"[benchmark] cell {i + 1}/{len(grid)}: IF {factor:g} IPC {ipc} {method} "
+          f"(elapsed {time.time() - start:.0f}s)", flush=True)
+    pipeline.run_pipeline(cell_config(config, factor, ipc, method, workdir), cell)
+  rows = collect(workdir, grid)
+  write_tables(workdir, rows)
+  write_figures(workdir, rows, config)
+  return rows
+
+
+def collect(workdir: pathlib.Path, grid) -> list[dict]:
+  """One row per finished cell, read from its report.json."""
+  rows = []
+  for factor, ipc, method in grid:
+    path = workdir / cell_name(factor, ipc, method) / "report.json"
+    if not path.exists():
+      continue
+    r = json.loads(path.read_text())
+    row = {k: r.get(k) for k in COLUMNS}
+    row.update(imbalance_factor=factor, ipc=ipc, method=method, images=r.get("num_images"),
+               per_class_acc=r.get("per_class_acc"))
+    rows.append(row)
+  return rows
+
+
+def _fmt(value, digits=1):
+  if value is None or (isinstance(value, float) and not np.isfinite(value)):
+    return "-"
+  return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """The results table: accuracy mean +- std, many/medium/few and the bias figures."""
+  head = ("| IF | IPC | method | images | acc (%) | many | medium | few | per-class std | "
+          "head-tail gap | KL(pred||uniform) | group acc | within-group acc |")
+  lines = [head, "|" + "---|" * 13]
+  for r in rows:
+    lines.append(
+        f"| {r['imbalance_factor']:g} | {_fmt(r['ipc'])} | {r['method']} | {_fmt(r['images'])} | "
+        f"{_fmt(r['test_acc_mean'])} +- {_fmt(r['test_acc_std'])} | {_fmt(r['many_acc'])} | "
+        f"{_fmt(r['medium_acc'])} | {_fmt(r['few_acc'])} | {_fmt(r['per_class_acc_std'])} | "
+        f"{_fmt(r['head_tail_gap'])} | {_fmt(r['pred_kl_uniform'], 3)} | "
+        f"{_fmt(r['group_acc'])} | {_fmt(r['within_group_acc'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_tables(workdir: pathlib.Path, rows: list[dict]) -> None:
+  with (workdir / "results.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+  (workdir / "results.md").write_text(markdown_table(rows))
+
+
+def write_figures(workdir: pathlib.Path, rows: list[dict], config) -> None:
+  """accuracy_heatmap.png (method x (IF, IPC)) and per_class_if<IF>.png."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  distilled = [r for r in rows if r["ipc"] is not None]
+  if distilled:
+    methods = list(dict.fromkeys(r["method"] for r in distilled))
+    columns = list(dict.fromkeys((r["imbalance_factor"], r["ipc"]) for r in distilled))
+    grid = np.full((len(methods), len(columns)), np.nan)
+    for r in distilled:
+      grid[methods.index(r["method"]), columns.index((r["imbalance_factor"], r["ipc"]))] = (
+          r["test_acc_mean"])
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.4 * len(methods) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), [f"IF {f:g}\nIPC {i}" for f, i in columns], fontsize=7)
+    ax.set_yticks(range(len(methods)), methods, fontsize=7)
+    for (i, j), v in np.ndenumerate(grid):
+      if np.isfinite(v):
+        ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=ax, label="test accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(workdir / "accuracy_heatmap.png", dpi=100)
+    plt.close(fig)
+  target = config.benchmark.per_class_if
+  chosen = [r for r in rows if r["imbalance_factor"] == target and r.get("per_class_acc")]
+  if chosen:
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for r in chosen:
+      ax.plot(r["per_class_acc"], marker=".", label=f"{r['method']} IPC {_fmt(r['ipc'])}")
+    ax.set_xlabel("class (decreasing training count)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=5, ncol=3)
+    ax.set_title(f"per-class accuracy at IF {target:g}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(workdir / f"per_class_if{target:g}.png", dpi=100)
+    plt.close(fig)

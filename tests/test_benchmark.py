@@ -1,0 +1,26 @@
+import json
+import subprocess
+import sys
+
+
+def test_benchmark_grid_runs_resumes_and_tabulates(tmp_path):
+  cmd = [sys.executable, "-m", "launch.benchmark", "--config=configs/benchmark.py:dataset=digits",
+         f"--workdir={tmp_path}", f"--config.data.cache_dir={tmp_path}/cache",
+         "--config.model.width=8", "--config.benchmark.ipcs=(2,)",
+         "--config.benchmark.methods=('random','random+two_stage')",
+         "--config.evaluate.epochs=2", "--config.evaluate.full_epochs=1",
+         "--config.evaluate.num_models=2"]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = (tmp_path / "results.md").read_text().splitlines()
+  assert len(table) == 2 + 3  # header, rule, full + 2 methods
+  assert "random+two_stage" in table[-1]
+  two_stage = json.loads((tmp_path / "if10_ipc2_random-two_stage" / "report.json").read_text())
+  assert "group_acc" in two_stage and "within_group_acc" in two_stage
+  assert (tmp_path / "accuracy_heatmap.png").exists() and (tmp_path / "per_class_if10.png").exists()
+  report = tmp_path / "if10_ipc2_random" / "report.json"
+  before = report.stat().st_mtime_ns
+  again = subprocess.run(cmd, capture_output=True, text=True)
+  assert again.returncode == 0
+  assert report.stat().st_mtime_ns == before, "a finished cell must not run again"
+  assert "cell" not in again.stdout

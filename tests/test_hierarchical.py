@@ -1,0 +1,68 @@
+import jax
+import numpy as np
+import pytest
+
+from ltdd_jax import distill, evaluate, experts, grouping, hierarchical, matching, parallel
+
+ONE_GROUP = grouping.Grouping((tuple(range(10)),), 10)
+
+
+def test_soft_prediction_with_one_group_is_flat():
+  within = np.random.default_rng(0).dirichlet(np.ones(10), size=(2, 7))
+  scores = hierarchical.combine(np.ones((2, 7, 1)), [within], ONE_GROUP, "soft")
+  np.testing.assert_allclose(scores, within)
+
+
+def test_hard_and_soft_agree_when_group_is_certain():
+  g = grouping.Grouping(((0, 1), (2, 3, 4)), 5)
+  rng = np.random.default_rng(1)
+  certain = np.eye(2)[rng.integers(0, 2, 50)]
+  within = [rng.dirichlet(np.ones(2), 50), rng.dirichlet(np.ones(3), 50)]
+  soft = hierarchical.combine(certain, within, g, "soft").argmax(-1)
+  hard = hierarchical.combine(certain, within, g, "hard").argmax(-1)
+  np.testing.assert_array_equal(soft, hard)
+
+
+def test_two_stage_classifier_with_one_group_equals_flat(tiny):
+  config, data, _ = tiny
+  images, labels = data.train_images, data.train_labels
+  two = hierarchical.evaluate_two_stage(config, data, ONE_GROUP, images, labels, 0.05, 3,
+                                        method="random+two_stage", ipc=None)
+  flat = evaluate.evaluate_set(config, data, images, labels, 0.05, 3, method="random", ipc=None,
+                               seed=config.seed + 1)
+  np.testing.assert_allclose(two["per_class_acc"], flat["per_class_acc"])
+  assert two["group_acc"] == 100.0
+  np.testing.assert_allclose(two["within_group_acc"], flat["test_acc_mean"])
+
+
+def test_hierarchical_loss_with_one_group_and_no_stage1_is_flat(tiny, tmp_path):
+  config, data, expert_set = tiny
+  config = config.copy_and_resolve_references()
+  config.grouping.lambda_1 = 0.0
+  objectives, weights = hierarchical.hierarchical_objectives(config, data, ONE_GROUP, tmp_path)
+  assert len(objectives) == 1 and weights == [config.grouping.lambda_2]
+  flat = distill.flat_objective(config, data, expert_set, None)
+  stage2 = objectives[0]
+  jax.tree.map(np.testing.assert_array_equal, stage2.experts, flat.experts)
+  syn = distill.initial_synthetic(config, data, expert_set)
+  spec = matching.InnerSpec(config.distill.syn_steps, config.distill.batch_syn)
+  pair = flat.sample(np.random.default_rng(0), 0, 2, 1)
+  key = jax.random.key(0)
+  args = (spec, config.dsa, syn["images"], syn["labels"], np.float32(0.05), pair, key)
+  hier = sum(w * o.loss(*args) for w, o in zip(weights, objectives))
+  np.testing.assert_allclose(hier, flat.loss(*args), rtol=1e-6)
+
+
+def test_per_group_expert_sees_only_its_classes(tiny, tmp_path):
+  config, data, _ = tiny
+  config = config.copy_and_resolve_references()
+  config.experts.num_experts, config.experts.epochs = 1, 1
+  s = experts.train_experts(config, data, tmp_path / "g", classes=(3, 7),
+                            mesh=parallel.make_mesh(1))
+  assert s.num_classes == 2 and s.classes == (3, 7)
+  assert s.load(0)["head"]["kernel"].shape[-1] == 2
+  images, labels = experts.subset_classes(data.train_images, data.train_labels, (3, 7))
+  assert set(np.unique(labels)) == {0, 1}
+  assert len(labels) == data.counts[3] + data.counts[7]
+  with pytest.raises(ValueError, match="either a class subset or a label map"):
+    experts.train_experts(config, data, tmp_path / "x", classes=(1,), label_map=np.zeros(10, int))
