@@ -67,7 +67,11 @@ def worker_jax(args):
   labels = jnp.arange(args.images) % 10
   grad = jax.jit(jax.grad(lambda x, lr: matching.trajectory_matching_loss(
       apply_fn, spec, cfg.dsa, x, labels, lr, start, target, jax.random.key(2)), argnums=(0, 1)))
-  return _timed(lambda: jax.block_until_ready(grad(images, jnp.float32(0.01))), args.repeats)
+  result = _timed(lambda: jax.block_until_ready(grad(images, jnp.float32(0.01))), args.repeats)
+  if jax.default_backend() != "cpu":  # Accelerator memory, not host RSS.
+    stats = jax.devices()[0].memory_stats() or {}
+    result["peak_mb"] = stats.get("peak_bytes_in_use", float("nan")) / 2**20
+  return result
 
 
 def worker_torch(args):

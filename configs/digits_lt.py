@@ -29,7 +29,7 @@ def get_config(arg=None):
   c.distill.lr_img, c.distill.lr_lr, c.distill.syn_lr_init = 100.0, 1e-5, 0.1
   c.distill.batch_syn = 50
   c.datm.initial_max_start_epoch, c.datm.window_grow_every = 4, 40
-  c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 5, 300, 30
+  c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 5, 300, 300
   c.evaluate.batch_size = 256
   c.evaluate.cross_arch_width = 16
   if args.profile == "paper":

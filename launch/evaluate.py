@@ -2,7 +2,9 @@
 
   python -m launch.evaluate --config=configs/digits_lt.py --workdir=runs/digits --set=synthetic
   python -m launch.evaluate --config=configs/digits_lt.py --workdir=runs/rand --set=random
+  python -m launch.evaluate --config=configs/digits_lt.py --workdir=runs/rand --set=full --split=validation
   --set: synthetic | synthetic:PATH/synthetic.npz | random | herding | full
+A `+two_stage` (or `+hierarchical`) suffix on --config.method evaluates with the two-stage classifier.
 """
 
 from absl import app, flags
@@ -11,12 +13,17 @@ from launch import _common
 from ltdd_jax import evaluate, pipeline
 
 _SET = flags.DEFINE_string("set", "synthetic", "synthetic[:PATH] | random | herding | full")
+_SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation"],
+                           "test: report.json; validation: validation_report.json (tuning).")
 
 
 def main(argv):
   del argv
   _common.quiet_libraries()
-  report = pipeline.stage_evaluate(_common.CONFIG.value, _common.WORKDIR.value, _SET.value)
+  config = _common.CONFIG.value
+  _, plugins = pipeline.parse_method(config.method)
+  report = pipeline.stage_evaluate(config, _common.WORKDIR.value, _SET.value,
+                                   two_stage=bool(plugins), split=_SPLIT.value)
   print(evaluate.format_report(report))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
+import shutil
 import time
 
 import numpy as np
@@ -42,6 +43,18 @@ def cell_config(config, factor: float, ipc: int | None, method: str, workdir: pa
   return c
 
 
+def reuse_distillation(workdir: pathlib.Path, factor: float, ipc: int | None, method: str,
+                       cell: pathlib.Path) -> None:
+  """`X+two_stage` evaluates the set X distils: copy X's finished distillation checkpoints, so the
+  cell's distillation resumes at its last iteration instead of running again."""
+  base, plugins = pipeline.parse_method(method)
+  source = workdir / cell_name(factor, ipc, base) / "distill_ckpt"
+  if plugins != ("two_stage",) or not (source.parent / "synthetic.npz").exists():
+    return
+  if not (cell / "distill_ckpt").exists():
+    shutil.copytree(source, cell / "distill_ckpt")
+
+
 def run_grid(config, workdir) -> list[dict]:
   """Runs every unfinished cell, then writes results.csv, results.md and the figures."""
   workdir = pathlib.Path(workdir)
@@ -55,6 +68,7 @@ def run_grid(config, workdir) -> list[dict]:
       continue
     print(f"[benchmark] cell {i + 1}/{len(grid)}: IF {factor:g} IPC {ipc} {method} "
           f"(elapsed {time.time() - start:.0f}s)", flush=True)
+    reuse_distillation(workdir, factor, ipc, method, cell)
     pipeline.run_pipeline(cell_config(config, factor, ipc, method, workdir), cell)
   rows = collect(workdir, grid)
   write_tables(workdir, rows)

@@ -158,12 +158,14 @@ def baseline_set(config, data, base: str, workdir=None, mesh=None):
 
 
 def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=None,
-                   two_stage: bool = False) -> dict:
-  """Evaluates a set on the test split and writes report.json + report_per_class.png.
+                   two_stage: bool = False, split: str = "test") -> dict:
+  """Evaluates a set and writes report.json + report_per_class.png (validation_report.* when
+  `split` is `validation`).
 
   Args:
     which: `synthetic` (<workdir>/synthetic.npz), `synthetic:PATH`, `random`, `herding` or `full`.
     two_stage: evaluate with the two-stage classifier (grouping from the config).
+    split: `test` (reported numbers) or `validation` (model selection and tuning).
   """
   if data is None:
     workdir, mesh, data = setup(config, workdir)
@@ -187,13 +189,14 @@ def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=No
   if two_stage:
     grouping = stage_grouping(config, workdir, data, mesh)
     report = hierarchical.evaluate_two_stage(config, data, grouping, images, targets, lr, epochs,
-                                             method=config.method, ipc=ipc, mesh=mesh)
+                                             method=config.method, ipc=ipc, mesh=mesh, split=split)
   else:
     report = evaluate_lib.evaluate_set(config, data, images, targets, lr, epochs, method=method,
-                                       ipc=ipc, mesh=mesh)
+                                       ipc=ipc, mesh=mesh, split=split)
   report["wall_seconds"] = time.time() - start
-  evaluate_lib.write_report(workdir, report, data.counts)
-  reporting.MetricsWriter(workdir).write("evaluate", 0, method=method,
+  evaluate_lib.write_report(workdir, report, data.counts,
+                            "report" if split == "test" else "validation_report")
+  reporting.MetricsWriter(workdir).write("evaluate", 0, method=method, split=split,
                                          test_acc_mean=report["test_acc_mean"],
                                          test_acc_std=report["test_acc_std"])
   return report

@@ -80,7 +80,7 @@ def image_grid(pixels: np.ndarray, labels: np.ndarray, path: str | os.PathLike,
   labels = np.asarray(labels)
   classes = np.unique(labels)
   cols = max(1, min(per_class, max(int((labels == c).sum()) for c in classes)))
-  fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 0.8, len(classes) * 0.8),
+  fig, axes = plt.subplots(len(classes), cols, figsize=(max(cols * 0.8, 3.0), len(classes) * 0.8),
                            squeeze=False)
   for r, c in enumerate(classes):
     idx = np.flatnonzero(labels == c)[:cols]

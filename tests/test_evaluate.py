@@ -69,3 +69,14 @@ def test_evaluate_cli_writes_report(tmp_path):
   bad = subprocess.run(cmd[:-1] + ["--config.distill.ipc=500", "--config.distill.allow_duplicates=False"],
                        capture_output=True, text=True)
   assert bad.returncode != 0 and "allow_duplicates" in bad.stderr
+
+
+def test_validation_split(tiny):
+  config, data, _ = tiny
+  report = evaluate.evaluate_set(config, data, data.train_images[:40], data.train_labels[:40],
+                                 0.01, 1, method="random", ipc=None, split="validation")
+  assert report["split"] == "validation"
+  np.testing.assert_allclose(np.mean(report["per_class_acc"]), report["test_acc_mean"], atol=1e-6)
+  with pytest.raises(ValueError, match="split must be"):
+    evaluate.evaluate_set(config, data, data.train_images[:40], data.train_labels[:40], 0.01, 1,
+                          method="random", ipc=None, split="train")
