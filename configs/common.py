@@ -132,6 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.num_models = 3
   c.evaluate.epochs = 300
   c.evaluate.full_epochs = 30         # epochs for the `full` baseline (standard training)
+  c.evaluate.full_lr = 0.01           # lr of the `full` baseline
   c.evaluate.lr = 0.01                # baselines; distilled sets use their learned lr
   c.evaluate.use_learned_lr = True
   c.evaluate.momentum = 0.9

@@ -26,10 +26,11 @@ def get_config(arg=None):
   c.experts.classifier_epochs, c.experts.classifier_lr = 5, 0.1
   c.distill.ipc, c.distill.syn_steps, c.distill.expert_epochs = 5, 20, 2
   c.distill.max_start_epoch, c.distill.iterations = 10, 200
-  c.distill.lr_img, c.distill.lr_lr, c.distill.syn_lr_init = 100.0, 1e-5, 0.1
+  c.distill.lr_img, c.distill.lr_lr, c.distill.syn_lr_init = 1000.0, 1e-5, 0.1
   c.distill.batch_syn = 50
   c.datm.initial_max_start_epoch, c.datm.window_grow_every = 4, 40
   c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 5, 300, 300
+  c.evaluate.full_lr = 0.05
   c.evaluate.batch_size = 256
   c.evaluate.cross_arch_width = 16
   if args.profile == "paper":

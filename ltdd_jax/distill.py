@@ -195,8 +195,9 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
   state = {"images": images.astype(np.float32),
            "log_lr": np.float32(np.log(cfg.syn_lr_init)), "labels": labels}
   if options.soft_labels:
-    if idx is None:
-      state["label_logits"] = np.eye(num_classes, dtype=np.float32)[labels] * 5.0
+    if idx is None:  # Noise images: an expert's logits on them mean nothing; start near one-hot.
+      state["label_logits"] = np.log(np.where(np.eye(num_classes)[labels] > 0, 0.9,
+                                              0.1 / max(num_classes - 1, 1))).astype(np.float32)
     else:
       state["label_logits"] = logits[idx].astype(np.float32)
   return state

@@ -185,7 +185,8 @@ def format_report(report: dict) -> str:
   """One human line per architecture."""
   lines = []
   for arch, r in report["archs"].items():
-    lines.append(f"{report['method']} [{arch}] test {r['test_acc_mean']:.2f} +- "
+    lines.append(f"{report['method']} [{arch}] {report.get('split', 'test')} "
+                 f"{r['test_acc_mean']:.2f} +- "
                  f"{r['test_acc_std']:.2f}  many {r['many_acc']:.1f} medium {r['medium_acc']:.1f} "
                  f"few {r['few_acc']:.1f}  gap {r['head_tail_gap']:.1f}  "
                  f"KL {r['pred_kl_uniform']:.3f}")

@@ -142,7 +142,7 @@ def baseline_set(config, data, base: str, workdir=None, mesh=None):
   """(images, targets, lr, epochs, ipc) of a baseline: full LT set, random or herding selection."""
   ev = config.evaluate
   if base == "full":
-    return data.train_images, data.train_labels, ev.lr, ev.full_epochs, None
+    return data.train_images, data.train_labels, ev.full_lr, ev.full_epochs, None
   ipc = config.distill.ipc
   if base == "random":
     idx = selection.random_selection(data.train_labels, data.num_classes, ipc, config.seed,

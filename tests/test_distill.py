@@ -101,6 +101,7 @@ def test_pipeline_cli_end_to_end(tmp_path):
   cmd = [sys.executable, "-m", "launch.pipeline", "--config=configs/digits_lt.py",
          f"--workdir={tmp_path}", f"--config.data.cache_dir={tmp_path}/cache",
          "--config.model.width=8", "--config.experts.num_experts=2", "--config.experts.epochs=3",
+         "--config.experts.batch_size=128", "--config.distill.batch_syn=20",
          "--config.distill.ipc=2", "--config.distill.syn_steps=3", "--config.distill.iterations=4",
          "--config.distill.max_start_epoch=2", "--config.distill.expert_epochs=1",
          "--config.evaluate.epochs=3", "--config.evaluate.num_models=2",
