@@ -141,14 +141,7 @@ def evaluate_set(config, data, images: np.ndarray, targets: np.ndarray, lr: floa
   """
   start = time.time()
   seed = config.seed if seed is None else seed
-  if split == "test":
-    eval_images, eval_labels = data.test_images, data.test_labels
-  elif split == "validation":
-    eval_images, eval_labels = data.val_images, data.val_labels
-    if not len(eval_labels):
-      raise ValueError("Validation requested but data.validation_per_class is 0; set it > 0.")
-  else:
-    raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+  eval_images, eval_labels = split_arrays(data, split)
   rows = {}
   for arch in config.evaluate.archs:
     width = None if arch == config.model.name else config.evaluate.cross_arch_width
@@ -159,14 +152,33 @@ def evaluate_set(config, data, images: np.ndarray, targets: np.ndarray, lr: floa
                               config.evaluate.test_batch_size)
     rows[arch] = classification_metrics(logits.argmax(-1), eval_labels, data.counts,
                                         config.data.shot_rule)
-  first = rows[config.evaluate.archs[0]]
+  return assemble_report(config, data, rows, method=method, ipc=ipc, split=split,
+                         num_images=len(images), lr=lr, epochs=epochs, start=start)
+
+
+def split_arrays(data, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of the balanced split an evaluation tests on: `test` or `validation`."""
+  if split == "test":
+    return data.test_images, data.test_labels
+  if split == "validation":
+    if not len(data.val_labels):
+      raise ValueError("Validation requested but data.validation_per_class is 0; set it > 0.")
+    return data.val_images, data.val_labels
+  raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+
+
+def assemble_report(config, data, rows: dict[str, dict], *, method: str, ipc: int | None,
+                    split: str, num_images: int, lr: float, epochs: int, start: float,
+                    **extra) -> dict:
+  """report.json's dict: run identity, the first architecture's metrics at top level, one row per
+  architecture under `archs`, and any `extra` fields."""
+  first_arch = next(iter(rows))
   return {
       "method": method, "dataset": data.name, "split": split,
       "imbalance_factor": float(config.data.imbalance_factor), "ipc": ipc,
-      **first, "arch": config.evaluate.archs[0], "archs": rows,
-      "num_images": int(len(images)), "lr": float(lr), "epochs": int(epochs),
-      "num_models": int(config.evaluate.num_models),
-      "wall_seconds": time.time() - start,
+      **rows[first_arch], "arch": first_arch, "archs": rows, **extra,
+      "num_images": int(num_images), "lr": float(lr), "epochs": int(epochs),
+      "num_models": int(config.evaluate.num_models), "wall_seconds": time.time() - start,
   }
 
 

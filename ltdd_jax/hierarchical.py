@@ -86,8 +86,7 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
   (accuracy of the within-group networks on the images of their group), both in percent."""
   start = time.time()
   mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
-  eval_images, eval_labels = ((data.test_images, data.test_labels) if split == "test"
-                              else (data.val_images, data.val_labels))
+  eval_images, eval_labels = evaluate_lib.split_arrays(data, split)
   backbone = models.make_backbone(config.model)
   labels = evaluate_lib.hard_labels(targets)
   group_model = models.Classifier(backbone, models.GroupHead(grouping.num_groups))
@@ -119,13 +118,10 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
                                                config.data.shot_rule)
   report["group_acc"] = float(100 * (group_probs.argmax(-1) == true_group[None]).mean())
   report["within_group_acc"] = float(100 * np.concatenate(within_correct, axis=1).mean())
-  return {"method": method, "dataset": data.name, "split": split,
-          "imbalance_factor": float(config.data.imbalance_factor), "ipc": ipc, **report,
-          "arch": config.model.name, "archs": {config.model.name: dict(report)},
-          "classifier": f"two_stage_{config.grouping.prediction}",
-          "grouping": grouping.to_dict(), "num_images": int(len(images)), "lr": float(lr),
-          "epochs": int(epochs), "num_models": int(config.evaluate.num_models),
-          "wall_seconds": time.time() - start}
+  return evaluate_lib.assemble_report(
+      config, data, {config.model.name: report}, method=method, ipc=ipc, split=split,
+      num_images=len(images), lr=lr, epochs=epochs, start=start,
+      classifier=f"two_stage_{config.grouping.prediction}", grouping=grouping.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------
