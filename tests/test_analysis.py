@@ -26,3 +26,26 @@ def test_analysis_report_on_tiny_experts(tiny, tmp_path):
   saved = json.loads((tmp_path / "groups_report.json").read_text())
   assert saved["grouping"]["groups"] == [list(g) for g in groups.groups]
   assert (tmp_path / "groups_analysis.png").exists()
+
+
+def test_movement_share_equals_per_class_gradients(tiny):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ltdd_jax import models, training  # pylint: disable=g-import-not-at-top
+  config, data, flat = tiny
+  images, labels = data.train_images[:60], data.train_labels[:60]
+  shares = analysis.movement_shares(config, flat, images, labels, 10, chunk=25)
+  apply_fn = training.make_apply(models.make_classifier(config.model, 10))
+  trajectory = flat.load(0)
+  theta = jax.tree.map(lambda x: x[1], trajectory)
+  delta = jax.tree.map(lambda x: x[2] - x[1], trajectory)
+  proj = []
+  for c in range(10):
+    mask = jnp.asarray(labels == c, jnp.float32)
+    loss = lambda p, m=mask: jnp.sum(m * -jnp.take_along_axis(
+        jax.nn.log_softmax(apply_fn(p, images)), jnp.asarray(labels)[:, None], 1)[:, 0])
+    grad = jax.grad(loss)(theta)
+    proj.append(-sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad),
+                                                          jax.tree.leaves(delta))))
+  proj = np.asarray(proj)
+  np.testing.assert_allclose(shares[1], proj / proj.sum(), rtol=1e-3, atol=1e-5)
