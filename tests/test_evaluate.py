@@ -80,3 +80,15 @@ def test_validation_split(tiny):
   with pytest.raises(ValueError, match="split must be"):
     evaluate.evaluate_set(config, data, data.train_images[:40], data.train_labels[:40], 0.01, 1,
                           method="random", ipc=None, split="train")
+
+
+def test_cross_architecture_rows(tiny):
+  config, data, _ = tiny
+  config = config.copy_and_resolve_references()
+  config.evaluate.archs = ("convnet", "vgg11")
+  config.evaluate.cross_arch_width = 4
+  report = evaluate.evaluate_set(config, data, data.train_images[:40], data.train_labels[:40],
+                                 0.01, 1, method="random", ipc=None)
+  assert list(report["archs"]) == ["convnet", "vgg11"] and report["arch"] == "convnet"
+  assert report["test_acc_mean"] == report["archs"]["convnet"]["test_acc_mean"]
+  assert "vgg11" in evaluate.format_report(report)
