@@ -129,17 +129,32 @@ class MatchingObjective:
     return loss
 
 
+def make_objective(config, expert_set: experts_lib.ExpertSet,
+                   classifier_set: experts_lib.ExpertSet | None, label_map, num_outputs: int,
+                   counts, image_index=None) -> MatchingObjective:
+  """A matching objective against one expert set (and its classifier experts under ED).
+
+  Args:
+    label_map: [C] dataset class -> this objective's output (-1: not its class).
+    num_outputs: outputs of the experts' networks.
+    counts: [num_outputs] training images per output (DAM weights).
+    image_index: the synthetic images this objective trains on (None: all).
+  """
+  options = method_options(config)
+  model = models.make_classifier(config.model, num_outputs)
+  return MatchingObjective(
+      experts=expert_set.load_all(), apply_fn=training.make_apply(model),
+      label_map=np.asarray(label_map), num_outputs=num_outputs, image_index=image_index,
+      classifier_experts=classifier_set.load_all() if options.ed else None,
+      class_weights=matching.class_frequency_weights(counts) if options.dam else None,
+      ed_lambda=config.ltdd.ed_lambda)
+
+
 def flat_objective(config, data, expert_set: experts_lib.ExpertSet,
                    classifier_set: experts_lib.ExpertSet | None) -> MatchingObjective:
   """The objective of flat (non-hierarchical) distillation against one expert set."""
-  options = method_options(config)
-  model = models.make_classifier(config.model, data.num_classes)
-  return MatchingObjective(
-      experts=expert_set.load_all(), apply_fn=training.make_apply(model),
-      label_map=np.arange(data.num_classes), num_outputs=data.num_classes,
-      classifier_experts=classifier_set.load_all() if options.ed else None,
-      class_weights=matching.class_frequency_weights(data.counts) if options.dam else None,
-      ed_lambda=config.ltdd.ed_lambda)
+  return make_objective(config, expert_set, classifier_set, np.arange(data.num_classes),
+                        data.num_classes, data.counts)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from ltdd_jax import distill, matching, models, parallel, training
+from ltdd_jax import distill, models, parallel, training
 from ltdd_jax import evaluate as evaluate_lib
 from ltdd_jax import experts as experts_lib
 from ltdd_jax import grouping as grouping_lib
@@ -159,36 +159,25 @@ def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, exper
   Stage 1 is left out when lambda_1 is 0 or there is one group (a one-output network never moves);
   stage 2 leaves out one-class groups and is left out entirely when lambda_2 is 0.
   """
-  options = distill.method_options(config)
   lambda_1, lambda_2 = config.grouping.lambda_1, config.grouping.lambda_2
   stage1 = lambda_1 != 0 and grouping.num_groups > 1
   group_set, group_cls, within = group_expert_sets(config, data, grouping, expert_root, mesh,
                                                    stage1)
-  backbone = models.make_backbone(config.model)
   syn_labels = np.repeat(np.arange(data.num_classes), config.distill.ipc)
-
-  def objective(expert_set, cls_set, label_map, num_outputs, counts, index):
-    model = models.Classifier(backbone, models.GroupHead(num_outputs))
-    return distill.MatchingObjective(
-        experts=expert_set.load_all(), apply_fn=training.make_apply(model),
-        label_map=np.asarray(label_map), num_outputs=num_outputs, image_index=index,
-        classifier_experts=None if cls_set is None else cls_set.load_all(),
-        class_weights=matching.class_frequency_weights(counts) if options.dam else None,
-        ed_lambda=config.ltdd.ed_lambda)
 
   objectives, weights = [], []
   if stage1:
     group_counts = np.bincount(grouping.group_of, weights=data.counts,
                                minlength=grouping.num_groups)
-    objectives.append(objective(group_set, group_cls, grouping.group_of, grouping.num_groups,
-                                group_counts, None))
+    objectives.append(distill.make_objective(config, group_set, group_cls, grouping.group_of,
+                                             grouping.num_groups, group_counts))
     weights.append(lambda_1)
   if lambda_2 != 0:
     for g, (s, cls_set) in within.items():
       classes = list(grouping.groups[g])
       index = np.flatnonzero(np.isin(syn_labels, classes))
-      objectives.append(objective(s, cls_set, grouping.within_label_map(g), len(classes),
-                                  data.counts[classes], index))
+      objectives.append(distill.make_objective(config, s, cls_set, grouping.within_label_map(g),
+                                               len(classes), data.counts[classes], index))
       weights.append(lambda_2)
   if not objectives:
     raise ValueError("Hierarchical distillation has nothing to match: set grouping.lambda_1 or "
