@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = -1
   c.mesh.distributed = False          # call jax.distributed.initialize() (multi-host)
+  # JAX persistent compilation cache ('' = off): repeated programs load instead of compiling.
+  c.mesh.compilation_cache_dir = "~/.cache/ltdd_jax/xla"
 
   c.experts = ml_collections.ConfigDict()
   c.experts.directory = ""            # shared expert folder (reused across runs); "": <workdir>/experts

@@ -3,6 +3,8 @@
   python -m launch.benchmark --config=configs/benchmark.py:profile=cpu --workdir=runs/bench
 """
 
+import pathlib
+
 from absl import app
 
 from launch import _common
@@ -12,8 +14,8 @@ from ltdd_jax import benchmark
 def main(argv):
   del argv
   _common.quiet_libraries()
-  rows = benchmark.run_grid(_common.CONFIG.value, _common.WORKDIR.value)
-  print(benchmark.markdown_table(rows))
+  benchmark.run_grid(_common.CONFIG.value, _common.WORKDIR.value)
+  print((pathlib.Path(_common.WORKDIR.value) / "results.md").read_text())
 
 
 if __name__ == "__main__":

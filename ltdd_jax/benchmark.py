@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from ltdd_jax import pipeline, reporting
+from ltdd_jax.data import dataset as dataset_lib
 
 COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
            "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
@@ -62,6 +63,7 @@ def run_grid(config, workdir) -> list[dict]:
   reporting.write_config(workdir, config)
   grid = cells(config)
   start = time.time()
+  loaded = {}  # The dataset of the current imbalance factor, loaded once for all its cells.
   for i, (factor, ipc, method) in enumerate(grid):
     cell = workdir / cell_name(factor, ipc, method)
     if (cell / "report.json").exists():
@@ -69,9 +71,12 @@ def run_grid(config, workdir) -> list[dict]:
     print(f"[benchmark] cell {i + 1}/{len(grid)}: IF {factor:g} IPC {ipc} {method} "
           f"(elapsed {time.time() - start:.0f}s)", flush=True)
     reuse_distillation(workdir, factor, ipc, method, cell)
-    pipeline.run_pipeline(cell_config(config, factor, ipc, method, workdir), cell)
+    cell_cfg = cell_config(config, factor, ipc, method, workdir)
+    if factor not in loaded:
+      loaded = {factor: dataset_lib.load_dataset(cell_cfg.data, cell_cfg.seed)}
+    pipeline.run_pipeline(cell_cfg, cell, data=loaded[factor])
   rows = collect(workdir, grid)
-  write_tables(workdir, rows)
+  write_tables(workdir, rows, len(grid))
   write_figures(workdir, rows, config)
   return rows
 
@@ -112,12 +117,20 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_tables(workdir: pathlib.Path, rows: list[dict]) -> None:
+def time_summary(rows: list[dict], num_cells: int) -> str:
+  """How many cells are done and the sum of their wall times: the grid's cost on this machine,
+  however many resumptions it took (experts are timed inside the first cell that needs them)."""
+  seconds = sum(r["wall_seconds"] or 0.0 for r in rows)
+  return (f"{len(rows)} of {num_cells} cells finished; sum of cell wall times {seconds:.0f} s "
+          f"({seconds / 3600:.2f} h).\n")
+
+
+def write_tables(workdir: pathlib.Path, rows: list[dict], num_cells: int) -> None:
   with (workdir / "results.csv").open("w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-  (workdir / "results.md").write_text(markdown_table(rows))
+  (workdir / "results.md").write_text(markdown_table(rows) + "\n" + time_summary(rows, num_cells))
 
 
 def write_figures(workdir: pathlib.Path, rows: list[dict], config) -> None:

@@ -12,9 +12,11 @@ def test_benchmark_grid_runs_resumes_and_tabulates(tmp_path):
          "--config.evaluate.num_models=2"]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  table = (tmp_path / "results.md").read_text().splitlines()
+  table, summary = (tmp_path / "results.md").read_text().split("\n\n")
+  table = table.splitlines()
   assert len(table) == 2 + 3  # header, rule, full + 2 methods
   assert "random+two_stage" in table[-1]
+  assert summary.startswith("3 of 3 cells finished; sum of cell wall times")
   two_stage = json.loads((tmp_path / "if10_ipc2_random-two_stage" / "report.json").read_text())
   assert "group_acc" in two_stage and "within_group_acc" in two_stage
   assert (tmp_path / "accuracy_heatmap.png").exists() and (tmp_path / "per_class_if10.png").exists()
@@ -23,7 +25,7 @@ def test_benchmark_grid_runs_resumes_and_tabulates(tmp_path):
   again = subprocess.run(cmd, capture_output=True, text=True)
   assert again.returncode == 0
   assert report.stat().st_mtime_ns == before, "a finished cell must not run again"
-  assert "cell" not in again.stdout
+  assert "[benchmark] cell" not in again.stdout
 
 
 def test_two_stage_cell_reuses_the_base_distillation(tmp_path):
