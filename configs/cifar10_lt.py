@@ -44,18 +44,23 @@ def cifar_config(arg, dataset: str):
     c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 3, 300, 10
     c.evaluate.cross_arch_width = 16
   elif args.profile == "paper":
+    # The published CIFAR-10(-LT) settings, side by side with their sources in docs/protocol.md.
     c.model.depth, c.model.width = 3, 128
     c.experts.num_experts, c.experts.epochs = 100, 50
     c.experts.lr, c.experts.momentum, c.experts.weight_decay = 0.01, 0.0, 0.0
-    c.distill.syn_steps = 80 if args.ipc >= 50 else 50
+    c.distill.syn_steps = 80
     c.distill.expert_epochs = 2
-    c.distill.max_start_epoch = 40 if args.ipc >= 50 else 20
-    c.distill.iterations = 5000
+    c.distill.max_start_epoch = 4 if args.ipc == 1 else (40 if args.ipc >= 50 else 20)
+    c.distill.iterations = 10000
     c.distill.lr_img = 1000.0 if args.ipc >= 50 else 100.0
-    c.distill.lr_lr, c.distill.syn_lr_init = 1e-5, 0.01
+    c.distill.lr_lr = 1e-7 if args.ipc == 1 else 1e-5
+    c.distill.syn_lr_init = 0.01
     c.distill.batch_syn = min(256, 10 * args.ipc if dataset == "cifar10" else 100 * args.ipc)
-    c.datm.lr_label, c.datm.initial_max_start_epoch, c.datm.window_grow_every = 2.0, 10, 500
+    c.datm.lr_label = 5.0 if args.ipc == 1 else 2.0
+    c.datm.initial_max_start_epoch = min(10, c.distill.max_start_epoch)
+    c.datm.window_grow_every = 200  # the window reaches max_start_epoch after 2000 iterations
     c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 5, 1000, 200
+    c.evaluate.batch_size = 128
     c.evaluate.cross_arch_width = 64
   else:
     raise ValueError(f"profile must be 'cpu' or 'paper', got {args.profile!r}.")
