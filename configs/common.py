@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 128
   c.model.norm = "instance"           # instance | batch | none
   c.model.conv_impl = "auto"          # auto | xla | im2col
+  c.model.ensemble_impl = "auto"      # auto | vmap | map: how K/T networks run in one program
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = -1

@@ -105,7 +105,8 @@ def train_networks(config, model, images: np.ndarray, targets: np.ndarray, num_c
   mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
   num_models = config.evaluate.num_models
   spec = eval_spec(config.evaluate, len(images))
-  epoch_fn = experts_lib.make_epoch_fn(training.make_apply(model), spec, config.dsa, num_classes)
+  epoch_fn = experts_lib.make_epoch_fn(training.make_apply(model), spec, config.dsa, num_classes,
+                                       config.model.ensemble_impl)
   params = training.init_ensemble(model, jax.random.key(seed), num_models, images.shape[1:])
   state = parallel.shard_leading((params, jax.tree.map(jnp.zeros_like, params)), mesh)
   images_d, targets_d, labels_d = parallel.replicate(
@@ -149,7 +150,7 @@ def evaluate_set(config, data, images: np.ndarray, targets: np.ndarray, lr: floa
     params = train_networks(config, model, images, targets, data.num_classes, lr, epochs, seed,
                             mesh, label=f"evaluate {method} {arch}")
     logits = training.predict(training.make_apply(model), params, eval_images,
-                              config.evaluate.test_batch_size)
+                              config.evaluate.test_batch_size, config.model.ensemble_impl)
     rows[arch] = classification_metrics(logits.argmax(-1), eval_labels, data.counts,
                                         config.data.shot_rule)
   return assemble_report(config, data, rows, method=method, ipc=ipc, split=split,

@@ -67,17 +67,18 @@ class ExpertSet:
     return jax.tree.map(lambda *xs: np.stack(xs), *[self.load(k) for k in range(self.num_experts)])
 
 
-def make_epoch_fn(apply_fn, spec: training.TrainSpec, dsa_config, num_classes: int):
-  """A jitted function running one epoch for every network of an ensemble (vmapped on axis 0)."""
+def make_epoch_fn(apply_fn, spec: training.TrainSpec, dsa_config, num_classes: int,
+                  ensemble_impl: str):
+  """A jitted function running one epoch for every network of an ensemble (stacked on axis 0)."""
   one = functools.partial(training.train_epoch, apply_fn, spec, dsa_config,
                           num_classes=num_classes)
-  ensemble = jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None))
+  ensemble = training.over_ensemble(one, (0, 0, 0, None, None, None, None), ensemble_impl)
   return jax.jit(ensemble)
 
 
 def train_trajectories(directory, model, spec: training.TrainSpec, dsa_config, images, labels,
                        num_classes: int, init_params, lr: float, epochs: int, seed: int,
-                       mesh, classes=(), label: str = "experts",
+                       mesh, ensemble_impl: str, classes=(), label: str = "experts",
                        label_map=None) -> ExpertSet:
   """Trains an ensemble from `init_params` ([K, ...]) and saves every epoch's parameters.
 
@@ -89,7 +90,7 @@ def train_trajectories(directory, model, spec: training.TrainSpec, dsa_config, i
   if (directory / "meta.json").exists():
     return ExpertSet.open(directory)
   num_models = jax.tree.leaves(init_params)[0].shape[0]
-  epoch_fn = make_epoch_fn(training.make_apply(model), spec, dsa_config, num_classes)
+  epoch_fn = make_epoch_fn(training.make_apply(model), spec, dsa_config, num_classes, ensemble_impl)
   state = {"params": init_params, "velocity": jax.tree.map(np.zeros_like, init_params)}
   store = checkpoints.Checkpoints(directory / "epochs", max_to_keep=None)
   start = store.latest_step()
@@ -178,7 +179,8 @@ def train_experts(config, data, directory, classes=(), mesh=None,
   spec = expert_spec(cfg, len(images))
   tag = f"experts {pathlib.Path(directory).name}"
   return train_trajectories(directory, model, spec, config.dsa, images, labels, num_classes,
-                            init, cfg.lr, cfg.epochs, config.seed, mesh, classes, tag, label_map)
+                            init, cfg.lr, cfg.epochs, config.seed, mesh,
+                            config.model.ensemble_impl, classes, tag, label_map)
 
 
 def classifier_experts(config, data, experts: ExpertSet, mesh=None) -> ExpertSet:
@@ -204,5 +206,5 @@ def classifier_experts(config, data, experts: ExpertSet, mesh=None) -> ExpertSet
   directory = experts.directory.parent / f"{experts.directory.name}_classifier"
   return train_trajectories(directory, model, spec, config.dsa, images, labels,
                             experts.num_classes, init, cfg.classifier_lr, cfg.classifier_epochs,
-                            config.seed + 1, mesh, experts.classes, f"{directory.name}",
-                            experts.label_map)
+                            config.seed + 1, mesh, config.model.ensemble_impl, experts.classes,
+                            f"{directory.name}", experts.label_map)

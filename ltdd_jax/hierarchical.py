@@ -74,7 +74,7 @@ def combine(group_probs: np.ndarray, within_probs: list[np.ndarray],
 
 def _probs(config, model, params, images) -> np.ndarray:
   logits = training.predict(training.make_apply(model), params, images,
-                            config.evaluate.test_batch_size)
+                            config.evaluate.test_batch_size, config.model.ensemble_impl)
   return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 

@@ -1,7 +1,7 @@
 """The supervised-training core shared by experts, evaluation and two-stage classifiers.
 
-Everything here is pure and written for one model; callers `jax.vmap` it over an ensemble (K experts,
-T evaluation networks), so K models train as one compiled program. SGD follows PyTorch's semantics
+Everything here is pure and written for one model; `over_ensemble` runs it for every network of an
+ensemble (K experts, T evaluation networks) inside one compiled program. SGD follows PyTorch's semantics
 (weight decay added to the gradient, momentum without dampening), the optimiser every published
 dataset-distillation result uses.
 """
@@ -172,9 +172,45 @@ def make_apply(model) -> ApplyFn:
   return lambda params, images: model.apply({"params": params}, images)
 
 
-def predict(apply_fn: ApplyFn, params: PyTree, images: np.ndarray, batch_size: int) -> np.ndarray:
+ENSEMBLE_IMPLS = ("auto", "vmap", "map")
+# Measured (bench/RESULTS.md, "ensembles"): on CPU, lax.map over 3 ConvNets trains 1.5x and predicts
+# 2x faster than vmap, whose batched matmuls XLA:CPU runs poorly; accelerators want vmap.
+_FASTEST_ENSEMBLE = {"cpu": "map"}
+
+
+def resolve_ensemble_impl(impl: str) -> str:
+  """Maps `auto` to the measured-fastest way of running an ensemble on the default backend."""
+  if impl not in ENSEMBLE_IMPLS:
+    raise ValueError(f"Unknown model.ensemble_impl {impl!r}; accepted: {ENSEMBLE_IMPLS}.")
+  if impl == "auto":
+    return _FASTEST_ENSEMBLE.get(jax.default_backend(), "vmap")
+  return impl
+
+
+def over_ensemble(fn: Callable, in_axes: tuple[int | None, ...], impl: str) -> Callable:
+  """`fn` applied to every network of an ensemble: arguments with in_axis 0 are stacked per network,
+  those with None are shared. `impl`: vmap (all networks at once) or map (`lax.map`, one after
+  another inside the same program); both give the same values."""
+  impl = resolve_ensemble_impl(impl)
+  if impl == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def mapped(*args):
+    stacked = tuple(a for a, axis in zip(args, in_axes) if axis == 0)
+
+    def one(per_network):
+      it = iter(per_network)
+      return fn(*(next(it) if axis == 0 else a for a, axis in zip(args, in_axes)))
+
+    return jax.lax.map(one, stacked)
+
+  return mapped
+
+
+def predict(apply_fn: ApplyFn, params: PyTree, images: np.ndarray, batch_size: int,
+            ensemble_impl: str) -> np.ndarray:
   """Logits of an ensemble on a dataset, in batches. params: [T, ...]; returns [T, N, C]."""
-  fn = jax.jit(jax.vmap(apply_fn, in_axes=(0, None)))
+  fn = jax.jit(over_ensemble(apply_fn, (0, None), ensemble_impl))
   out = [np.asarray(fn(params, jnp.asarray(images[i:i + batch_size])))
          for i in range(0, len(images), batch_size)]
   return np.concatenate(out, axis=1)
