@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.lr_img = 100.0
   c.distill.lr_lr = 1e-5
   c.distill.syn_lr_init = 0.01
+  # Several objectives (hierarchical: stage 1 and each group's stage 2): each learns its own lr, and
+  # each network of the two-stage classifier trains with its objective's lr.
+  c.distill.lr_per_objective = True
   c.distill.momentum = 0.5
   c.distill.batch_syn = 100
   c.distill.init = "real"             # real | noise

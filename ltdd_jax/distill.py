@@ -73,6 +73,8 @@ class MatchingObjective:
     classifier_experts: classifier-only trajectories for LTDD's ED (or None).
     class_weights: [num outputs] DAM weights (or None).
     ed_lambda: weight of the classifier term under ED.
+    name: what the objective matches (`flat`; `groups` and `group_<g>` for the hierarchical
+      stages): names its learned lr when every objective learns its own.
   """
   experts: PyTree
   apply_fn: Callable
@@ -82,6 +84,7 @@ class MatchingObjective:
   classifier_experts: PyTree | None = None
   class_weights: np.ndarray | None = None
   ed_lambda: float = 1.0
+  name: str = "flat"
 
   @property
   def num_experts(self) -> int:
@@ -131,7 +134,7 @@ class MatchingObjective:
 
 def make_objective(config, expert_set: experts_lib.ExpertSet,
                    classifier_set: experts_lib.ExpertSet | None, label_map, num_outputs: int,
-                   counts, image_index=None) -> MatchingObjective:
+                   counts, image_index=None, name: str = "flat") -> MatchingObjective:
   """A matching objective against one expert set (and its classifier experts under ED).
 
   Args:
@@ -139,6 +142,7 @@ def make_objective(config, expert_set: experts_lib.ExpertSet,
     num_outputs: outputs of the experts' networks.
     counts: [num_outputs] training images per output (DAM weights).
     image_index: the synthetic images this objective trains on (None: all).
+    name: the objective's name (see `MatchingObjective`).
   """
   options = method_options(config)
   model = models.make_classifier(config.model, num_outputs)
@@ -147,7 +151,7 @@ def make_objective(config, expert_set: experts_lib.ExpertSet,
       label_map=np.asarray(label_map), num_outputs=num_outputs, image_index=image_index,
       classifier_experts=classifier_set.load_all() if options.ed else None,
       class_weights=matching.class_frequency_weights(counts) if options.dam else None,
-      ed_lambda=config.ltdd.ed_lambda)
+      ed_lambda=config.ltdd.ed_lambda, name=name)
 
 
 def flat_objective(config, data, expert_set: experts_lib.ExpertSet,
@@ -258,9 +262,10 @@ def make_update_fn(config, objectives: list[MatchingObjective], weights: list[fl
   def total_loss(learn, fixed, pairs, key):
     syn = {**fixed, **learn}
     targets = targets_of(syn)
-    syn_lr = jnp.exp(syn["log_lr"])
-    losses = [obj.loss(spec, config.dsa, syn["images"], targets, syn_lr, pair,
-                       jax.random.fold_in(key, i), mesh)
+    syn_lr = jnp.exp(syn["log_lr"])  # One lr, or one per objective (distill.lr_per_objective).
+    losses = [obj.loss(spec, config.dsa, syn["images"], targets,
+                       syn_lr[i] if syn_lr.ndim else syn_lr, pair, jax.random.fold_in(key, i),
+                       mesh)
               for i, (obj, pair) in enumerate(zip(objectives, pairs))]
     return sum(w * l for w, l in zip(weights, losses)), jnp.stack(losses)
 
@@ -315,6 +320,8 @@ def run_distillation(config, data, objectives: list[MatchingObjective], weights:
   check_epochs(config, objectives)
   update, init_opt = make_update_fn(config, objectives, weights, mesh)
   syn = {k: jnp.asarray(v) for k, v in init_syn.items()}
+  if cfg.lr_per_objective and len(objectives) > 1:
+    syn["log_lr"] = jnp.full((len(objectives),), syn["log_lr"])
   state = {"syn": syn, "opt": init_opt(syn)}
   store = checkpoints.Checkpoints(workdir / "distill_ckpt", max_to_keep=2)
   start = store.latest_step()
@@ -345,7 +352,7 @@ def run_distillation(config, data, objectives: list[MatchingObjective], weights:
     done = it + 1
     if done % cfg.log_every == 0 or done == cfg.iterations:
       metrics.write("distill", done, loss=loss, losses=np.asarray(losses).tolist(),
-                    syn_lr=float(jnp.exp(syn["log_lr"])), start_window=[lo, hi],
+                    syn_lr=np.exp(np.asarray(syn["log_lr"])).tolist(), start_window=[lo, hi],
                     seconds=time.time() - t0)
     if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
       store.save(done, state)
@@ -353,7 +360,8 @@ def run_distillation(config, data, objectives: list[MatchingObjective], weights:
       report = validate(config, data, parallel.gather(syn), mesh)
       metrics.write("distill_validation", done, val_acc=report["test_acc_mean"],
                     val_acc_std=report["test_acc_std"])
-    progress.update(done, f"loss {loss:.4f} lr {float(jnp.exp(syn['log_lr'])):.4f}")
+    lrs = " ".join(f"{x:.4f}" for x in np.exp(np.atleast_1d(np.asarray(syn["log_lr"]))))
+    progress.update(done, f"loss {loss:.4f} lr {lrs}")
   store.close()
   return parallel.gather(state["syn"])
 
@@ -367,17 +375,34 @@ def validate(config, data, syn: dict, mesh=None) -> dict:
 
 
 def synthetic_lr(config, syn: dict) -> float:
-  """The evaluation lr of a synthetic set: the learned one, or evaluate.lr when told not to use it."""
-  return float(np.exp(syn["log_lr"])) if config.evaluate.use_learned_lr else config.evaluate.lr
+  """The evaluation lr of a synthetic set: the learned one, or evaluate.lr when told not to use it.
+
+  A set distilled with one lr per objective (hierarchical) and evaluated by one flat network gets
+  their geometric mean; the two-stage classifier uses each network's own (`synthetic_lrs`)."""
+  if not config.evaluate.use_learned_lr:
+    return config.evaluate.lr
+  return float(np.exp(np.mean(syn["log_lr"])))
 
 
-def save_synthetic(workdir, syn: dict, data, config) -> pathlib.Path:
+def synthetic_lrs(config, syn: dict) -> dict[str, float]:
+  """Objective name -> learned lr of a set distilled with one lr per objective ({} otherwise)."""
+  if not config.evaluate.use_learned_lr or "lr_objectives" not in syn:
+    return {}
+  return {str(n): float(v) for n, v in zip(syn["lr_objectives"], np.exp(syn["log_lr"]))}
+
+
+def save_synthetic(workdir, syn: dict, data, config, objective_names=()) -> pathlib.Path:
   """Writes `synthetic.npz` (model-space and pixel-space images, labels, soft labels, lr) and the
-  PNG grid `synthetic.png`."""
+  PNG grid `synthetic.png`. With one lr per objective, `lr` is a vector and `lr_objectives` (from
+  `objective_names`) names its entries."""
   workdir = pathlib.Path(workdir)
   pixels = data.preprocessor.invert(syn["images"])
-  out = {"images": syn["images"], "pixels": pixels, "labels": syn["labels"],
-         "lr": np.float32(np.exp(syn["log_lr"]))}
+  lr = np.exp(np.asarray(syn["log_lr"], np.float32))
+  out = {"images": syn["images"], "pixels": pixels, "labels": syn["labels"], "lr": lr}
+  if lr.ndim:
+    if len(objective_names) != len(lr):
+      raise ValueError(f"{len(lr)} learned lrs but objective names {list(objective_names)}.")
+    out["lr_objectives"] = np.asarray(objective_names, dtype=str)
   if "label_logits" in syn:
     out["label_logits"] = syn["label_logits"]
     out["soft_labels"] = np.asarray(matching.soft_targets(jnp.asarray(syn["label_logits"])))

@@ -80,10 +80,15 @@ def _probs(config, model, params, images) -> np.ndarray:
 
 def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np.ndarray,
                        targets: np.ndarray, lr: float, epochs: int, *, method: str,
-                       ipc: int | None, split: str = "test", mesh=None) -> dict:
+                       ipc: int | None, split: str = "test", mesh=None,
+                       learned_lrs: dict[str, float] | None = None) -> dict:
   """Trains T group networks and T within-group networks per group on one labelled set and tests
   the two-stage prediction. Returns the usual report fields plus group_acc and within_group_acc
-  (accuracy of the within-group networks on the images of their group), both in percent."""
+  (accuracy of the within-group networks on the images of their group), both in percent.
+
+  `learned_lrs` (a hierarchical set's lr per objective: `groups`, `group_<g>`) gives each network
+  its own lr; networks it does not name train with `lr`."""
+  learned_lrs = learned_lrs or {}
   start = time.time()
   mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
   eval_images, eval_labels = evaluate_lib.split_arrays(data, split)
@@ -91,8 +96,8 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
   labels = evaluate_lib.hard_labels(targets)
   group_model = models.Classifier(backbone, models.GroupHead(grouping.num_groups))
   group_params = evaluate_lib.train_networks(
-      config, group_model, images, group_targets(targets, grouping), grouping.num_groups, lr,
-      epochs, config.seed, mesh, label=f"evaluate {method} groups")
+      config, group_model, images, group_targets(targets, grouping), grouping.num_groups,
+      learned_lrs.get("groups", lr), epochs, config.seed, mesh, label=f"evaluate {method} groups")
   group_probs = _probs(config, group_model, group_params, eval_images)  # [T, N, G]
   within, within_correct = [], []
   true_group = grouping.group_of[eval_labels]
@@ -108,7 +113,8 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
     model = models.Classifier(backbone, models.GroupHead(len(classes)))
     params = evaluate_lib.train_networks(
         config, model, images[index], within_targets(targets, grouping, g, index), len(classes),
-        lr, epochs, config.seed + 1 + g, mesh, label=f"evaluate {method} group {g}")
+        learned_lrs.get(f"group_{g}", lr), epochs, config.seed + 1 + g, mesh,
+        label=f"evaluate {method} group {g}")
     probs = _probs(config, model, params, eval_images)
     within.append(probs)
     local = grouping.within_label_map(g)[eval_labels[true_group == g]]
@@ -121,7 +127,8 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
   return evaluate_lib.assemble_report(
       config, data, {config.model.name: report}, method=method, ipc=ipc, split=split,
       num_images=len(images), lr=lr, epochs=epochs, start=start,
-      classifier=f"two_stage_{config.grouping.prediction}", grouping=grouping.to_dict())
+      classifier=f"two_stage_{config.grouping.prediction}", grouping=grouping.to_dict(),
+      **({"learned_lrs": learned_lrs} if learned_lrs else {}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,14 +177,15 @@ def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, exper
     group_counts = np.bincount(grouping.group_of, weights=data.counts,
                                minlength=grouping.num_groups)
     objectives.append(distill.make_objective(config, group_set, group_cls, grouping.group_of,
-                                             grouping.num_groups, group_counts))
+                                             grouping.num_groups, group_counts, name="groups"))
     weights.append(lambda_1)
   if lambda_2 != 0:
     for g, (s, cls_set) in within.items():
       classes = list(grouping.groups[g])
       index = np.flatnonzero(np.isin(syn_labels, classes))
       objectives.append(distill.make_objective(config, s, cls_set, grouping.within_label_map(g),
-                                               len(classes), data.counts[classes], index))
+                                               len(classes), data.counts[classes], index,
+                                               name=f"group_{g}"))
       weights.append(lambda_2)
   if not objectives:
     raise ValueError("Hierarchical distillation has nothing to match: set grouping.lambda_1 or "

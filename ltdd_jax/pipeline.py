@@ -137,7 +137,7 @@ def stage_distill(config, workdir, data=None, mesh=None) -> dict:
     objectives = [distill.flat_objective(config, data, expert_set, classifier_set)]
     weights = [1.0]
   syn = distill.run_distillation(config, data, objectives, weights, init, workdir, mesh)
-  distill.save_synthetic(workdir, syn, data, config)
+  distill.save_synthetic(workdir, syn, data, config, [o.name for o in objectives])
   reporting.MetricsWriter(workdir).write("distill_done", config.distill.iterations,
                                          seconds=time.time() - start)
   return syn
@@ -182,10 +182,11 @@ def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=No
     images = syn["images"]
     targets = syn["soft_labels"] if "soft_labels" in syn else syn["labels"]
     lr, epochs = distill.synthetic_lr(config, syn), config.evaluate.epochs
+    learned_lrs = distill.synthetic_lrs(config, syn)
     method, ipc = config.method, int(len(images) // data.num_classes)
   elif which in BASELINES:
     images, targets, lr, epochs, ipc = baseline_set(config, data, which, workdir, mesh)
-    method = which
+    method, learned_lrs = which, {}
   else:
     raise ValueError(f"--set={which!r}: accepted synthetic, synthetic:PATH, {', '.join(BASELINES)}.")
   if images.shape[1:] != data.image_shape:
@@ -194,7 +195,8 @@ def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=No
   if two_stage:
     grouping = stage_grouping(config, workdir, data, mesh)
     report = hierarchical.evaluate_two_stage(config, data, grouping, images, targets, lr, epochs,
-                                             method=config.method, ipc=ipc, mesh=mesh, split=split)
+                                             method=config.method, ipc=ipc, mesh=mesh, split=split,
+                                             learned_lrs=learned_lrs)
   else:
     report = evaluate_lib.evaluate_set(config, data, images, targets, lr, epochs, method=method,
                                        ipc=ipc, mesh=mesh, split=split)

@@ -1,7 +1,9 @@
+import dataclasses
 import json
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,30 @@ def test_four_devices_equal_one(tiny, tmp_path):
                                   parallel.make_mesh(n)) for n in (1, 4)]
   np.testing.assert_allclose(out[0]["images"], out[1]["images"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out[0]["log_lr"], out[1]["log_lr"], rtol=1e-4)
+
+
+def test_each_objective_learns_its_own_lr(tiny, tmp_path):
+  """Several objectives (the hierarchical stages) get one learned lr each, moved by their own loss
+  only; with distill.lr_per_objective off they share one."""
+  config, data, expert_set = tiny
+  config = config.copy_and_resolve_references()
+  config.distill.iterations = 3
+  objective, init = _objective(config, data, expert_set)
+  slow = dataclasses.replace(objective, name="slow")
+  out = distill.run_distillation(config, data, [objective, slow], [1.0, 0.0], init,
+                                 tmp_path / "own")
+  chex.assert_shape(out["log_lr"], (2,))
+  assert out["log_lr"][1] == init["log_lr"], "a zero-weight objective's lr must not move"
+  assert out["log_lr"][0] != init["log_lr"]
+  distill.save_synthetic(tmp_path / "own", out, data, config, ["flat", "slow"])
+  syn = distill.load_synthetic(tmp_path / "own" / "synthetic.npz")
+  lrs = distill.synthetic_lrs(config, syn)
+  assert list(lrs) == ["flat", "slow"]
+  np.testing.assert_allclose(lrs["slow"], config.distill.syn_lr_init, rtol=1e-6)
+  config.distill.lr_per_objective = False
+  shared = distill.run_distillation(config, data, [objective, slow], [1.0, 0.0], init,
+                                    tmp_path / "shared")
+  chex.assert_shape(shared["log_lr"], ())
 
 
 def test_thirty_iterations_lower_the_matching_loss(tiny, tmp_path):
@@ -122,6 +148,10 @@ def test_pipeline_cli_end_to_end(tmp_path):
   assert len(losses[-1]["losses"]) == 1 + sum(len(g) > 1 for g in groups)  # stage 1 + stage 2
   with np.load(tmp_path / "synthetic.npz") as syn:
     assert syn["images"].shape == (20, 8, 8, 1) and syn["pixels"].shape == (20, 8, 8, 1)
-    assert syn["labels"].shape == (20,) and float(syn["lr"]) > 0
+    assert syn["labels"].shape == (20,)
+    # One learned lr per objective, and each network of the two-stage classifier trains with its own.
+    names = ["groups"] + [f"group_{g}" for g, c in enumerate(groups) if len(c) > 1]
+    assert list(syn["lr_objectives"]) == names and (syn["lr"] > 0).all()
+  assert sorted(report["learned_lrs"]) == sorted(names)
   stages = [json.loads(line)["stage"] for line in (tmp_path / "metrics.jsonl").open()]
   assert "distill" in stages and "evaluate" in stages
