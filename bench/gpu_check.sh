@@ -26,7 +26,7 @@ and not too_many and not cli and not benchmark and not selection" -p no:cachepro
   timeout 90 python3 bench/meta_grad.py --skip_torch --syn_steps 80 --images 500 --batch_syn 256 \
     --memory_steps 80
   step "expert throughput"
-  timeout 60 python3 bench/experts.py --experts 8 --epochs 3 --images 12406 --width 128
+  timeout 90 python3 bench/experts.py --experts 8 --epochs 3 --images 12406 --width 128
   step "reduced CIFAR-10-LT IF=100 IPC=10 cell: mtt and mtt+two_stage"
   C="--config=configs/cifar10_lt.py:profile=cpu,source=folder --config.data.train_path=.data/cifar10-train-jpeg.tar.gz"
   C="$C --config.experts.directory=/tmp/gpu_cell/experts --config.evaluate.epochs=300"
