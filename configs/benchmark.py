@@ -34,7 +34,7 @@ def get_config(arg=None):
   c.benchmark.imbalance_factors = factors
   c.benchmark.ipcs = ipcs
   # The CIFAR `cpu` grid (40 cells) leaves out the hierarchical cells (each trains group and
-  # per-group experts) and the `full` row to stay near 2 hours on a 2-core CPU; add them with the overrides
+  # per-group experts) and the `full` row to stay near 2 hours on a 2-core CPU; add them with
   # --config.benchmark.methods=... and --config.benchmark.include_full=True.
   cpu_cifar = args.profile == "cpu" and args.dataset != "digits"
   c.benchmark.methods = METHODS if cpu_cifar else METHODS + HIERARCHICAL
