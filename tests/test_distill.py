@@ -149,7 +149,7 @@ def test_pipeline_cli_end_to_end(tmp_path):
   with np.load(tmp_path / "synthetic.npz") as syn:
     assert syn["images"].shape == (20, 8, 8, 1) and syn["pixels"].shape == (20, 8, 8, 1)
     assert syn["labels"].shape == (20,)
-    # One learned lr per objective, and each network of the two-stage classifier trains with its own.
+    # One learned lr per objective; each two-stage network trains with its own.
     names = ["groups"] + [f"group_{g}" for g, c in enumerate(groups) if len(c) > 1]
     assert list(syn["lr_objectives"]) == names and (syn["lr"] > 0).all()
   assert sorted(report["learned_lrs"]) == sorted(names)
