@@ -63,7 +63,7 @@ def run_grid(config, workdir) -> list[dict]:
   reporting.write_config(workdir, config)
   grid = cells(config)
   start = time.time()
-  loaded = {}  # The dataset of the current imbalance factor, loaded once for all its cells.
+  data_factor, data = None, None  # The current factor's dataset, loaded once for all its cells.
   for i, (factor, ipc, method) in enumerate(grid):
     cell = workdir / cell_name(factor, ipc, method)
     if (cell / "report.json").exists():
@@ -72,9 +72,9 @@ def run_grid(config, workdir) -> list[dict]:
           f"(elapsed {time.time() - start:.0f}s)", flush=True)
     reuse_distillation(workdir, factor, ipc, method, cell)
     cell_cfg = cell_config(config, factor, ipc, method, workdir)
-    if factor not in loaded:
-      loaded = {factor: dataset_lib.load_dataset(cell_cfg.data, cell_cfg.seed)}
-    pipeline.run_pipeline(cell_cfg, cell, data=loaded[factor])
+    if factor != data_factor:
+      data_factor, data = factor, dataset_lib.load_dataset(cell_cfg.data, cell_cfg.seed)
+    pipeline.run_pipeline(cell_cfg, cell, data=data)
   rows = collect(workdir, grid)
   write_tables(workdir, rows, len(grid))
   write_figures(workdir, rows, config)

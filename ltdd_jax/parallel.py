@@ -22,11 +22,23 @@ def initialize_distributed(enabled: bool) -> None:
     jax.distributed.initialize()
 
 
+def resolve_for_backend(key: str, impl: str, choices: tuple[str, ...], fastest: dict[str, str],
+                        default: str) -> str:
+  """Validates `impl` (one of `choices`) and maps `auto` to the measured-fastest choice for the
+  default backend (`fastest`, else `default`). `key` names the config entry in the error."""
+  if impl not in choices:
+    raise ValueError(f"Unknown {key} {impl!r}; accepted: {choices}.")
+  if impl == "auto":
+    return fastest.get(jax.default_backend(), default)
+  return impl
+
+
 def use_compilation_cache(directory: str, min_compile_seconds: float = 1.0) -> None:
   """Points JAX's persistent compilation cache at `directory` ('' leaves it off).
 
-  Programs that compile faster than `min_compile_seconds` are not stored. Runs that repeat the same programs (every cell of a benchmark grid, a resumed run) then load
-  compiled executables from disk instead of compiling them again."""
+  Programs that compile faster than `min_compile_seconds` are not stored. Runs that repeat the
+  same programs (every cell of a benchmark grid, a resumed run) then load compiled executables
+  from disk instead of compiling them again."""
   if not directory:
     return
   directory = str(pathlib.Path(directory).expanduser())

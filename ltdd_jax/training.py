@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ltdd_jax import parallel
 from ltdd_jax.data import augment
 
 PyTree = Any
@@ -173,18 +174,15 @@ def make_apply(model) -> ApplyFn:
 
 
 ENSEMBLE_IMPLS = ("auto", "vmap", "map")
-# Measured (bench/RESULTS.md, "ensembles"): on CPU, lax.map over 3 ConvNets trains 1.5x and predicts
+# Measured (bench/experts.py; bench/RESULTS.md, "K experts in one program"): on CPU, lax.map over 3 ConvNets trains 1.5x and predicts
 # 2x faster than vmap, whose batched matmuls XLA:CPU runs poorly; accelerators want vmap.
 _FASTEST_ENSEMBLE = {"cpu": "map"}
 
 
 def resolve_ensemble_impl(impl: str) -> str:
   """Maps `auto` to the measured-fastest way of running an ensemble on the default backend."""
-  if impl not in ENSEMBLE_IMPLS:
-    raise ValueError(f"Unknown model.ensemble_impl {impl!r}; accepted: {ENSEMBLE_IMPLS}.")
-  if impl == "auto":
-    return _FASTEST_ENSEMBLE.get(jax.default_backend(), "vmap")
-  return impl
+  return parallel.resolve_for_backend("model.ensemble_impl", impl, ENSEMBLE_IMPLS,
+                                      _FASTEST_ENSEMBLE, "vmap")
 
 
 def over_ensemble(fn: Callable, in_axes: tuple[int | None, ...], impl: str) -> Callable:

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ltdd_jax import parallel
+
 CONV_IMPLS = ("auto", "xla", "im2col")
 NORMS = ("instance", "batch", "none")
 # Measured per backend by bench/conv_impl.py (see bench/RESULTS.md). GPU/TPU convolutions are
@@ -22,11 +24,7 @@ _FASTEST = {"cpu": "im2col", "gpu": "xla", "tpu": "xla"}
 
 def resolve_conv_impl(impl: str) -> str:
   """Maps `auto` to the measured-fastest implementation for the default backend."""
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"Unknown model.conv_impl {impl!r}; accepted: {CONV_IMPLS}.")
-  if impl == "auto":
-    return _FASTEST.get(jax.default_backend(), "xla")
-  return impl
+  return parallel.resolve_for_backend("model.conv_impl", impl, CONV_IMPLS, _FASTEST, "xla")
 
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
