@@ -41,7 +41,7 @@ def cifar_config(arg, dataset: str):
     c.distill.iterations, c.distill.lr_img, c.distill.lr_lr = 200, 100.0, 1e-5
     c.distill.syn_lr_init, c.distill.batch_syn = 0.01, 100
     c.datm.initial_max_start_epoch, c.datm.window_grow_every = 2, 50
-    c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 3, 300, 10
+    c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 3, 200, 10
     c.evaluate.cross_arch_width = 16
   elif args.profile == "paper":
     # The published CIFAR-10(-LT) settings, side by side with their sources in docs/protocol.md.

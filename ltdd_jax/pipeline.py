@@ -88,7 +88,8 @@ def expert_validation_accuracy(config, data, expert_set: experts_lib.ExpertSet) 
     return {}
   model = models.make_classifier(config.model, expert_set.num_classes)
   last = jax.tree.map(lambda x: x[:, -1], expert_set.load_all())
-  logits = training.predict(training.make_apply(model), last, data.val_images,
+  infer = training.make_apply(models.for_inference(model))
+  logits = training.predict(infer, last, data.val_images,
                             config.evaluate.test_batch_size, config.model.ensemble_impl)
   acc = 100.0 * (logits.argmax(-1) == data.val_labels[None]).mean(axis=1)
   return {"mean": float(acc.mean()), "std": float(acc.std()), "per_expert": acc.tolist()}
@@ -104,7 +105,8 @@ def expert_features(config, data, expert_set: experts_lib.ExpertSet) -> np.ndarr
   """[N, F] backbone features of the LT training images under expert 0's last epoch."""
   model = models.make_classifier(config.model, expert_set.num_classes)
   last = jax.tree.map(lambda x: x[-1], expert_set.load(0))
-  fn = jax.jit(lambda p, x: model.backbone.apply({"params": p["backbone"]}, x))
+  backbone = models.for_inference(model).backbone
+  fn = jax.jit(lambda p, x: backbone.apply({"params": p["backbone"]}, x))
   return np.concatenate([np.asarray(fn(last, data.train_images[i:i + 1000]))
                          for i in range(0, len(data.train_images), 1000)])
 

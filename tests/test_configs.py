@@ -28,7 +28,7 @@ def test_cifar10_cpu_profile_matches_design():
   assert (c.distill.ipc, c.distill.syn_steps, c.distill.expert_epochs, c.distill.max_start_epoch,
           c.distill.iterations, c.distill.lr_img, c.distill.batch_syn) == (10, 10, 2, 5, 200, 100.0,
                                                                            100)
-  assert (c.evaluate.num_models, c.evaluate.epochs) == (3, 300)
+  assert (c.evaluate.num_models, c.evaluate.epochs) == (3, 200)
   assert c.data.test_source == "holdout:1000"
 
 

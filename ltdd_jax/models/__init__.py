@@ -49,5 +49,15 @@ def make_classifier(model_config, num_classes: int, arch: str | None = None,
   return Classifier(make_backbone(model_config, arch, width), nn.Dense(num_classes))
 
 
+def for_inference(model: Classifier) -> Classifier:
+  """The same classifier (same parameters) with an `auto` convolution resolved for a forward pass
+  only, which on CPU is XLA's own convolution rather than the im2col form training needs."""
+  backbone = model.backbone
+  if getattr(backbone, "conv_impl", None) == "auto":
+    backbone = backbone.clone(conv_impl=resolve_conv_impl("auto", inference=True))
+  return model.clone(backbone=backbone)
+
+
 __all__ = ["ARCHS", "AlexNet", "Classifier", "ConvNet", "GroupHead", "ResNet18", "VGG11",
-           "WithinGroupHeads", "make_backbone", "make_classifier", "resolve_conv_impl"]
+           "WithinGroupHeads", "for_inference", "make_backbone", "make_classifier",
+           "resolve_conv_impl"]

@@ -60,3 +60,18 @@ def test_conv_impl_selection():
   assert layers.resolve_conv_impl("xla") == "xla"
   with pytest.raises(ValueError, match="accepted"):
     layers.resolve_conv_impl("winograd")
+
+
+@pytest.mark.parametrize("arch", ["convnet", "resnet18"])
+def test_for_inference_same_function_faster_conv(arch):
+  cfg = common.base_config().model
+  net = models.make_classifier(cfg, 5, arch, width=4)
+  fast = models.for_inference(net)
+  assert fast.backbone.conv_impl == "xla"  # CPU: XLA's convolution for forward passes
+  assert layers.resolve_conv_impl("auto", inference=True) == "xla"
+  x = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+  params = net.init(jax.random.key(1), x)
+  np.testing.assert_allclose(fast.apply(params, x), net.apply(params, x), rtol=1e-4, atol=1e-4)
+  cfg.conv_impl = "im2col"  # an explicit choice is kept
+  explicit = models.make_classifier(cfg, 5, arch, width=4)
+  assert models.for_inference(explicit).backbone.conv_impl == "im2col"
