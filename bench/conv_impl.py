@@ -1,10 +1,14 @@
-"""Second-derivative cost of the two convolution implementations, side by side in one run.
+"""Cost of the two convolution implementations, side by side in one run.
 
-  python bench/conv_impl.py [--width 64 --syn_steps 5 --images 50 --repeats 3]
+  python bench/conv_impl.py [--width 64 --syn_steps 5 --images 50 --repeats 3 --batch 256]
 
 One meta-gradient (gradient of the MTT loss w.r.t. synthetic images through an unrolled ConvNet-3
-student, DSA off) with `model.conv_impl = xla` and `im2col`. Prints compile and run seconds of each
-and, last, `ratio=<xla/im2col>` (how many times faster im2col is). `auto` uses the faster per backend.
+student, DSA off) with `model.conv_impl = xla` and `im2col`; prints compile and run seconds of each
+and `ratio=<xla/im2col>` (how many times faster im2col is). Then the first-order costs on a batch of
+`--batch` images: one training step (cross-entropy gradient w.r.t. the parameters) and one forward
+pass, printing `train_ratio=` and `forward_ratio=` (xla/im2col; below 1: XLA's is faster). `auto`
+uses the faster per backend: for training (`_FASTEST`) and for forward passes only
+(`_FASTEST_INFERENCE`, `models.for_inference`).
 """
 
 import argparse
@@ -51,12 +55,41 @@ def measure(impl, args):
   return compile_s, min(times), np.asarray(grad)
 
 
+def first_order_fns(impl, width, batch):
+  """(one SGD-gradient step, one forward pass) of a ConvNet-3 on `batch` images, jitted."""
+  cfg = common.base_config()
+  cfg.model.width, cfg.model.conv_impl = width, impl
+  model = models.make_classifier(cfg.model, 10)
+  apply_fn = training.make_apply(model)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  labels = jnp.arange(batch) % 10
+
+  def loss(p, x):
+    logp = jax.nn.log_softmax(apply_fn(p, x))
+    return -jnp.take_along_axis(logp, labels[:, None], 1).mean()
+
+  train = jax.jit(lambda x: jax.grad(loss)(params, x))
+  forward = jax.jit(lambda x: apply_fn(params, x))
+  return train, forward
+
+
+def best_seconds(fn, x, repeats):
+  jax.block_until_ready(fn(x))  # compile
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(x))
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--syn_steps", type=int, default=5)
   parser.add_argument("--images", type=int, default=50)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--batch", type=int, default=256)
   args = parser.parse_args()
   print(f"backend={jax.default_backend()} devices={jax.device_count()} width={args.width} "
         f"syn_steps={args.syn_steps} images={args.images}")
@@ -67,6 +100,14 @@ def main():
   scale = np.abs(results["xla"][2]).max()
   print(f"max |grad_im2col - grad_xla| = {diff:.3e} (max |grad| {scale:.3e})")
   print(f"ratio={results['xla'][1] / results['im2col'][1]:.2f}")
+  x = jax.random.normal(jax.random.key(3), (args.batch, 32, 32, 3))
+  first = {impl: [best_seconds(fn, x, args.repeats) for fn in first_order_fns(impl, args.width,
+                                                                              args.batch)]
+           for impl in ("im2col", "xla")}
+  for impl, (train_s, forward_s) in first.items():
+    print(f"{impl:7s} batch {args.batch}: training step {train_s:7.3f}s  forward {forward_s:7.3f}s")
+  print(f"train_ratio={first['xla'][0] / first['im2col'][0]:.2f} "
+        f"forward_ratio={first['xla'][1] / first['im2col'][1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -80,12 +80,17 @@ def _probs(config, model, params, images) -> np.ndarray:
 
 
 def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np.ndarray,
-                       targets: np.ndarray, lr: float, epochs: int, *, method: str,
-                       ipc: int | None, split: str = "test", mesh=None,
+                       labels: np.ndarray, targets: np.ndarray, lr: float, epochs: int, *,
+                       method: str, ipc: int | None, split: str = "test", mesh=None,
                        learned_lrs: dict[str, float] | None = None) -> dict:
   """Trains T group networks and T within-group networks per group on one labelled set and tests
   the two-stage prediction. Returns the usual report fields plus group_acc and within_group_acc
   (accuracy of the within-group networks on the images of their group), both in percent.
+
+  `labels` [N] is the class each image stands for (a synthetic set's assigned classes) and decides
+  which group's networks train on it; `targets` ([N] ints or [N, C] soft labels) are what they fit.
+  Learned soft labels can put most mass on another class (DATM at IF 100, IPC 1), so their argmax
+  must not stand in for `labels`.
 
   `learned_lrs` (a hierarchical set's lr per objective: `groups`, `group_<g>`) gives each network
   its own lr; networks it does not name train with `lr`."""
@@ -94,7 +99,7 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
   mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
   eval_images, eval_labels = evaluate_lib.split_arrays(data, split)
   backbone = models.make_backbone(config.model)
-  labels = evaluate_lib.hard_labels(targets)
+  labels = np.asarray(labels)
   group_model = models.Classifier(backbone, models.GroupHead(grouping.num_groups))
   group_params = evaluate_lib.train_networks(
       config, group_model, images, group_targets(targets, grouping), grouping.num_groups,

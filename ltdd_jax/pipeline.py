@@ -181,14 +181,14 @@ def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=No
   if which.startswith("synthetic"):
     _, _, path = which.partition(":")
     syn = distill.load_synthetic(path or workdir / "synthetic.npz")
-    images = syn["images"]
-    targets = syn["soft_labels"] if "soft_labels" in syn else syn["labels"]
+    images, labels = syn["images"], syn["labels"]
+    targets = syn["soft_labels"] if "soft_labels" in syn else labels
     lr, epochs = distill.synthetic_lr(config, syn), config.evaluate.epochs
     learned_lrs = distill.synthetic_lrs(config, syn)
     method, ipc = config.method, int(len(images) // data.num_classes)
   elif which in BASELINES:
     images, targets, lr, epochs, ipc = baseline_set(config, data, which, workdir, mesh)
-    method, learned_lrs = which, {}
+    labels, method, learned_lrs = targets, which, {}
   else:
     raise ValueError(f"--set={which!r}: accepted synthetic, synthetic:PATH, {', '.join(BASELINES)}.")
   if images.shape[1:] != data.image_shape:
@@ -196,9 +196,9 @@ def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=No
                      f"{data.image_shape}; evaluate with the config it was distilled with.")
   if two_stage:
     grouping = stage_grouping(config, workdir, data, mesh)
-    report = hierarchical.evaluate_two_stage(config, data, grouping, images, targets, lr, epochs,
-                                             method=config.method, ipc=ipc, mesh=mesh, split=split,
-                                             learned_lrs=learned_lrs)
+    report = hierarchical.evaluate_two_stage(config, data, grouping, images, labels, targets, lr,
+                                             epochs, method=config.method, ipc=ipc, mesh=mesh,
+                                             split=split, learned_lrs=learned_lrs)
   else:
     report = evaluate_lib.evaluate_set(config, data, images, targets, lr, epochs, method=method,
                                        ipc=ipc, mesh=mesh, split=split)

@@ -26,13 +26,29 @@ def test_hard_and_soft_agree_when_group_is_certain():
 def test_two_stage_classifier_with_one_group_equals_flat(tiny):
   config, data, _ = tiny
   images, labels = data.train_images, data.train_labels
-  two = hierarchical.evaluate_two_stage(config, data, ONE_GROUP, images, labels, 0.05, 3,
+  two = hierarchical.evaluate_two_stage(config, data, ONE_GROUP, images, labels, labels, 0.05, 3,
                                         method="random+two_stage", ipc=None)
   flat = evaluate.evaluate_set(config, data, images, labels, 0.05, 3, method="random", ipc=None,
                                seed=config.seed + 1)
   np.testing.assert_allclose(two["per_class_acc"], flat["per_class_acc"])
   assert two["group_acc"] == 100.0
   np.testing.assert_allclose(two["within_group_acc"], flat["test_acc_mean"])
+
+
+def test_two_stage_groups_images_by_assigned_class_not_soft_label_argmax(tiny):
+  # Learned soft labels can put most mass on a head class (DATM at IF 100, IPC 1): every image
+  # here "looks like" class 0, yet each group's networks must still train on its own classes.
+  config, data, _ = tiny
+  labels = np.arange(10, dtype=np.int32)
+  images = np.stack([data.train_images[data.train_labels == c][0] for c in labels])
+  soft = np.full((10, 10), 0.02, np.float32)
+  soft[:, 0] = 0.82
+  two_groups = grouping.Grouping((tuple(range(5)), tuple(range(5, 10))), 10)
+  report = hierarchical.evaluate_two_stage(config, data, two_groups, images, labels, soft, 0.05, 2,
+                                           method="datm+two_stage", ipc=1)
+  assert np.isfinite(report["test_acc_mean"]) and 0.0 <= report["within_group_acc"] <= 100.0
+  np.testing.assert_allclose(hierarchical.within_targets(soft, two_groups, 1, np.arange(5, 10)),
+                             np.full((5, 5), 0.2), rtol=1e-6)
 
 
 def test_hierarchical_loss_with_one_group_and_no_stage1_is_flat(tiny, tmp_path):
