@@ -33,9 +33,9 @@ def get_config(arg=None):
   c.benchmark = ml_collections.ConfigDict()
   c.benchmark.imbalance_factors = factors
   c.benchmark.ipcs = ipcs
-  # The CIFAR `cpu` grid (40 cells) leaves out the hierarchical cells (each trains group and
-  # per-group experts) and the `full` row to stay near 2 hours on a 2-core CPU; add them with
-  # --config.benchmark.methods=... and --config.benchmark.include_full=True.
+  # The CIFAR `cpu` grid (40 cells; 1.64 h on a 2-core CPU, bench/RESULTS.md) leaves out the
+  # hierarchical cells (each trains group and per-group experts) and the `full` row to stay under
+  # 2 hours; add them with --config.benchmark.methods=... and --config.benchmark.include_full=True.
   cpu_cifar = args.profile == "cpu" and args.dataset != "digits"
   c.benchmark.methods = METHODS if cpu_cifar else METHODS + HIERARCHICAL
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor

@@ -158,13 +158,23 @@ def write_figures(workdir: pathlib.Path, rows: list[dict], config) -> None:
   target = config.benchmark.per_class_if
   chosen = [r for r in rows if r["imbalance_factor"] == target and r.get("per_class_acc")]
   if chosen:
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for r in chosen:
-      ax.plot(r["per_class_acc"], marker=".", label=f"{r['method']} IPC {_fmt(r['ipc'])}")
-    ax.set_xlabel("class (decreasing training count)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=5, ncol=3)
-    ax.set_title(f"per-class accuracy at IF {target:g}", fontsize=9)
+    # One panel per IPC; a base method keeps its colour, its plug-ins change the line style.
+    ipcs = list(dict.fromkeys(r["ipc"] for r in chosen if r["ipc"] is not None)) or [None]
+    bases = list(dict.fromkeys(pipeline.parse_method(r["method"])[0] for r in chosen))
+    styles = {(): "-", ("two_stage",): "--", ("hierarchical",): ":"}
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.5), sharey=True,
+                             squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+      for r in chosen:
+        if r["ipc"] not in (ipc, None):  # the full set (ipc None) shows in every panel
+          continue
+        base, plugins = pipeline.parse_method(r["method"])
+        ax.plot(r["per_class_acc"], marker=".", linestyle=styles.get(plugins, "-."),
+                color=f"C{bases.index(base) % 10}", label=r["method"])
+      ax.set_title(f"IF {target:g}, IPC {_fmt(ipc)}", fontsize=9)
+      ax.set_xlabel("class (decreasing training count)")
+    axes[0, 0].set_ylabel("test accuracy (%)")
+    axes[0, -1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(workdir / f"per_class_if{target:g}.png", dpi=100)
     plt.close(fig)
