@@ -189,9 +189,7 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
     epoch = source.epochs if epoch < 0 or epoch > source.epochs else epoch
     params = jax.tree.map(lambda x: x[epoch:epoch + 1], source.load(0))
     model = models.make_classifier(config.model, num_classes)
-    infer = training.make_apply(models.for_inference(model))
-    logits = training.predict(infer, params, data.train_images,
-                              config.evaluate.test_batch_size, config.model.ensemble_impl)[0]
+    logits = training.model_logits(config, model, params, data.train_images)[0]
   if cfg.init == "real":
     if options.soft_labels and config.datm.correct_only:
       correct = logits.argmax(-1) == data.train_labels

@@ -149,9 +149,7 @@ def evaluate_set(config, data, images: np.ndarray, targets: np.ndarray, lr: floa
     model = models.make_classifier(config.model, data.num_classes, arch, width)
     params = train_networks(config, model, images, targets, data.num_classes, lr, epochs, seed,
                             mesh, label=f"evaluate {method} {arch}")
-    infer = training.make_apply(models.for_inference(model))
-    logits = training.predict(infer, params, eval_images,
-                              config.evaluate.test_batch_size, config.model.ensemble_impl)
+    logits = training.model_logits(config, model, params, eval_images)
     rows[arch] = classification_metrics(logits.argmax(-1), eval_labels, data.counts,
                                         config.data.shot_rule)
   return assemble_report(config, data, rows, method=method, ipc=ipc, split=split,

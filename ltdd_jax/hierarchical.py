@@ -73,9 +73,7 @@ def combine(group_probs: np.ndarray, within_probs: list[np.ndarray],
 
 
 def _probs(config, model, params, images) -> np.ndarray:
-  infer = training.make_apply(models.for_inference(model))
-  logits = training.predict(infer, params, images,
-                            config.evaluate.test_batch_size, config.model.ensemble_impl)
+  logits = training.model_logits(config, model, params, images)
   return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ltdd_jax import parallel
+from ltdd_jax import models, parallel
 from ltdd_jax.data import augment
 
 PyTree = Any
@@ -212,3 +212,11 @@ def predict(apply_fn: ApplyFn, params: PyTree, images: np.ndarray, batch_size: i
   out = [np.asarray(fn(params, jnp.asarray(images[i:i + batch_size])))
          for i in range(0, len(images), batch_size)]
   return np.concatenate(out, axis=1)
+
+
+def model_logits(config, model, params: PyTree, images: np.ndarray) -> np.ndarray:
+  """Logits [T, N, C] of T networks of `model` (params [T, ...]) on images: the forward-pass
+  convolution (`models.for_inference`), `evaluate.test_batch_size` batches, `model.ensemble_impl`."""
+  return predict(make_apply(models.for_inference(model)), params, images,
+                 config.evaluate.test_batch_size, config.model.ensemble_impl)
+
