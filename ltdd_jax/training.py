@@ -174,8 +174,9 @@ def make_apply(model) -> ApplyFn:
 
 
 ENSEMBLE_IMPLS = ("auto", "vmap", "map")
-# Measured (bench/experts.py; bench/RESULTS.md, "K experts in one program"): on CPU, lax.map over 3 ConvNets trains 1.5x and predicts
-# 2x faster than vmap, whose batched matmuls XLA:CPU runs poorly; accelerators want vmap.
+# Measured (bench/experts.py; bench/RESULTS.md, "K experts in one program"): on CPU, lax.map over
+# 3 ConvNets trains 1.5x and predicts 2x faster than vmap, whose batched matmuls XLA:CPU runs
+# poorly; accelerators want vmap.
 _FASTEST_ENSEMBLE = {"cpu": "map"}
 
 
