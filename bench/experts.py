@@ -32,7 +32,7 @@ def main():
   images = jnp.asarray(rng.normal(size=(args.images, 32, 32, 3)).astype(np.float32))
   labels = jnp.asarray(rng.integers(0, 10, args.images).astype(np.int32))
   model = models.make_classifier(config.model, 10)
-  spec = experts.expert_spec(config.experts, args.images)
+  spec = experts.expert_spec(config.experts, np.asarray(labels), 10)
   fns = {impl: experts.make_epoch_fn(training.make_apply(model), spec, config.dsa, 10, impl)
          for impl in ("vmap", "map")}
   fn = fns["vmap"]

@@ -40,5 +40,9 @@ def get_config(arg=None):
   c.benchmark.methods = METHODS if cpu_cifar else METHODS + HIERARCHICAL
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor
   c.benchmark.per_class_if = max(factors)  # IF of the per-class accuracy figure
+  # Settings each imbalance factor's cells take (the published per-factor LTDD values).
+  c.benchmark.factor_settings = {
+      f"if{f:g}": cifar10_lt.factor_settings(f) if args.dataset != "digits" else {}
+      for f in factors}
   c.lock()
   return c

@@ -10,6 +10,15 @@ aside a balanced local test split (`holdout:1000`) and validation, since that co
 from configs import common
 
 
+def factor_settings(imbalance_factor: float) -> dict:
+  """Settings that follow the imbalance factor: LTDD's published CIFAR-10-LT IPC-10 configs weigh
+  the ED terms 1.0 / 0.2 and grow the start window at IF 10, and weigh them 0.5 / 1.0 with a
+  uniform window at IF 100 (used for every other factor too)."""
+  if imbalance_factor <= 10:
+    return {"ltdd": {"backbone_weight": 1.0, "classifier_weight": 0.2, "grow_window": True}}
+  return {"ltdd": {"backbone_weight": 0.5, "classifier_weight": 1.0, "grow_window": False}}
+
+
 def cifar_config(arg, dataset: str):
   """CIFAR-10/100-LT config; `dataset` is the tfds name (cifar10 | cifar100)."""
   args = common.parse_arg(arg, profile="cpu", source="tfds", imbalance_factor=100.0, ipc=10,
@@ -33,6 +42,7 @@ def cifar_config(arg, dataset: str):
     raise ValueError(f"source must be 'tfds' or 'folder', got {args.source!r}.")
   c.data.normalize, c.data.zca, c.data.zca_eps = False, True, 0.1
   c.distill.ipc = args.ipc
+  c.update(factor_settings(args.imbalance_factor))
   if args.profile == "cpu":
     c.model.depth, c.model.width = 3, 32
     c.experts.num_experts, c.experts.epochs = 5, 10

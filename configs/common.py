@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   # mtt | datm | ltdd, or a baseline: random | herding | full. Suffixes (+two_stage, +hierarchical)
   # are read by launch/pipeline.py.
   c.method = "mtt"
+  # Stages (experts, distill, or all) whose outputs in the workdir are discarded and redone when
+  # they were made with other config values; by default such a resume fails and names the keys.
+  c.discard_mismatched = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "digits"           # Name used in reports.
@@ -70,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.depth = 3
   c.model.width = 128
   c.model.norm = "instance"           # instance | batch | none
+  # torch: PyTorch's default initialisation (what the published networks use); flax: Flax's.
+  c.model.init = "torch"
   c.model.conv_impl = "auto"          # auto | xla | im2col
   c.model.ensemble_impl = "auto"      # auto | vmap | map: how K/T networks run in one program
 
@@ -92,10 +97,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.experts.dsa = True
   c.experts.classes = ()              # a class subset (relabelled 0..k-1); () = all classes
   # Classifier-only re-training (LTDD's classifier experts), run after the main trajectories.
-  c.experts.classifier_epochs = 5     # classifier-only re-training epochs (LTDD ED only)
+  c.experts.classifier_epochs = 10    # classifier-only re-training epochs (LTDD ED only)
   c.experts.classifier_from_epoch = -1  # -1: the last epoch
   c.experts.classifier_lr = 0.01
   c.experts.classifier_sampling = "class_balanced"
+  # Length of a class-balanced epoch: max_class = largest class x C draws (LTDD's class-aware
+  # sampler), dataset = N draws.
+  c.experts.balanced_epoch = "max_class"
 
   c.distill = ml_collections.ConfigDict()
   c.distill.ipc = 10
@@ -122,17 +130,28 @@ def base_config() -> ml_collections.ConfigDict:
   # DATM-style options (method=datm and ltdd).
   c.datm = ml_collections.ConfigDict()
   c.datm.lr_label = 2.0
+  c.datm.label_momentum = 0.9         # momentum of the soft labels' SGD (DATM's Momentum_y)
   c.datm.label_expert_epoch = -1      # expert epoch whose logits initialise soft labels; -1: last
-  c.datm.correct_only = True          # initialise from images that expert classifies correctly
+  c.datm.correct_only = True          # initialise from images the experts classify correctly
+  c.datm.init_experts = -1            # experts searched for them, in order (-1: all, as DATM)
+  c.datm.duplicate = False            # a class short of ipc such images fills with its others
   c.datm.min_start_epoch = 0
   c.datm.initial_max_start_epoch = 2  # window upper bound grows from here to distill.max_start_epoch
   c.datm.window_grow_every = 50       # iterations per +1 of the window's upper bound
 
   # LTDD-style options (method=ltdd).
   c.ltdd = ml_collections.ConfigDict()
-  c.ltdd.dam = True                   # inner loss weighted by LT class frequency
+  c.ltdd.dam = True                   # inner loss weighted by LT class frequency n_c / N
+  c.ltdd.dam_reduction = "batch"      # batch: weighted sum / batch size (LTDD) | weighted_mean
   c.ltdd.ed = True                    # backbone / classifier decoupled matching
-  c.ltdd.ed_lambda = 1.0
+  c.ltdd.backbone_weight = 0.5        # ED's backbone term (LTDD's first_stage_lambda)
+  c.ltdd.classifier_weight = 1.0      # ED's classifier term (second_stage_lambda)
+  c.ltdd.classifier_max_start_epoch = 1  # classifier-stage start epochs in [0, this)
+  c.ltdd.classifier_dam = False       # DAM weights in the classifier term too (LTDD: off)
+  c.ltdd.classifier_freeze_backbone = True  # the student trains its head alone there (LTDD)
+  c.ltdd.grow_window = False          # DATM's growing start window (LTDD IF 100: off)
+  c.ltdd.init_experts = 1             # soft-label init: LTDD searches its first expert only ...
+  c.ltdd.duplicate = True             # ... and repeats the correctly classified images it found
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.num_models = 3

@@ -23,7 +23,7 @@ def get_config(arg=None):
   # ~460 LT images: small batches and a larger lr give experts ~90% validation accuracy in 20 epochs.
   c.experts.num_experts, c.experts.epochs = 5, 20
   c.experts.lr, c.experts.batch_size = 0.1, 16
-  c.experts.classifier_epochs, c.experts.classifier_lr = 5, 0.1
+  c.experts.classifier_lr = 0.1
   c.distill.ipc, c.distill.syn_steps, c.distill.expert_epochs = 5, 20, 2
   c.distill.max_start_epoch, c.distill.iterations = 10, 200
   c.distill.lr_img, c.distill.lr_lr, c.distill.syn_lr_init = 1000.0, 1e-5, 0.1

@@ -6,7 +6,6 @@ and each class's share of the expert's parameter movement. Trains missing expert
 
 import json
 
-from absl import app
 
 from launch import _common
 from ltdd_jax import analysis, hierarchical, pipeline
@@ -34,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.run(main)

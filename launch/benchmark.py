@@ -5,7 +5,6 @@
 
 import pathlib
 
-from absl import app
 
 from launch import _common
 from ltdd_jax import benchmark
@@ -19,4 +18,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.run(main)

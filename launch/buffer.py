@@ -5,7 +5,6 @@
 
 import json
 
-from absl import app
 
 from launch import _common
 from ltdd_jax import pipeline
@@ -23,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.run(main)

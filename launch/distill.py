@@ -3,7 +3,6 @@
   python -m launch.distill --config=configs/digits_lt.py --config.method=mtt --workdir=runs/digits
 """
 
-from absl import app
 
 from launch import _common
 from ltdd_jax import pipeline
@@ -16,4 +15,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.run(main)

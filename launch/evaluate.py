@@ -7,7 +7,7 @@
 A `+two_stage` (or `+hierarchical`) suffix on --config.method evaluates with the two-stage classifier.
 """
 
-from absl import app, flags
+from absl import flags
 
 from launch import _common
 from ltdd_jax import evaluate, pipeline
@@ -28,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.run(main)

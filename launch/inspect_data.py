@@ -3,17 +3,16 @@
   python -m launch.inspect_data --config=configs/digits_lt.py --workdir=runs/digits_data
 """
 
-from absl import app
 
 from launch import _common
-from ltdd_jax import inspect
+from ltdd_jax import data_summary
 
 
 def main(argv):
   del argv
   _common.quiet_libraries()
-  print(inspect.inspect_data(_common.CONFIG.value, _common.WORKDIR.value))
+  print(data_summary.inspect_data(_common.CONFIG.value, _common.WORKDIR.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.run(main)

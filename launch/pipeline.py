@@ -4,7 +4,6 @@
   python -m launch.pipeline --config=configs/digits_lt.py --config.method=random --workdir=runs/rand
 """
 
-from absl import app
 
 from launch import _common
 from ltdd_jax import evaluate, pipeline
@@ -19,4 +18,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.run(main)

@@ -37,6 +37,7 @@ def cell_config(config, factor: float, ipc: int | None, method: str, workdir: pa
   """The pipeline config of one cell; experts are shared by every cell of an imbalance factor."""
   c = config.copy_and_resolve_references()
   c.data.imbalance_factor = factor
+  c.update(config.benchmark.factor_settings.get(f"if{factor:g}", {}))
   if ipc is not None:
     c.distill.ipc = ipc
   c.method = method

@@ -13,8 +13,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ltdd_jax import errors
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(errors.Error, RuntimeError):
   """A checkpoint exists but cannot be restored."""
 
 
@@ -34,9 +36,6 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
 
   def save(self, step: int, tree: Any) -> None:
     tree = jax.tree.map(np.asarray, tree)
@@ -72,12 +71,12 @@ def save_tree(path: str | os.PathLike, tree: Any) -> None:
     ckptr.save(os.path.abspath(os.fspath(path)), jax.tree.map(np.asarray, tree), force=True)
 
 
-def load_tree(path: str | os.PathLike, like: Any | None = None) -> Any:
+def load_tree(path: str | os.PathLike) -> Any:
   """Reads a pytree written by `save_tree` (numpy leaves)."""
   path = os.path.abspath(os.fspath(path))
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      out = ckptr.restore(path, _abstract(like) if like is not None else None)
+      out = ckptr.restore(path)
   except Exception as e:
     raise CheckpointError(f"Cannot read {path} ({type(e).__name__}: {e}). Delete it and re-run the "
                           "stage that writes it.") from e

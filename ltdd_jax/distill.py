@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+import zipfile
 from typing import Any, Callable
 
 import jax
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ltdd_jax import checkpoints, matching, models, parallel, reporting, selection, training
+from ltdd_jax import checkpoints, errors, matching, models, parallel, reporting, selection, training
 from ltdd_jax import evaluate as evaluate_lib
 from ltdd_jax import experts as experts_lib
 
@@ -30,7 +31,7 @@ METHODS = ("mtt", "datm", "ltdd")
 PyTree = Any
 
 
-class DivergenceError(FloatingPointError):
+class DivergenceError(errors.DivergedError):
   """The matching loss or the synthetic set became NaN/Inf."""
 
 
@@ -44,14 +45,43 @@ class MethodOptions:
 
 
 def method_options(config) -> MethodOptions:
-  """mtt: none; datm: soft labels + growing window; ltdd: datm's + `ltdd.dam` / `ltdd.ed`."""
+  """mtt: none; datm: soft labels + growing window; ltdd: soft labels, `ltdd.dam`, `ltdd.ed` and
+  the growing window only when `ltdd.grow_window` (LTDD's IF-100 configs draw uniformly)."""
   method = config.method.split("+")[0]
   if method not in METHODS:
-    raise ValueError(f"Unknown distillation method {method!r}; accepted: {METHODS}.")
-  datm = method in ("datm", "ltdd")
+    raise errors.InputError(f"Unknown distillation method {method!r}; accepted: {METHODS}.")
+  datm = method == "datm"
   ltdd = method == "ltdd"
-  return MethodOptions(soft_labels=datm, grow_window=datm, dam=ltdd and config.ltdd.dam,
-                       ed=ltdd and config.ltdd.ed)
+  return MethodOptions(soft_labels=datm or ltdd,
+                       grow_window=datm or (ltdd and config.ltdd.grow_window),
+                       dam=ltdd and config.ltdd.dam, ed=ltdd and config.ltdd.ed)
+
+
+@dataclasses.dataclass(frozen=True)
+class EDSpec:
+  """LTDD's expert decoupling: a backbone term against the experts and a classifier term against
+  the classifier-only experts, loss = backbone_weight * L_backbone + classifier_weight * L_head.
+
+  Attributes:
+    backbone_weight, classifier_weight: the two terms' weights.
+    max_start_epoch: classifier-stage start epochs are drawn from [0, max_start_epoch).
+    dam: whether the DAM class weights also enter the classifier term's inner loss.
+    freeze_backbone: the student trains its head alone during the classifier unroll.
+  """
+  backbone_weight: float = 1.0
+  classifier_weight: float = 1.0
+  max_start_epoch: int = 1
+  dam: bool = False
+  freeze_backbone: bool = True
+
+
+def ed_spec(ltdd_config) -> EDSpec:
+  """The `EDSpec` of `config.ltdd`."""
+  return EDSpec(backbone_weight=ltdd_config.backbone_weight,
+                classifier_weight=ltdd_config.classifier_weight,
+                max_start_epoch=ltdd_config.classifier_max_start_epoch,
+                dam=ltdd_config.classifier_dam,
+                freeze_backbone=ltdd_config.classifier_freeze_backbone)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +102,7 @@ class MatchingObjective:
     image_index: which synthetic images the student trains on (None: all), e.g. a group's.
     classifier_experts: classifier-only trajectories for LTDD's ED (or None).
     class_weights: [num outputs] DAM weights (or None).
-    ed_lambda: weight of the classifier term under ED.
+    ed: how the classifier term is drawn and weighed under ED (with `classifier_experts`).
     name: what the objective matches (`flat`; `groups` and `group_<g>` for the hierarchical
       stages): names its learned lr when every objective learns its own.
   """
@@ -83,7 +113,7 @@ class MatchingObjective:
   image_index: np.ndarray | None = None
   classifier_experts: PyTree | None = None
   class_weights: np.ndarray | None = None
-  ed_lambda: float = 1.0
+  ed: EDSpec = EDSpec()
   name: str = "flat"
 
   @property
@@ -100,12 +130,15 @@ class MatchingObjective:
     s = int(rng.integers(lo, hi))
     take = lambda tree, e: jax.tree.map(lambda x: x[k, e], tree)
     pair = {"start": take(self.experts, s), "target": take(self.experts, s + expert_epochs)}
-    if self.classifier_experts is not None:
-      ce = jax.tree.leaves(self.classifier_experts)[0].shape[1] - 1
-      sc = int(rng.integers(0, max(1, ce - expert_epochs + 1)))
+    if self.classifier_experts is not None:  # LTDD's classifier window: [0, ed.max_start_epoch).
+      sc = int(rng.integers(0, self.ed.max_start_epoch))
       pair["cls_start"] = take(self.classifier_experts, sc)
-      pair["cls_target"] = take(self.classifier_experts, min(sc + expert_epochs, ce))
+      pair["cls_target"] = take(self.classifier_experts, sc + expert_epochs)
     return pair
+
+  @property
+  def num_classifier_epochs(self) -> int:
+    return jax.tree.leaves(self.classifier_experts)[0].shape[1] - 1
 
   def loss(self, spec: matching.InnerSpec, dsa_config, images, targets, syn_lr, pair, key,
            mesh=None):
@@ -120,16 +153,19 @@ class MatchingObjective:
       local_targets = targets @ onehot
       local_targets = local_targets / jnp.maximum(local_targets.sum(-1, keepdims=True), 1e-12)
     weights = None if self.class_weights is None else jnp.asarray(self.class_weights)
-    part = "backbone" if "cls_start" in pair else "all"
-    loss = matching.trajectory_matching_loss(
+    if "cls_start" not in pair:
+      return matching.trajectory_matching_loss(
+          self.apply_fn, spec, dsa_config, images, local_targets, syn_lr, pair["start"],
+          pair["target"], key, weights, mesh, "all")
+    backbone = matching.trajectory_matching_loss(
         self.apply_fn, spec, dsa_config, images, local_targets, syn_lr, pair["start"],
-        pair["target"], key, weights, mesh, part)
-    if "cls_start" in pair:
-      cls = matching.trajectory_matching_loss(
-          self.apply_fn, spec, dsa_config, images, local_targets, syn_lr, pair["cls_start"],
-          pair["cls_target"], jax.random.fold_in(key, 1), weights, mesh, "head")
-      loss = loss + self.ed_lambda * cls
-    return loss
+        pair["target"], key, weights, mesh, "backbone")
+    head_spec = dataclasses.replace(spec, train_part="head" if self.ed.freeze_backbone else "all")
+    head = matching.trajectory_matching_loss(
+        self.apply_fn, head_spec, dsa_config, images, local_targets, syn_lr, pair["cls_start"],
+        pair["cls_target"], jax.random.fold_in(key, 1), weights if self.ed.dam else None, mesh,
+        "head")
+    return self.ed.backbone_weight * backbone + self.ed.classifier_weight * head
 
 
 def make_objective(config, expert_set: experts_lib.ExpertSet,
@@ -151,7 +187,7 @@ def make_objective(config, expert_set: experts_lib.ExpertSet,
       label_map=np.asarray(label_map), num_outputs=num_outputs, image_index=image_index,
       classifier_experts=classifier_set.load_all() if options.ed else None,
       class_weights=matching.class_frequency_weights(counts) if options.dam else None,
-      ed_lambda=config.ltdd.ed_lambda, name=name)
+      ed=ed_spec(config.ltdd), name=name)
 
 
 def flat_objective(config, data, expert_set: experts_lib.ExpertSet,
@@ -165,41 +201,134 @@ def flat_objective(config, data, expert_set: experts_lib.ExpertSet,
 # Synthetic-set initialisation.
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelInitSpec:
+  """How DATM-style soft labels and their images are initialised from a labelling expert set.
+
+  Attributes:
+    search_experts: how many experts (in order) are searched for images they classify correctly,
+      until a class has `ipc` of them (-1: all; DATM cycles through its experts, LTDD's stored
+      code makes one pass with the first).
+    duplicate: a class with fewer correctly classified images than `ipc` repeats them (LTDD's
+      `duplicate`); otherwise it is filled with its other images.
+    label_epoch: the experts' epoch whose logits are used (-1: the last).
+  """
+  search_experts: int = -1
+  duplicate: bool = False
+  label_epoch: int = -1
+
+
+def label_init_spec(config) -> LabelInitSpec:
+  """`config.datm` for datm, `config.ltdd` for ltdd (their published selections differ)."""
+  method_config = config.ltdd if config.method.split("+")[0] == "ltdd" else config.datm
+  return LabelInitSpec(search_experts=method_config.init_experts,
+                       duplicate=method_config.duplicate,
+                       label_epoch=config.datm.label_expert_epoch)
+
+
+def expert_logits(config, expert_set: experts_lib.ExpertSet, images: np.ndarray,
+                  epoch: int = -1) -> np.ndarray:
+  """[K, N, C] logits of every expert of a set at one epoch (-1: the last) on `images`."""
+  epoch = expert_set.epochs if epoch < 0 or epoch > expert_set.epochs else epoch
+  params = jax.tree.map(lambda *xs: np.stack([x[epoch] for x in xs]),
+                        *[expert_set.load(k) for k in range(expert_set.num_experts)])
+  model = models.make_classifier(config.model, expert_set.num_classes)
+  return training.model_logits(config, model, params, images)
+
+
+def select_correct(correct: np.ndarray, labels: np.ndarray, num_classes: int, ipc: int,
+                   spec: LabelInitSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """DATM's `samples_predicted_correctly` image selection.
+
+  For each class, its images in a seeded random order are taken when the first expert classifies
+  them correctly, then the second's, ... (`spec.search_experts`), without repeats, until `ipc`.
+  A class left short repeats what it found (`spec.duplicate`) or is filled with its other images;
+  a class with no correctly classified image at all takes random images of its own.
+
+  Args:
+    correct: [K, N] bool, expert k classifies training image n correctly.
+    labels: [N] training labels.
+
+  Returns:
+    (indices [C * ipc], found [C]: correctly classified images found per class, before filling).
+  """
+  searched = correct if spec.search_experts < 0 else correct[:spec.search_experts]
+  idx, found = [], np.zeros(num_classes, np.int64)
+  for c in range(num_classes):
+    rng = np.random.default_rng([seed, c, 29])
+    members = rng.permutation(np.flatnonzero(labels == c))
+    chosen = []
+    for expert_correct in searched:
+      chosen += [i for i in members[expert_correct[members]] if i not in chosen][:ipc - len(chosen)]
+      if len(chosen) == ipc:
+        break
+    found[c] = len(chosen)
+    rest = [i for i in members if i not in chosen]
+    if len(chosen) < ipc and chosen and (spec.duplicate or not rest):
+      chosen = list(np.resize(chosen, ipc))
+    elif len(chosen) < ipc:
+      chosen += list(rng.choice(rest, ipc - len(chosen), replace=len(rest) < ipc - len(chosen)))
+    idx.append(np.asarray(chosen, np.int64))
+  return np.concatenate(idx), found
+
+
+def class_correct_logits(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """Label logits that put 0.9 of the mass on each image's own class (a class-correct start)."""
+  probs = np.where(np.eye(num_classes)[labels] > 0, 0.9, 0.1 / max(num_classes - 1, 1))
+  return np.log(probs).astype(np.float32)
+
+
+def mean_correct_logits(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """DATM's / LTDD's initial label logits: per image, the mean logits of the experts that classify
+  it correctly (whose argmax is then its class); images no expert gets right fall back to
+  `class_correct_logits`.
+
+  Args:
+    logits: [K, N, C] experts' logits on the N chosen images.
+    labels: [N] their classes.
+
+  Returns:
+    (label logits [N, C], from_experts [N] bool).
+  """
+  correct = logits.argmax(-1) == labels[None]  # [K, N]
+  count = correct.sum(0)
+  mean = (logits * correct[..., None]).sum(0) / np.maximum(count, 1)[:, None]
+  fallback = class_correct_logits(labels, logits.shape[-1])
+  return np.where((count > 0)[:, None], mean, fallback).astype(np.float32), count > 0
+
+
 def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
-                      label_set: experts_lib.ExpertSet | None = None) -> dict:
+                      label_set: experts_lib.ExpertSet | None = None) -> tuple[dict, dict]:
   """Initial synthetic state: images [C*ipc, ...], log_lr, and label_logits when soft.
 
   Real init draws `ipc` training images per class (repeating the images of classes with fewer when
-  `distill.allow_duplicates`); DATM's `correct_only` prefers images the labelling expert classifies
-  correctly, and soft labels start from its logits. The labelling expert is `label_set` when given
-  (LTDD: the class-balanced classifier expert, whose logits are not biased to the head) and
-  `expert_set` otherwise (DATM).
+  `distill.allow_duplicates`). With soft labels (datm, ltdd) and `datm.correct_only`, images are
+  chosen among those the labelling experts classify correctly (`select_correct`) and their label
+  logits are the mean over the experts that do (`mean_correct_logits`). The labelling experts are
+  `label_set` when given (LTDD: the class-balanced classifier experts) and `expert_set` otherwise.
+
+  Returns:
+    (state, record): record holds, per class, `init_label_acc` (share of its images whose initial
+    label's argmax is the class), `init_expert_correct` (share whose labels come from experts that
+    classify them correctly, the rest from the class-correct fallback) and `init_found` (correctly
+    classified images found before any repetition or filling); empty for hard labels.
   """
   cfg = config.distill
   options = method_options(config)
   ipc, num_classes = cfg.ipc, data.num_classes
   selection.check_ipc(data.train_labels, num_classes, ipc, cfg.allow_duplicates)
   labels = np.repeat(np.arange(num_classes), ipc).astype(np.int32)
-  logits = None
+  logits = found = None
   if options.soft_labels:
     source = label_set or expert_set
     if source is None:
-      raise ValueError("Soft labels need an expert set to initialise them from.")
-    epoch = config.datm.label_expert_epoch
-    epoch = source.epochs if epoch < 0 or epoch > source.epochs else epoch
-    params = jax.tree.map(lambda x: x[epoch:epoch + 1], source.load(0))
-    model = models.make_classifier(config.model, num_classes)
-    logits = training.model_logits(config, model, params, data.train_images)[0]
+      raise errors.InputError("Soft labels need an expert set to initialise them from.")
+    spec = label_init_spec(config)
+    logits = expert_logits(config, source, data.train_images, spec.label_epoch)
   if cfg.init == "real":
     if options.soft_labels and config.datm.correct_only:
-      correct = logits.argmax(-1) == data.train_labels
-      idx = []
-      for c in range(num_classes):
-        pool = np.flatnonzero((data.train_labels == c) & correct)
-        pool = pool if len(pool) >= ipc else np.flatnonzero(data.train_labels == c)
-        rng = np.random.default_rng([config.seed, c, 29])
-        idx.append(rng.choice(pool, ipc, replace=len(pool) < ipc))
-      idx = np.concatenate(idx)
+      correct = logits.argmax(-1) == data.train_labels[None]
+      idx, found = select_correct(correct, data.train_labels, num_classes, ipc, spec, config.seed)
     else:
       idx = selection.random_selection(data.train_labels, num_classes, ipc, config.seed,
                                        cfg.allow_duplicates)
@@ -209,16 +338,23 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
         size=(num_classes * ipc, *data.image_shape)).astype(np.float32)
     idx = None
   else:
-    raise ValueError(f"distill.init must be 'real' or 'noise', got {cfg.init!r}.")
+    raise errors.InputError(f"distill.init must be 'real' or 'noise', got {cfg.init!r}.")
   state = {"images": images.astype(np.float32),
            "log_lr": np.float32(np.log(cfg.syn_lr_init)), "labels": labels}
-  if options.soft_labels:
-    if idx is None:  # Noise images: an expert's logits on them mean nothing; start near one-hot.
-      state["label_logits"] = np.log(np.where(np.eye(num_classes)[labels] > 0, 0.9,
-                                              0.1 / max(num_classes - 1, 1))).astype(np.float32)
-    else:
-      state["label_logits"] = logits[idx].astype(np.float32)
-  return state
+  if not options.soft_labels:
+    return state, {}
+  if idx is None:  # Noise images: an expert's logits on them mean nothing.
+    label_logits = class_correct_logits(labels, num_classes)
+    from_experts = np.zeros(len(labels), bool)
+  else:
+    label_logits, from_experts = mean_correct_logits(logits[:, idx], labels)
+  state["label_logits"] = label_logits
+  per_class = lambda v: np.asarray([v[labels == c].mean() for c in range(num_classes)], np.float32)
+  record = {"init_label_acc": per_class(label_logits.argmax(-1) == labels),
+            "init_expert_correct": per_class(from_experts)}
+  if found is not None:
+    record["init_found"] = found
+  return state, record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +362,8 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
 
 
 def make_optimizers(config, options: MethodOptions) -> dict[str, optax.GradientTransformation]:
-  """SGD with momentum for images, lr and (soft) labels.
+  """SGD with momentum for images and lr (`distill.momentum`) and soft labels
+  (`datm.label_momentum`, DATM's and LTDD's `Momentum_y`).
 
   The lr is learned as log(lr); `distill.lr_lr` keeps its MTT meaning (a step on lr itself), so the
   log-space step size is lr_lr / syn_lr_init^2, which makes the first update equal MTT's.
@@ -235,7 +372,7 @@ def make_optimizers(config, options: MethodOptions) -> dict[str, optax.GradientT
   opts = {"images": optax.sgd(cfg.lr_img, momentum=cfg.momentum),
           "log_lr": optax.sgd(cfg.lr_lr / cfg.syn_lr_init**2, momentum=cfg.momentum)}
   if options.soft_labels:
-    opts["label_logits"] = optax.sgd(config.datm.lr_label, momentum=cfg.momentum)
+    opts["label_logits"] = optax.sgd(config.datm.lr_label, momentum=config.datm.label_momentum)
   return opts
 
 
@@ -254,7 +391,8 @@ def make_update_fn(config, objectives: list[MatchingObjective], weights: list[fl
   options = method_options(config)
   spec = matching.InnerSpec(syn_steps=config.distill.syn_steps,
                             batch_syn=config.distill.batch_syn, remat=config.distill.remat,
-                            remat_policy=config.distill.remat_policy)
+                            remat_policy=config.distill.remat_policy,
+                            weight_reduction=config.ltdd.dam_reduction)
   opts = make_optimizers(config, options)
   learnable = tuple(opts)
 
@@ -295,14 +433,24 @@ def start_epoch_window(config, options: MethodOptions, iteration: int) -> tuple[
 
 
 def check_epochs(config, objectives: list[MatchingObjective]) -> None:
-  """max_start_epoch + expert_epochs must fit inside every expert trajectory."""
+  """max_start_epoch + expert_epochs must fit inside every expert trajectory (and, under ED, the
+  classifier window inside every classifier trajectory)."""
   need = config.distill.max_start_epoch + config.distill.expert_epochs
   for obj in objectives:
     if need > obj.num_epochs:
-      raise ValueError(
+      raise errors.InputError(
           f"distill.max_start_epoch ({config.distill.max_start_epoch}) + expert_epochs "
           f"({config.distill.expert_epochs}) = {need} exceeds the experts' {obj.num_epochs} epochs; "
           "lower them or train longer experts (experts.epochs).")
+    if obj.classifier_experts is None:
+      continue
+    last = obj.ed.max_start_epoch - 1 + config.distill.expert_epochs
+    if obj.ed.max_start_epoch < 1 or last > obj.num_classifier_epochs:
+      raise errors.InputError(
+          f"ltdd.classifier_max_start_epoch ({obj.ed.max_start_epoch}) must be >= 1 and, with "
+          f"distill.expert_epochs ({config.distill.expert_epochs}), reach at most epoch "
+          f"{obj.num_classifier_epochs} of the classifier experts; lower it or raise "
+          "experts.classifier_epochs.")
 
 
 def run_distillation(config, data, objectives: list[MatchingObjective], weights: list[float],
@@ -331,6 +479,7 @@ def run_distillation(config, data, objectives: list[MatchingObjective], weights:
     store.save(0, state)
   state = parallel.replicate(state, mesh)
   metrics = reporting.MetricsWriter(workdir)
+  metrics.drop_after(("distill", "distill_validation"), start)
   progress = reporting.Progress("distill", cfg.iterations, start)
   base = jax.random.key(config.seed)
   t0 = time.time()
@@ -390,21 +539,24 @@ def synthetic_lrs(config, syn: dict) -> dict[str, float]:
   return {str(n): float(v) for n, v in zip(syn["lr_objectives"], np.exp(syn["log_lr"]))}
 
 
-def save_synthetic(workdir, syn: dict, data, config, objective_names=()) -> pathlib.Path:
+def save_synthetic(workdir, syn: dict, data, config, objective_names=(),
+                   label_record: dict | None = None) -> pathlib.Path:
   """Writes `synthetic.npz` (model-space and pixel-space images, labels, soft labels, lr) and the
   PNG grid `synthetic.png`. With one lr per objective, `lr` is a vector and `lr_objectives` (from
-  `objective_names`) names its entries."""
+  `objective_names`) names its entries; `label_record` (the soft labels' per-class initial record
+  from `initial_synthetic`) is stored beside them."""
   workdir = pathlib.Path(workdir)
   pixels = data.preprocessor.invert(syn["images"])
   lr = np.exp(np.asarray(syn["log_lr"], np.float32))
   out = {"images": syn["images"], "pixels": pixels, "labels": syn["labels"], "lr": lr}
   if lr.ndim:
     if len(objective_names) != len(lr):
-      raise ValueError(f"{len(lr)} learned lrs but objective names {list(objective_names)}.")
+      raise errors.InputError(f"{len(lr)} learned lrs but objective names {list(objective_names)}.")
     out["lr_objectives"] = np.asarray(objective_names, dtype=str)
   if "label_logits" in syn:
     out["label_logits"] = syn["label_logits"]
     out["soft_labels"] = np.asarray(matching.soft_targets(jnp.asarray(syn["label_logits"])))
+  out.update({k: np.asarray(v) for k, v in (label_record or {}).items()})
   path = workdir / "synthetic.npz"
   workdir.mkdir(parents=True, exist_ok=True)
   np.savez_compressed(path, **out)
@@ -415,13 +567,42 @@ def save_synthetic(workdir, syn: dict, data, config, objective_names=()) -> path
   return path
 
 
-def load_synthetic(path) -> dict:
-  """Reads `synthetic.npz` back: images (model space), labels, lr and soft labels if present."""
+def load_synthetic(path, num_classes: int | None = None,
+                   image_shape: tuple[int, ...] | None = None) -> dict:
+  """Reads `synthetic.npz` back: images (model space), labels, lr and soft labels if present.
+
+  Validates what evaluation relies on, so a wrong or damaged file fails here with its path: the
+  keys `images`, `labels`, `lr`; as many labels (and soft labels) as images; labels in
+  [0, num_classes) and images of `image_shape` when given; finite positive lrs."""
   path = pathlib.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"No synthetic set at {path}; run distillation first "
-                            "(python -m launch.distill ...).")
-  with np.load(path) as f:
-    out = {k: f[k] for k in f.files}
-  out["log_lr"] = np.log(out["lr"])
+    raise errors.MissingError(f"No synthetic set at {path}; run distillation first "
+                              "(python -m launch.distill ...).")
+  try:
+    with np.load(path) as f:
+      out = {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise errors.InputError(f"{path} is not a readable synthetic set ({type(e).__name__}: {e}); it "
+                            "is empty or truncated: distil it again or point at another file.") from e
+  bad = lambda why: errors.InputError(f"{path}: {why}.")
+  missing = [k for k in ("images", "labels", "lr") if k not in out]
+  if missing:
+    raise bad(f"missing {', '.join(missing)} (a synthetic set has images, labels and lr)")
+  images, labels, lr = out["images"], out["labels"], np.asarray(out["lr"])
+  if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+    raise bad(f"{images.shape} images but {labels.shape} labels; expected [N, H, W, C] and [N]")
+  if "soft_labels" in out and out["soft_labels"].shape[0] != len(images):
+    raise bad(f"{out['soft_labels'].shape[0]} soft labels for {len(images)} images")
+  if not np.issubdtype(labels.dtype, np.integer) or (
+      len(labels) and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes))):
+    raise bad(f"labels must be integers in [0, {num_classes}), got {labels.dtype} in "
+              f"[{labels.min() if len(labels) else '-'}, {labels.max() if len(labels) else '-'}]")
+  if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
+    raise bad(f"images are {images.shape[1:]} but the dataset's are {tuple(image_shape)}; "
+              "evaluate with the config it was distilled with")
+  if not (np.isfinite(lr).all() and (lr > 0).all()):
+    raise bad(f"learning rate {lr} must be finite and > 0")
+  if not np.isfinite(images).all():
+    raise bad("images contain NaN or Inf")
+  out["log_lr"] = np.log(lr)
   return out

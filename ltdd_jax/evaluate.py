@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ltdd_jax import errors, models, parallel, reporting, training
 from ltdd_jax import experts as experts_lib
-from ltdd_jax import models, parallel, reporting, training
 from ltdd_jax.data import longtail
 
 REPORT_FIELDS = ("method", "dataset", "imbalance_factor", "ipc", "test_acc_mean", "test_acc_std",
@@ -162,9 +162,9 @@ def split_arrays(data, split: str) -> tuple[np.ndarray, np.ndarray]:
     return data.test_images, data.test_labels
   if split == "validation":
     if not len(data.val_labels):
-      raise ValueError("Validation requested but data.validation_per_class is 0; set it > 0.")
+      raise errors.InputError("Validation requested but data.validation_per_class is 0; set it > 0.")
     return data.val_images, data.val_labels
-  raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+  raise errors.InputError(f"split must be 'test' or 'validation', got {split!r}.")
 
 
 def assemble_report(config, data, rows: dict[str, dict], *, method: str, ipc: int | None,

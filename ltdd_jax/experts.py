@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ltdd_jax import checkpoints, models, parallel, reporting, training
+from ltdd_jax import checkpoints, errors, models, parallel, reporting, resume, training
 
 
 def subset_classes(images: np.ndarray, labels: np.ndarray, classes) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +49,7 @@ class ExpertSet:
     directory = pathlib.Path(directory)
     meta_path = directory / "meta.json"
     if not meta_path.exists():
-      raise FileNotFoundError(f"No finished expert set in {directory} (meta.json missing). Train "
+      raise errors.MissingError(f"No finished expert set in {directory} (meta.json missing). Train "
                               "the experts first: python -m launch.buffer --config=... --workdir=W")
     meta = json.loads(meta_path.read_text())
     label_map = meta.get("label_map")
@@ -110,7 +110,7 @@ def train_trajectories(directory, model, spec: training.TrainSpec, dsa_config, i
                                       images_d, labels_d, labels_d)
     loss = np.asarray(loss)
     if not np.isfinite(loss).all():
-      raise FloatingPointError(f"{label}: training loss became {loss} at epoch {epoch}; lower the "
+      raise errors.DivergedError(f"{label}: training loss became {loss} at epoch {epoch}; lower the "
                                "learning rate (experts.lr). Epochs up to the last finite one are "
                                f"saved in {directory / 'epochs'}.")
     state = {"params": params, "velocity": velocity}
@@ -138,14 +138,17 @@ def _write_trajectories(directory: pathlib.Path, epochs: int, num_models: int, c
 
 
 
-def expert_spec(experts_config, num_images: int, head_only: bool = False) -> training.TrainSpec:
-  """The TrainSpec of (classifier-only, when head_only) expert training from `config.experts`."""
+def expert_spec(experts_config, labels: np.ndarray, num_classes: int,
+                head_only: bool = False) -> training.TrainSpec:
+  """The TrainSpec of (classifier-only, when head_only) expert training from `config.experts` on
+  a training set with `labels`; a class-balanced epoch's length follows `experts.balanced_epoch`."""
+  sampling = experts_config.classifier_sampling if head_only else experts_config.sampling
+  size = training.epoch_size(labels, num_classes, sampling, experts_config.balanced_epoch)
   return training.TrainSpec(
       batch_size=experts_config.batch_size,
-      steps_per_epoch=training.steps_per_epoch(num_images, experts_config.batch_size),
+      steps_per_epoch=training.steps_per_epoch(size, experts_config.batch_size),
       momentum=experts_config.momentum, weight_decay=experts_config.weight_decay,
-      sampling=experts_config.classifier_sampling if head_only else experts_config.sampling,
-      loss=experts_config.loss, dsa=experts_config.dsa, head_only=head_only)
+      sampling=sampling, loss=experts_config.loss, dsa=experts_config.dsa, head_only=head_only)
 
 
 def train_experts(config, data, directory, classes=(), mesh=None,
@@ -165,18 +168,19 @@ def train_experts(config, data, directory, classes=(), mesh=None,
     The finished `ExpertSet`.
   """
   mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
+  resume.claim(config, directory, "experts")
   cfg = config.experts
   images, labels = subset_classes(data.train_images, data.train_labels, classes)
   num_classes = len(classes) if classes else data.num_classes
   if label_map is not None:
     if classes:
-      raise ValueError("train_experts takes either a class subset or a label map, not both.")
+      raise errors.InputError("train_experts takes either a class subset or a label map, not both.")
     labels = np.asarray(label_map, np.int32)[labels]
     num_classes = int(np.max(label_map)) + 1
   model = models.make_classifier(config.model, num_classes)
   init = training.init_ensemble(model, jax.random.key(config.seed), cfg.num_experts,
                                 data.image_shape)
-  spec = expert_spec(cfg, len(images))
+  spec = expert_spec(cfg, labels, num_classes)
   tag = f"experts {pathlib.Path(directory).name}"
   return train_trajectories(directory, model, spec, config.dsa, images, labels, num_classes,
                             init, cfg.lr, cfg.epochs, config.seed, mesh,
@@ -190,20 +194,21 @@ def classifier_experts(config, data, experts: ExpertSet, mesh=None) -> ExpertSet
   mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
   cfg = config.experts
   if cfg.classifier_epochs < 1:
-    raise ValueError("Classifier-only experts need experts.classifier_epochs >= 1 (LTDD's ED uses "
+    raise errors.InputError("Classifier-only experts need experts.classifier_epochs >= 1 (LTDD's ED uses "
                      "them); it is 0.")
   images, labels = subset_classes(data.train_images, data.train_labels, experts.classes)
   if experts.label_map is not None:
     labels = np.asarray(experts.label_map, np.int32)[labels]
   start = cfg.classifier_from_epoch if cfg.classifier_from_epoch >= 0 else experts.epochs
   if start > experts.epochs:
-    raise ValueError(f"experts.classifier_from_epoch={start} but the experts have "
+    raise errors.InputError(f"experts.classifier_from_epoch={start} but the experts have "
                      f"{experts.epochs} epochs.")
   init = jax.tree.map(lambda *xs: np.stack([x[start] for x in xs]),
                       *[experts.load(k) for k in range(experts.num_experts)])
   model = models.make_classifier(config.model, experts.num_classes)
-  spec = expert_spec(cfg, len(images), head_only=True)
+  spec = expert_spec(cfg, labels, experts.num_classes, head_only=True)
   directory = experts.directory.parent / f"{experts.directory.name}_classifier"
+  resume.claim(config, directory, "experts", classifier=True)
   return train_trajectories(directory, model, spec, config.dsa, images, labels,
                             experts.num_classes, init, cfg.classifier_lr, cfg.classifier_epochs,
                             config.seed + 1, mesh, config.model.ensemble_impl, experts.classes,

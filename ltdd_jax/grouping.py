@@ -12,6 +12,8 @@ import pathlib
 
 import numpy as np
 
+from ltdd_jax import errors
+
 STRATEGIES = ("frequency", "similarity", "manual")
 
 
@@ -30,10 +32,10 @@ class Grouping:
   def __post_init__(self):
     flat = [c for g in self.groups for c in g]
     if sorted(flat) != list(range(self.num_classes)):
-      raise ValueError(f"Groups {self.groups} must partition the classes 0..{self.num_classes - 1} "
+      raise errors.InputError(f"Groups {self.groups} must partition the classes 0..{self.num_classes - 1} "
                        "(each class in exactly one group).")
     if any(len(g) == 0 for g in self.groups):
-      raise ValueError(f"Groups {self.groups} contain an empty group.")
+      raise errors.InputError(f"Groups {self.groups} contain an empty group.")
 
   @property
   def num_groups(self) -> int:
@@ -99,7 +101,7 @@ def frequency_grouping(counts: np.ndarray, max_imbalance: float,
   order = [int(c) for c in np.argsort(-counts, kind="stable")]
   if num_groups > 0:
     if num_groups > len(order):
-      raise ValueError(f"grouping.num_groups={num_groups} exceeds the {len(order)} classes.")
+      raise errors.InputError(f"grouping.num_groups={num_groups} exceeds the {len(order)} classes.")
     logs = np.log(counts[order].astype(np.float64))
     edges = np.linspace(logs[0], logs[-1], num_groups + 1)[1:-1]
     cuts = [int(np.searchsorted(-logs, -e, side="right")) for e in edges]
@@ -112,7 +114,7 @@ def frequency_grouping(counts: np.ndarray, max_imbalance: float,
     bounds = [0, *fixed, len(order)]
     return Grouping(tuple(tuple(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])), len(order))
   if max_imbalance < 1:
-    raise ValueError(f"grouping.max_imbalance must be >= 1, got {max_imbalance}.")
+    raise errors.InputError(f"grouping.max_imbalance must be >= 1, got {max_imbalance}.")
   groups, current = [], [order[0]]
   for c in order[1:]:
     if counts[current[0]] / max(counts[c], 1) <= max_imbalance:
@@ -133,7 +135,7 @@ def similarity_grouping(class_features: np.ndarray, num_groups: int, min_group_s
   feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
   num_classes = len(feats)
   if not 1 <= num_groups <= num_classes:
-    raise ValueError(f"similarity grouping needs 1 <= num_groups <= {num_classes}, got {num_groups}.")
+    raise errors.InputError(f"similarity grouping needs 1 <= num_groups <= {num_classes}, got {num_groups}.")
   assign = KMeans(num_groups, n_init=10, random_state=seed).fit_predict(feats)
   while True:
     labels, sizes = np.unique(assign, return_counts=True)
@@ -153,7 +155,7 @@ def similarity_grouping(class_features: np.ndarray, num_groups: int, min_group_s
 def manual_grouping(groups, num_classes: int) -> Grouping:
   """The partition given in `grouping.manual`."""
   if not groups:
-    raise ValueError("grouping.strategy='manual' needs grouping.manual, e.g. ((0, 1, 2), (3, 4)).")
+    raise errors.InputError("grouping.strategy='manual' needs grouping.manual, e.g. ((0, 1, 2), (3, 4)).")
   return Grouping(tuple(tuple(int(c) for c in g) for g in groups), num_classes)
 
 
@@ -167,8 +169,8 @@ def make_grouping(grouping_config, counts: np.ndarray, seed: int,
     return manual_grouping(grouping_config.manual, len(counts))
   if strategy == "similarity":
     if class_features is None:
-      raise ValueError("similarity grouping needs class-mean features from a trained expert.")
+      raise errors.InputError("similarity grouping needs class-mean features from a trained expert.")
     num_groups = grouping_config.num_groups or frequency_grouping(
         counts, grouping_config.max_imbalance).num_groups
     return similarity_grouping(class_features, num_groups, grouping_config.min_group_size, seed)
-  raise ValueError(f"Unknown grouping.strategy {strategy!r}; accepted: {STRATEGIES}.")
+  raise errors.InputError(f"Unknown grouping.strategy {strategy!r}; accepted: {STRATEGIES}.")

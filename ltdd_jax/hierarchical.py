@@ -1,6 +1,6 @@
 """The two-stage classifier and the two-stage hierarchical distillation plugin (DESIGN §6).
 
-Two-stage classifier: a group network (backbone + GroupHead, trained with group labels) and one
+Two-stage classifier: a group network (backbone + a linear head over groups, trained with group labels) and one
 within-group network per group (backbone + a head over the group's classes, trained on the group's
 images only). Prediction `soft`: p(c) = p(g(c)) * p(c | g(c)); `hard`: the argmax group, then the
 argmax class inside it.
@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from ltdd_jax import distill, models, parallel, training
+from ltdd_jax import distill, errors, models, parallel, training
 from ltdd_jax import evaluate as evaluate_lib
 from ltdd_jax import experts as experts_lib
 from ltdd_jax import grouping as grouping_lib
@@ -65,7 +65,7 @@ def combine(group_probs: np.ndarray, within_probs: list[np.ndarray],
     for g, classes in enumerate(grouping.groups):
       scores[..., list(classes)] = np.where((chosen == g)[..., None], within_probs[g], 0.0)
     return scores
-  raise ValueError(f"grouping.prediction must be 'soft' or 'hard', got {mode!r}.")
+  raise errors.InputError(f"grouping.prediction must be 'soft' or 'hard', got {mode!r}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
   eval_images, eval_labels = evaluate_lib.split_arrays(data, split)
   backbone = models.make_backbone(config.model)
   labels = np.asarray(labels)
-  group_model = models.Classifier(backbone, models.GroupHead(grouping.num_groups))
+  group_model = models.Classifier(backbone, models.make_head(config.model, grouping.num_groups))
   group_params = evaluate_lib.train_networks(
       config, group_model, images, group_targets(targets, grouping), grouping.num_groups,
       learned_lrs.get("groups", lr), epochs, config.seed, mesh, label=f"evaluate {method} groups")
@@ -113,8 +113,8 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
       continue
     index = np.flatnonzero(np.isin(labels, classes))
     if len(index) == 0:
-      raise ValueError(f"Group {g} (classes {classes}) has no images in the evaluated set.")
-    model = models.Classifier(backbone, models.GroupHead(len(classes)))
+      raise errors.InputError(f"Group {g} (classes {classes}) has no images in the evaluated set.")
+    model = models.Classifier(backbone, models.make_head(config.model, len(classes)))
     params = evaluate_lib.train_networks(
         config, model, images[index], within_targets(targets, grouping, g, index), len(classes),
         learned_lrs.get(f"group_{g}", lr), epochs, config.seed + 1 + g, mesh,
@@ -192,6 +192,6 @@ def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, exper
                                                name=f"group_{g}"))
       weights.append(lambda_2)
   if not objectives:
-    raise ValueError("Hierarchical distillation has nothing to match: set grouping.lambda_1 or "
+    raise errors.InputError("Hierarchical distillation has nothing to match: set grouping.lambda_1 or "
                      "grouping.lambda_2 above 0 (and use groups of at least two classes).")
   return objectives, weights

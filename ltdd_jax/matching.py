@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ltdd_jax import parallel, training
+from ltdd_jax import errors, parallel, training
 from ltdd_jax.data import augment
 
 PyTree = Any
 REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
+TRAIN_PARTS = ("all", "head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,16 +34,26 @@ class InnerSpec:
     batch_syn: synthetic images per inner step.
     remat: wrap the scan body in `jax.checkpoint`.
     remat_policy: a `jax.checkpoint_policies` name.
+    train_part: which parameters the student's SGD updates: `all`, or `head` (LTDD's classifier
+      stage: the backbone stays at the expert's, bit for bit).
+    weight_reduction: how class-weighted inner losses are reduced (`training.cross_entropy`).
   """
   syn_steps: int
   batch_syn: int
   remat: bool = True
   remat_policy: str = "nothing_saveable"
+  train_part: str = "all"
+  weight_reduction: str = "batch"
 
   def __post_init__(self):
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"Unknown distill.remat_policy {self.remat_policy!r}; accepted: "
+      raise errors.InputError(f"Unknown distill.remat_policy {self.remat_policy!r}; accepted: "
                        f"{REMAT_POLICIES}.")
+    if self.train_part not in TRAIN_PARTS:
+      raise errors.InputError(f"Unknown train_part {self.train_part!r}; accepted: {TRAIN_PARTS}.")
+    if self.weight_reduction not in training.WEIGHT_REDUCTIONS:
+      raise errors.InputError(f"Unknown ltdd.dam_reduction {self.weight_reduction!r}; accepted: "
+                       f"{training.WEIGHT_REDUCTIONS}.")
 
 
 def minibatch_indices(key: jax.Array, num_images: int, spec: InnerSpec) -> jax.Array:
@@ -84,9 +95,14 @@ def unroll_student(apply_fn, spec: InnerSpec, dsa_config, start_params: PyTree,
     idx, k = inputs
     x = parallel.constrain_leading(images[idx], mesh)
     x = augment.augment(k, x, dsa_config)
-    grads = jax.grad(lambda p: training.cross_entropy(apply_fn(p, x), targets[idx],
-                                                      class_weights))(params)
-    return jax.tree.map(lambda p, g: p - syn_lr * g, params, grads), None
+    loss = lambda p: training.cross_entropy(apply_fn(p, x), targets[idx], class_weights,
+                                            spec.weight_reduction)
+    sgd = lambda p, g: jax.tree.map(lambda a, b: a - syn_lr * b, p, g)
+    if spec.train_part == "head":  # The backbone is a constant: no update, no gradient.
+      head = params["head"]
+      head_grads = jax.grad(lambda h: loss({**params, "head": h}))(head)
+      return {**params, "head": sgd(head, head_grads)}, None
+    return sgd(params, jax.grad(loss)(params)), None
 
   if spec.remat:
     step = jax.checkpoint(step, policy=getattr(jax.checkpoint_policies, spec.remat_policy))
@@ -99,7 +115,7 @@ def leaf_mask(params: PyTree, part: str) -> PyTree:
   if part == "all":
     return jax.tree.map(lambda _: True, params)
   if part not in ("backbone", "head"):
-    raise ValueError(f"part must be 'all', 'backbone' or 'head', got {part!r}.")
+    raise errors.InputError(f"part must be 'all', 'backbone' or 'head', got {part!r}.")
   return {k: jax.tree.map(lambda _, keep=(k == part): keep, v) for k, v in params.items()}
 
 
@@ -125,9 +141,9 @@ def trajectory_matching_loss(apply_fn, spec: InnerSpec, dsa_config, images: jax.
 
 
 def class_frequency_weights(counts: np.ndarray) -> np.ndarray:
-  """LTDD's DAM weights: proportional to the long-tailed class frequency, mean 1. [C] float32."""
+  """LTDD's DAM weights: the long-tailed class frequencies n_c / N (summing to 1). [C] float32."""
   counts = np.asarray(counts, np.float64)
-  return (counts / counts.mean()).astype(np.float32)
+  return (counts / counts.sum()).astype(np.float32)
 
 
 def soft_targets(label_logits: jax.Array) -> jax.Array:

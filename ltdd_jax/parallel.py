@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ltdd_jax import errors
+
 AXIS = "data"
 
 
@@ -27,7 +29,7 @@ def resolve_for_backend(key: str, impl: str, choices: tuple[str, ...], fastest: 
   """Validates `impl` (one of `choices`) and maps `auto` to the measured-fastest choice for the
   default backend (`fastest`, else `default`). `key` names the config entry in the error."""
   if impl not in choices:
-    raise ValueError(f"Unknown {key} {impl!r}; accepted: {choices}.")
+    raise errors.InputError(f"Unknown {key} {impl!r}; accepted: {choices}.")
   if impl == "auto":
     return fastest.get(jax.default_backend(), default)
   return impl
@@ -51,7 +53,7 @@ def make_mesh(num_devices: int = -1) -> Mesh:
   """A 1-D mesh with axis `data` over the first `num_devices` devices (-1: all)."""
   devices = jax.devices()
   if num_devices > len(devices):
-    raise ValueError(f"mesh.num_devices={num_devices} but only {len(devices)} devices are visible; "
+    raise errors.InputError(f"mesh.num_devices={num_devices} but only {len(devices)} devices are visible; "
                      "use -1 for all of them.")
   if num_devices > 0:
     devices = devices[:num_devices]

@@ -13,8 +13,10 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
-from ltdd_jax import distill, hierarchical, parallel, reporting, selection, training
+from ltdd_jax import checks, distill, errors, hierarchical, parallel, reporting, resume
+from ltdd_jax import selection, training
 from ltdd_jax import grouping as grouping_lib
 from ltdd_jax import evaluate as evaluate_lib
 from ltdd_jax import experts as experts_lib
@@ -24,32 +26,29 @@ from ltdd_jax.data import dataset as dataset_lib
 BASELINES = ("random", "herding", "full")
 
 
-def parse_method(method: str) -> tuple[str, tuple[str, ...]]:
-  """'mtt+two_stage' -> ('mtt', ('two_stage',)), validating both parts."""
-  base, *plugins = method.split("+")
-  if base not in distill.METHODS + BASELINES:
-    raise ValueError(f"Unknown method {base!r}; accepted: {distill.METHODS + BASELINES}, "
-                     "optionally with +two_stage or +hierarchical.")
-  for p in plugins:
-    if p not in ("two_stage", "hierarchical"):
-      raise ValueError(f"Unknown method suffix {p!r} in {method!r}; accepted: +two_stage, "
-                       "+hierarchical.")
-  return base, tuple(plugins)
+parse_method = checks.parse_method
 
 
 def setup(config, workdir, data=None):
-  """Common start of every stage: multi-host init, compilation cache, mesh, resolved config, dataset.
+  """Common start of every stage: multi-host init, compilation cache, checks, dataset, mesh.
+
+  Everything that can be checked before work starts is checked here, in this order: the config
+  alone, the workdir (a folder we can write to, with room), the stage outputs already in it
+  (made with the same config values, `resume.check_workdir`), then what needs the data (IPC against
+  class sizes, manual groups). `config.json` is written only after every check passed.
 
   `data` (from `load_dataset(config.data, config.seed)`) skips loading when a caller running many
   cells on the same data (the benchmark grid) already holds it."""
+  checks.check_config(config)
+  workdir = resume.prepare_workdir(workdir)
+  resume.check_workdir(config, workdir, expert_root(config, workdir))
   parallel.initialize_distributed(config.mesh.distributed)
   parallel.use_compilation_cache(config.mesh.compilation_cache_dir)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  reporting.write_config(workdir, config)
   mesh = parallel.make_mesh(config.mesh.num_devices)
   if data is None:
     data = dataset_lib.load_dataset(config.data, config.seed)
+  checks.check_with_data(config, data.counts)
+  reporting.write_config(workdir, config)
   return workdir, mesh, data
 
 
@@ -71,14 +70,16 @@ def stage_experts(config, workdir, data=None, mesh=None):
     workdir, mesh, data = setup(config, workdir)
   workdir = pathlib.Path(workdir)
   start = time.time()
-  expert_set = experts_lib.train_experts(config, data, expert_root(config, workdir) / "flat",
-                                         mesh=mesh)
+  directory = expert_root(config, workdir) / "flat"
+  trained = not (directory / "meta.json").exists()
+  expert_set = experts_lib.train_experts(config, data, directory, mesh=mesh)
   classifier_set = None
   base, _ = parse_method(config.method)
   if base in distill.METHODS and distill.method_options(config).ed:
     classifier_set = experts_lib.classifier_experts(config, data, expert_set, mesh)
-  reporting.MetricsWriter(workdir).write("experts", expert_set.epochs,
-                                         seconds=time.time() - start)
+  if trained:  # One line per training, not per resume that finds the set finished.
+    reporting.MetricsWriter(workdir).write("experts", expert_set.epochs,
+                                           seconds=time.time() - start)
   return expert_set, classifier_set
 
 
@@ -128,7 +129,8 @@ def stage_distill(config, workdir, data=None, mesh=None) -> dict:
   _, plugins = parse_method(config.method)
   expert_set, classifier_set = stage_experts(config, workdir, data, mesh)
   start = time.time()
-  init = distill.initial_synthetic(config, data, expert_set, classifier_set)
+  init, label_record = distill.initial_synthetic(config, data, expert_set, classifier_set)
+  log_label_init(workdir, label_record)
   if "hierarchical" in plugins:
     grouping = stage_grouping(config, workdir, data, mesh)
     objectives, weights = hierarchical.hierarchical_objectives(
@@ -136,11 +138,27 @@ def stage_distill(config, workdir, data=None, mesh=None) -> dict:
   else:
     objectives = [distill.flat_objective(config, data, expert_set, classifier_set)]
     weights = [1.0]
+  resume.claim(config, pathlib.Path(workdir) / "distill_ckpt", "distill")
   syn = distill.run_distillation(config, data, objectives, weights, init, workdir, mesh)
-  distill.save_synthetic(workdir, syn, data, config, [o.name for o in objectives])
-  reporting.MetricsWriter(workdir).write("distill_done", config.distill.iterations,
-                                         seconds=time.time() - start)
+  distill.save_synthetic(workdir, syn, data, config, [o.name for o in objectives], label_record)
+  reporting.MetricsWriter(workdir).write_once("distill_done", config.distill.iterations,
+                                              seconds=time.time() - start)
   return syn
+
+
+def log_label_init(workdir, record: dict) -> None:
+  """Writes the soft labels' initial per-class record to metrics.jsonl, and warns about classes
+  whose images no labelling expert classifies correctly (their labels start class-correct)."""
+  if not record:
+    return
+  reporting.MetricsWriter(workdir).write_once("label_init", 0, **{k: np.asarray(v).tolist()
+                                                                  for k, v in record.items()})
+  short = np.flatnonzero(record["init_expert_correct"] < 1)
+  if len(short):
+    logging.warning("Soft-label init: classes %s have images that no labelling expert classifies "
+                    "correctly (share with expert labels: %s); those start from a class-correct "
+                    "target instead.", short.tolist(),
+                    np.round(record["init_expert_correct"][short], 2).tolist())
 
 
 def baseline_set(config, data, base: str, workdir=None, mesh=None):
@@ -158,8 +176,17 @@ def baseline_set(config, data, base: str, workdir=None, mesh=None):
     idx = selection.herding_selection(feats, data.train_labels, data.num_classes, ipc,
                                       config.distill.allow_duplicates)
   else:
-    raise ValueError(f"Unknown baseline {base!r}; accepted: {BASELINES}.")
+    raise errors.InputError(f"Unknown baseline {base!r}; accepted: {BASELINES}.")
   return data.train_images[idx], data.train_labels[idx], ev.lr, ev.epochs, ipc
+
+
+def report_name(config, which: str, split: str) -> str:
+  """`report` for the run's own set (the synthetic set, or the baseline the method names), else
+  `report_<set>`, so evaluating random, herding and full in one workdir keeps every report;
+  `validation_` in front for the validation split."""
+  own = which.startswith("synthetic") or which == parse_method(config.method)[0]
+  name = "report" if own else f"report_{which}"
+  return name if split == "test" else f"validation_{name}"
 
 
 def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=None,
@@ -178,7 +205,8 @@ def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=No
   start = time.time()
   if which.startswith("synthetic"):
     _, _, path = which.partition(":")
-    syn = distill.load_synthetic(path or workdir / "synthetic.npz")
+    syn = distill.load_synthetic(path or workdir / "synthetic.npz", data.num_classes,
+                                 data.image_shape)
     images, labels = syn["images"], syn["labels"]
     targets = syn["soft_labels"] if "soft_labels" in syn else labels
     lr, epochs = distill.synthetic_lr(config, syn), config.evaluate.epochs
@@ -188,9 +216,9 @@ def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=No
     images, targets, lr, epochs, ipc = baseline_set(config, data, which, workdir, mesh)
     labels, method, learned_lrs = targets, which, {}
   else:
-    raise ValueError(f"--set={which!r}: accepted synthetic, synthetic:PATH, {', '.join(BASELINES)}.")
+    raise errors.InputError(f"--set={which!r}: accepted synthetic, synthetic:PATH, {', '.join(BASELINES)}.")
   if images.shape[1:] != data.image_shape:
-    raise ValueError(f"The set's images are {images.shape[1:]} but the dataset's are "
+    raise errors.InputError(f"The set's images are {images.shape[1:]} but the dataset's are "
                      f"{data.image_shape}; evaluate with the config it was distilled with.")
   if two_stage:
     grouping = stage_grouping(config, workdir, data, mesh)
@@ -201,8 +229,9 @@ def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=No
     report = evaluate_lib.evaluate_set(config, data, images, targets, lr, epochs, method=method,
                                        ipc=ipc, mesh=mesh, split=split)
   report["wall_seconds"] = time.time() - start
-  evaluate_lib.write_report(workdir, report, data.counts,
-                            "report" if split == "test" else "validation_report")
+  if ipc is not None:  # Classes whose real images had to be repeated to reach the IPC.
+    report["repeated_classes"] = checks.short_classes(data.counts, ipc)
+  evaluate_lib.write_report(workdir, report, data.counts, report_name(config, which, split))
   reporting.MetricsWriter(workdir).write("evaluate", 0, method=method, split=split,
                                          test_acc_mean=report["test_acc_mean"],
                                          test_acc_std=report["test_acc_std"])
@@ -216,9 +245,6 @@ def run_pipeline(config, workdir, data=None) -> dict:
   start = time.time()
   workdir, mesh, data = setup(config, workdir, data)
   base, plugins = parse_method(config.method)
-  if "hierarchical" in plugins and base in BASELINES:
-    raise ValueError(f"{config.method}: +hierarchical distils, so it needs mtt, datm or ltdd; use "
-                     f"{base}+two_stage to evaluate a baseline with the two-stage classifier.")
   # Hierarchical distillation is always evaluated with the two-stage classifier.
   two_stage = bool(plugins)
   if base in BASELINES:

@@ -53,6 +53,31 @@ class MetricsWriter:
     with self.path.open("a") as f:
       f.write(json.dumps(to_jsonable({"stage": stage, "step": step, **values})) + "\n")
 
+  def lines(self) -> list[dict]:
+    """Every record written so far (a torn last line from a crash is skipped)."""
+    if not self.path.exists():
+      return []
+    out = []
+    for line in self.path.read_text().splitlines():
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        continue
+    return out
+
+  def write_once(self, stage: str, step: int, **values) -> None:
+    """`write`, unless a record of this stage and step is already there (a resumed run)."""
+    if not any(r.get("stage") == stage and r.get("step") == step for r in self.lines()):
+      self.write(stage, step, **values)
+
+  def drop_after(self, stages: tuple[str, ...], step: int) -> None:
+    """Removes the records of `stages` past `step`: a run resuming from its checkpoint at `step`
+    writes them again, so they appear once."""
+    kept = [r for r in self.lines() if not (r.get("stage") in stages and r.get("step", 0) > step)]
+    tmp = self.path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, self.path)
+
 
 class Progress:
   """Prints `label i/n (..%) elapsed ETA` lines to stderr, at most every `every` seconds."""

@@ -1,8 +1,10 @@
-"""Real-image selection baselines: `random` and `herding` IPC images per class (DESIGN §5, issue 3)."""
+"""Real-image selection baselines: `random` and `herding` IPC images per class (DESIGN §5)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from ltdd_jax import errors
 
 
 def per_class_indices(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
@@ -15,14 +17,14 @@ def check_ipc(labels: np.ndarray, num_classes: int, ipc: int, allow_duplicates: 
   counts = np.bincount(labels, minlength=num_classes)
   short = np.flatnonzero(counts < ipc)
   if ipc < 1:
-    raise ValueError(f"ipc must be >= 1, got {ipc}.")
+    raise errors.InputError(f"ipc must be >= 1, got {ipc}.")
   if len(short) and not allow_duplicates:
-    raise ValueError(
+    raise errors.InputError(
         f"ipc={ipc} but class {int(short[0])} has only {int(counts[short[0]])} training images "
         f"({len(short)} classes are short). Lower distill.ipc, or set "
         "distill.allow_duplicates=True to repeat the images of short classes.")
   if (counts == 0).any():
-    raise ValueError(f"class {int(np.flatnonzero(counts == 0)[0])} has no training images.")
+    raise errors.InputError(f"class {int(np.flatnonzero(counts == 0)[0])} has no training images.")
 
 
 def random_selection(labels: np.ndarray, num_classes: int, ipc: int, seed: int,

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ltdd_jax import models, parallel
+from ltdd_jax import errors, models, parallel
 from ltdd_jax.data import augment
 
 PyTree = Any
@@ -24,28 +24,37 @@ SAMPLINGS = ("instance", "class_balanced")
 LOSSES = ("ce", "balanced_softmax")
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array,
-                  weights: jax.Array | None = None) -> jax.Array:
-  """Mean cross-entropy.
+WEIGHT_REDUCTIONS = ("batch", "weighted_mean")
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None,
+                  weight_reduction: str = "batch") -> jax.Array:
+  """Mean cross-entropy, optionally class-weighted.
 
   Args:
     logits: [N, C].
     targets: [N] int labels, or [N, C] target probabilities (soft labels).
-    weights: optional [C] per-class weights (hard labels: of the true class; soft: of each class).
+    weights: optional [C] per-class weights (hard labels: of the true class; soft: each class's
+      term of the soft cross-entropy).
+    weight_reduction: with weights, `batch` sums the weighted terms and divides by N (LTDD's DAM:
+      the weights set the step size), `weighted_mean` divides by the summed weights of the targets
+      instead (a weighted average, whose normaliser also depends on soft targets).
 
   Returns:
-    Scalar loss; with weights, a weighted mean normalised by the total weight.
+    Scalar loss.
   """
   log_p = jax.nn.log_softmax(logits)
-  if targets.ndim == 1:
-    nll = -jnp.take_along_axis(log_p, targets[:, None], axis=1)[:, 0]
-    if weights is None:
-      return nll.mean()
-    w = weights[targets]
-    return (nll * w).sum() / w.sum()
+  soft = targets if targets.ndim == 2 else jax.nn.one_hot(targets, logits.shape[-1])
   if weights is None:
-    return -(targets * log_p).sum(-1).mean()
-  return -(targets * weights * log_p).sum() / (targets * weights).sum()
+    if targets.ndim == 1:
+      return -jnp.take_along_axis(log_p, targets[:, None], axis=1)[:, 0].mean()
+    return -(soft * log_p).sum(-1).mean()
+  weighted = soft * weights
+  if weight_reduction == "batch":
+    return -(weighted * log_p).sum() / logits.shape[0]
+  if weight_reduction == "weighted_mean":
+    return -(weighted * log_p).sum() / weighted.sum()
+  raise errors.InputError(f"Unknown weight reduction {weight_reduction!r}; accepted: {WEIGHT_REDUCTIONS}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +82,29 @@ class TrainSpec:
 
   def __post_init__(self):
     if self.sampling not in SAMPLINGS:
-      raise ValueError(f"Unknown sampling {self.sampling!r}; accepted: {SAMPLINGS}.")
+      raise errors.InputError(f"Unknown sampling {self.sampling!r}; accepted: {SAMPLINGS}.")
     if self.loss not in LOSSES:
-      raise ValueError(f"Unknown loss {self.loss!r}; accepted: {LOSSES}.")
+      raise errors.InputError(f"Unknown loss {self.loss!r}; accepted: {LOSSES}.")
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
   """ceil(N / B): every image is seen once per epoch (the last batch wraps around)."""
   return max(1, -(-num_images // batch_size))
+
+
+BALANCED_EPOCHS = ("max_class", "dataset")
+
+
+def epoch_size(labels: np.ndarray, num_classes: int, sampling: str, balanced_epoch: str) -> int:
+  """Images one epoch draws: N for `instance` sampling; for `class_balanced`, max_c n_c x C
+  (`max_class`: what the class-aware sampler of LTDD's classifier experts counts, so every class
+  is drawn as often as the largest one has images) or N (`dataset`)."""
+  if sampling == "class_balanced" and balanced_epoch == "max_class":
+    return int(np.bincount(np.asarray(labels), minlength=num_classes).max()) * num_classes
+  if balanced_epoch not in BALANCED_EPOCHS:
+    raise errors.InputError(f"Unknown experts.balanced_epoch {balanced_epoch!r}; accepted: "
+                     f"{BALANCED_EPOCHS}.")
+  return len(labels)
 
 
 def epoch_indices(key: jax.Array, labels: jax.Array, spec: TrainSpec,

@@ -62,10 +62,11 @@ def test_evaluate_cli_writes_report(tmp_path):
          f"--config.data.cache_dir={tmp_path}/cache", "--config.distill.ipc=3"]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  report = json.loads((tmp_path / "report.json").read_text())
+  # The config's method is mtt, so the random set's report is named after the set.
+  report = json.loads((tmp_path / "report_random.json").read_text())
   assert report["method"] == "random" and report["ipc"] == 3 and report["num_images"] == 30
   assert len(report["per_class_acc"]) == 10 and len(report["test_acc_per_model"]) == 2
-  assert (tmp_path / "report_per_class.png").exists()
+  assert (tmp_path / "report_random_per_class.png").exists()
   bad = subprocess.run(cmd[:-1] + ["--config.distill.ipc=500", "--config.distill.allow_duplicates=False"],
                        capture_output=True, text=True)
   assert bad.returncode != 0 and "allow_duplicates" in bad.stderr

@@ -37,7 +37,7 @@ def test_vmapped_single_expert_equals_plain_training(tiny, tmp_path):
   params = jax.tree.map(lambda x: x[0], training.init_ensemble(
       model, jax.random.key(config.seed), 1, data.image_shape))
   velocity = jax.tree.map(jnp.zeros_like, params)
-  spec = experts.expert_spec(config.experts, len(data.train_labels))
+  spec = experts.expert_spec(config.experts, data.train_labels, data.num_classes)
   epoch = jax.jit(lambda p, v, k: training.train_epoch(
       training.make_apply(model), spec, config.dsa, p, v, k, jnp.float32(config.experts.lr),
       data.train_images, data.train_labels, data.train_labels, data.num_classes))
@@ -108,3 +108,18 @@ def test_balanced_sampling_is_balanced():
   idx = np.asarray(training.epoch_indices(jax.random.key(0), labels, spec, 2))
   share = (np.asarray(labels)[idx] == 1).mean()
   assert 0.45 < share < 0.55
+
+
+def test_class_balanced_epoch_counts_largest_class_times_classes(tiny):
+  """LTDD's class-aware sampler: one class-balanced epoch draws max_c n_c x C images."""
+  config, _, _ = tiny
+  cfg = config.experts.copy_and_resolve_references()
+  cfg.batch_size = 10
+  labels = np.array([0] * 90 + [1] * 10 + [2] * 5)
+  assert experts.expert_spec(cfg, labels, 3, head_only=True).steps_per_epoch == 27  # 90 x 3 / 10
+  assert experts.expert_spec(cfg, labels, 3).steps_per_epoch == 11  # instance: ceil(105 / 10)
+  cfg.balanced_epoch = "dataset"
+  assert experts.expert_spec(cfg, labels, 3, head_only=True).steps_per_epoch == 11
+  cfg.balanced_epoch = "largest"
+  with pytest.raises(ValueError, match="experts.balanced_epoch 'largest'"):
+    experts.expert_spec(cfg, labels, 3, head_only=True)

@@ -92,7 +92,45 @@ def test_minibatches_cover_permutations():
 
 def test_dam_weights_and_bad_policy():
   w = matching.class_frequency_weights(np.array([100, 10, 10]))
-  np.testing.assert_allclose(w.mean(), 1.0, rtol=1e-6)
-  assert w[0] == pytest.approx(10 * w[1])
+  np.testing.assert_allclose(w, [100 / 120, 10 / 120, 10 / 120], rtol=1e-6)  # n_c / N
   with pytest.raises(ValueError, match="remat_policy"):
     matching.InnerSpec(syn_steps=1, batch_syn=1, remat_policy="all")
+  with pytest.raises(ValueError, match="dam_reduction"):
+    matching.InnerSpec(syn_steps=1, batch_syn=1, weight_reduction="mean")
+
+
+def test_weighted_cross_entropy_is_summed_over_the_batch():
+  """LTDD's DAM loss: sum_i sum_c w_c t_ic (-log p_ic) / batch; `weighted_mean` divides by the
+  summed target weights instead."""
+  logits = jax.random.normal(jax.random.key(0), (5, 3))
+  targets = jax.nn.softmax(jax.random.normal(jax.random.key(1), (5, 3)))
+  w = jnp.asarray([0.7, 0.2, 0.1])
+  terms = -(targets * w * jax.nn.log_softmax(logits))
+  np.testing.assert_allclose(training.cross_entropy(logits, targets, w), terms.sum() / 5,
+                             rtol=1e-6)
+  np.testing.assert_allclose(training.cross_entropy(logits, targets, w, "weighted_mean"),
+                             terms.sum() / (targets * w).sum(), rtol=1e-6)
+  hard = jnp.asarray([0, 2, 1, 0, 0])
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), hard[:, None], 1)[:, 0]
+  np.testing.assert_allclose(training.cross_entropy(logits, hard, w), (w[hard] * nll).sum() / 5,
+                             rtol=1e-6)
+  np.testing.assert_allclose(training.cross_entropy(logits, hard), nll.mean(), rtol=1e-6)
+
+
+def test_head_only_unroll_leaves_backbone_bitwise_unchanged():
+  """LTDD's classifier stage: the student trains its head alone, its backbone stays the expert's."""
+  cfg, apply_fn, start, _, images, labels = _setup()
+  final = matching.unroll_student(apply_fn, matching.InnerSpec(3, 4, train_part="head"), cfg.dsa,
+                                  start, images, labels, jnp.float32(0.5), jax.random.key(0))
+  for a, b in zip(jax.tree.leaves(final["backbone"]), jax.tree.leaves(start["backbone"])):
+    np.testing.assert_array_equal(a, b)
+  assert np.abs(final["head"]["kernel"] - start["head"]["kernel"]).max() > 0
+  every = matching.unroll_student(apply_fn, matching.InnerSpec(3, 4), cfg.dsa, start, images,
+                                  labels, jnp.float32(0.5), jax.random.key(0))
+  assert np.abs(every["backbone"]["Conv_0"]["kernel"] - start["backbone"]["Conv_0"]["kernel"]).max() > 0
+  # The images still get a meta-gradient through the frozen backbone's forward pass.
+  g = jax.grad(lambda x: matching.trajectory_matching_loss(
+      apply_fn, matching.InnerSpec(3, 4, train_part="head"), cfg.dsa, x, labels,
+      jnp.float32(0.5), start, jax.tree.map(lambda v: v + 0.05, start), jax.random.key(0),
+      part="head"))(images)
+  assert np.abs(np.asarray(g)).max() > 0

@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ltdd_jax import errors
+
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 
@@ -43,7 +45,8 @@ def crop(key, x, cfg):
   shift = jnp.floor(_draw(key, n, cfg.siamese, (2,)) * jnp.array([2 * ph + 1, 2 * pw + 1]))
   shift = shift.astype(jnp.int32)
   padded = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  take = lambda img, s: jax.lax.dynamic_slice(img, (s[0], s[1], 0), (h, w, x.shape[-1]))
+  take = lambda img, s: jax.lax.dynamic_slice(img, (s[0], s[1], jnp.zeros_like(s[0])),
+                                               (h, w, x.shape[-1]))
   return jax.vmap(take)(padded, shift)
 
 
@@ -116,7 +119,7 @@ def parse_strategy(strategy: str) -> tuple[str, ...]:
   families = tuple(s for s in strategy.split("_") if s)
   for f in families:
     if f not in _FNS:
-      raise ValueError(f"Unknown DSA family {f!r} in dsa.strategy={strategy!r}; accepted: {FAMILIES}.")
+      raise errors.InputError(f"Unknown DSA family {f!r} in dsa.strategy={strategy!r}; accepted: {FAMILIES}.")
   return families
 
 
@@ -141,7 +144,7 @@ def augment(key: jax.Array, images: jax.Array, dsa_config) -> jax.Array:
       images = _FNS[family](k, images, dsa_config)
     return images
   if dsa_config.mode != "single":
-    raise ValueError(f"dsa.mode must be 'single' or 'all', got {dsa_config.mode!r}.")
+    raise errors.InputError(f"dsa.mode must be 'single' or 'all', got {dsa_config.mode!r}.")
   pick_key, key = jax.random.split(key)
   which = jax.random.randint(pick_key, (), 0, len(families))
   branches = [functools.partial(_FNS[f], cfg=dsa_config) for f in families]

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from ltdd_jax import errors
 from ltdd_jax.data import longtail, preprocess, sources
 
 
@@ -49,7 +50,7 @@ def parse_holdout(test_source: str) -> int:
     return 0
   _, _, k = test_source.partition(":")
   if not k.isdigit() or int(k) < 1:
-    raise ValueError(f"data.test_source={test_source!r}: expected 'holdout:K' with K >= 1 images "
+    raise errors.InputError(f"data.test_source={test_source!r}: expected 'holdout:K' with K >= 1 images "
                      "per class, e.g. 'holdout:1000'.")
   return int(k)
 
@@ -76,12 +77,13 @@ def load_dataset(data_config, seed: int) -> Dataset:
   else:
     test_pool = sources.load_pool(data_config.test_source, "test", data_config)
     if test_pool.num_classes != pool.num_classes or test_pool.images.shape[1:] != pool.images.shape[1:]:
-      raise ValueError(
+      raise errors.InputError(
           f"Train source has {pool.num_classes} classes of {pool.images.shape[1:]} images but the "
           f"test source has {test_pool.num_classes} of {test_pool.images.shape[1:]}; they must match.")
     test_pixels, test_labels = test_pool.images.astype(np.float32) / 255.0, test_pool.labels
-  pre = preprocess.fit_preprocessor(pixels(split.train), normalize=data_config.normalize,
-                                    zca=data_config.zca, zca_eps=data_config.zca_eps)
+  pre = preprocess.cached_fit(pool.images[split.train], data_config.cache_dir,
+                              normalize=data_config.normalize, zca=data_config.zca,
+                              zca_eps=data_config.zca_eps)
   as_int = lambda x: np.asarray(x, np.int32)
   return Dataset(
       train_images=pre.apply(pixels(split.train)), train_labels=as_int(pool.labels[split.train]),

@@ -12,6 +12,8 @@ import dataclasses
 
 import numpy as np
 
+from ltdd_jax import errors
+
 PROFILES = ("exp", "step")
 
 
@@ -29,11 +31,11 @@ def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float,
     counts: [C] int64, counts[0] == n_max.
   """
   if imbalance_factor < 1:
-    raise ValueError(f"imbalance_factor must be >= 1 (1 means balanced), got {imbalance_factor}.")
+    raise errors.InputError(f"imbalance_factor must be >= 1 (1 means balanced), got {imbalance_factor}.")
   if num_classes < 1:
-    raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+    raise errors.InputError(f"num_classes must be >= 1, got {num_classes}.")
   if n_max < 1:
-    raise ValueError(f"n_max must be >= 1, got {n_max}.")
+    raise errors.InputError(f"n_max must be >= 1, got {n_max}.")
   if profile == "exp":
     if num_classes == 1:
       return np.array([n_max], dtype=np.int64)
@@ -46,7 +48,7 @@ def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float,
     counts = np.full(num_classes, n_max, dtype=np.int64)
     counts[num_classes - half:] = int(n_max / imbalance_factor)
     return counts
-  raise ValueError(f"Unknown imbalance profile {profile!r}; accepted: {PROFILES}.")
+  raise errors.InputError(f"Unknown imbalance profile {profile!r}; accepted: {PROFILES}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,7 @@ def split_pool(labels: np.ndarray, num_classes: int, imbalance_factor: float, *,
   available = np.array([len(p) for p in per_class]) - validation_per_class - holdout_per_class
   if available.min() < 1:
     worst = int(np.argmin(available))
-    raise ValueError(
+    raise errors.InputError(
         f"Class {worst} has {len(per_class[worst])} images, fewer than validation_per_class="
         f"{validation_per_class} + holdout={holdout_per_class} + 1. Lower data.validation_per_class or "
         "the holdout K.")
@@ -101,7 +103,7 @@ def split_pool(labels: np.ndarray, num_classes: int, imbalance_factor: float, *,
   if n_max <= 0:
     n_max = cap
   elif n_max > cap:
-    raise ValueError(f"data.n_max={n_max} but only {cap} images remain in the smallest class after "
+    raise errors.InputError(f"data.n_max={n_max} but only {cap} images remain in the smallest class after "
                      "validation/holdout; lower data.n_max (0 uses what remains).")
   counts = longtail_counts(n_max, num_classes, imbalance_factor, profile)
   train, val, hold = [], [], []
@@ -136,4 +138,4 @@ def shot_groups(counts: np.ndarray, rule: str = "thirds") -> dict[str, np.ndarra
     return {"many": np.flatnonzero(counts > 100),
             "medium": np.flatnonzero((counts >= 20) & (counts <= 100)),
             "few": np.flatnonzero(counts < 20)}
-  raise ValueError(f"Unknown shot rule {rule!r}; accepted: 'thirds', 'thresholds'.")
+  raise errors.InputError(f"Unknown shot rule {rule!r}; accepted: 'thirds', 'thresholds'.")

@@ -8,6 +8,10 @@ differently (a bug seen in public long-tail code).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import pathlib
+import zipfile
 
 import numpy as np
 
@@ -46,10 +50,36 @@ class Preprocessor:
     return (x * self.std + self.mean).astype(np.float32)
 
   def to_dict(self) -> dict[str, np.ndarray]:
+    """The fitted arrays (what `Preprocessor(**d)` rebuilds it from)."""
     out = {"mean": self.mean, "std": self.std}
     if self.zca is not None:
       out.update(zca=self.zca, zca_inverse=self.zca_inverse, zca_centre=self.zca_centre)
     return out
+
+
+def cached_fit(train_pixels_uint8: np.ndarray, cache_dir: str, *, normalize: bool, zca: bool,
+               zca_eps: float) -> Preprocessor:
+  """`fit_preprocessor` on train_pixels_uint8 / 255, cached under `cache_dir`.
+
+  Fitting ZCA (a D x D eigendecomposition, D = H*W*C) takes tens of seconds for CIFAR; the fit
+  depends only on the training images and the three settings, so it is stored keyed by a hash of
+  those and reloaded in well under a second."""
+  key = hashlib.sha256(np.ascontiguousarray(train_pixels_uint8).tobytes())
+  key.update(repr((train_pixels_uint8.shape, bool(normalize), bool(zca), float(zca_eps))).encode())
+  path = pathlib.Path(os.path.expanduser(cache_dir)) / f"preprocess-{key.hexdigest()[:20]}.npz"
+  if path.exists():
+    try:
+      with np.load(path) as f:
+        return Preprocessor(**{k: f[k] for k in f.files})
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+      pass  # A damaged cache entry is refitted and rewritten below.
+  pre = fit_preprocessor(train_pixels_uint8.astype(np.float32) / 255.0, normalize=normalize,
+                         zca=zca, zca_eps=zca_eps)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, **pre.to_dict())
+  os.replace(tmp, path)
+  return pre
 
 
 def fit_preprocessor(train_images: np.ndarray, *, normalize: bool, zca: bool,

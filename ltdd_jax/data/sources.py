@@ -18,6 +18,8 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+from ltdd_jax import errors
+
 SOURCES = ("digits", "tfds", "folder", "listfile")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 # The digits source reserves this many images per class as its balanced test split.
@@ -59,11 +61,11 @@ def load_pool(source: str, split: str, data_config) -> Pool:
     return _tfds(data_config.tfds_name, split)
   path = data_config.train_path if split == "train" else data_config.test_path
   if not path:
-    raise ValueError(f"data.{split}_source={source!r} needs data.{split}_path (a folder, a .tar.gz "
+    raise errors.InputError(f"data.{split}_source={source!r} needs data.{split}_path (a folder, a .tar.gz "
                      "or a list file); it is empty.")
   path = os.path.expanduser(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"data.{split}_path={path!r} does not exist. Point it at a folder of "
+    raise errors.MissingError(f"data.{split}_path={path!r} does not exist. Point it at a folder of "
                             "<class>/<image> files, a .tar.gz of such a tree, or a list file.")
   if source == "folder":
     return _cached(lambda: _folder(path, data_config.image_size), path, data_config, "folder")
@@ -71,7 +73,7 @@ def load_pool(source: str, split: str, data_config) -> Pool:
     root = os.path.expanduser(data_config.image_root or os.path.dirname(path))
     return _cached(lambda: _listfile(path, root, data_config.image_size), path, data_config,
                    "listfile")
-  raise ValueError(f"Unknown data source {source!r}; accepted: {SOURCES} (and 'holdout:K' for "
+  raise errors.InputError(f"Unknown data source {source!r}; accepted: {SOURCES} (and 'holdout:K' for "
                    "data.test_source).")
 
 
@@ -91,9 +93,30 @@ def _digits(split: str) -> Pool:
   return Pool(images[keep], labels[keep], tuple(str(c) for c in range(10)))
 
 
+def check_tfds_reachable(builder, timeout: float = 5.0) -> None:
+  """A tfds dataset not yet prepared is downloaded first: without a network that would hang for
+  minutes, so fail fast when the dataset's host cannot be reached, and point at the alternatives."""
+  from urllib.parse import urlparse  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  host = urlparse(builder.info.homepage or "").hostname
+  try:
+    if not host:
+      raise OSError("the dataset names no download host")
+    socket.create_connection((host, 443), timeout=timeout).close()
+  except OSError as e:
+    raise errors.InputError(
+        f"tfds has no prepared copy of {builder.name!r} in {builder.data_dir} and cannot download "
+        f"it ({host or 'no host'}: {e}). Run once with network access, or read a local copy with "
+        "source=folder (e.g. configs/cifar10_lt.py:source=folder --config.data.train_path=PATH, "
+        "a folder or .tar.gz of <class>/<image> files).") from e
+
+
 def _tfds(name: str, split: str) -> Pool:
   """A tfds image-classification dataset through `tfds.data_source` (no TensorFlow needed)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(name)
+  if not builder.is_prepared():
+    check_tfds_reachable(builder)
   source = tfds.data_source(name, split=split)
   records = [source[i] for i in range(len(source))]
   images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
@@ -108,7 +131,7 @@ def _decode(data: bytes | str, image_size: int, where: str) -> np.ndarray:
     image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     image = image.convert("RGB")
   except Exception as e:  # PIL raises several types for corrupt files.
-    raise ValueError(f"Cannot read image {where}: {e}. Remove or replace the file.") from e
+    raise errors.InputError(f"Cannot read image {where}: {e}. Remove or replace the file.") from e
   if image.size != (image_size, image_size):
     image = image.resize((image_size, image_size), Image.BILINEAR)
   return np.asarray(image, np.uint8)
@@ -117,7 +140,7 @@ def _decode(data: bytes | str, image_size: int, where: str) -> np.ndarray:
 def _by_class(items: list[tuple[str, str, object]], image_size: int, where: str) -> Pool:
   """Builds a Pool from (class_name, name, data) triples; classes in sorted name order."""
   if not items:
-    raise ValueError(f"No images ({'/'.join(IMAGE_SUFFIXES)}) found in {where}; expected "
+    raise errors.InputError(f"No images ({'/'.join(IMAGE_SUFFIXES)}) found in {where}; expected "
                      "<class>/<image> files.")
   names = tuple(sorted({c for c, _, _ in items}))
   index = {c: i for i, c in enumerate(names)}
@@ -132,14 +155,19 @@ def _folder(path: str, image_size: int) -> Pool:
   if os.path.isfile(path) and (path.endswith(".tar.gz") or path.endswith(".tgz")
                                or path.endswith(".tar")):
     items = []
-    with tarfile.open(path) as archive:
-      for member in archive:
-        p = pathlib.PurePosixPath(member.name)
-        if member.isfile() and p.suffix.lower() in IMAGE_SUFFIXES and len(p.parts) >= 2:
-          items.append((p.parts[-2], member.name, archive.extractfile(member).read()))
+    try:
+      with tarfile.open(path) as archive:
+        for member in archive:
+          p = pathlib.PurePosixPath(member.name)
+          if member.isfile() and p.suffix.lower() in IMAGE_SUFFIXES and len(p.parts) >= 2:
+            items.append((p.parts[-2], member.name, archive.extractfile(member).read()))
+    except (tarfile.TarError, EOFError, OSError) as e:
+      raise errors.InputError(f"{path} is not a readable tar archive ({type(e).__name__}: {e}); "
+                              "point data.train_path at a folder or a valid .tar.gz of "
+                              "<class>/<image> files.") from e
     return _by_class(items, image_size, path)
   if not os.path.isdir(path):
-    raise ValueError(f"{path!r} is neither a folder nor a .tar.gz archive of <class>/<image> files.")
+    raise errors.InputError(f"{path!r} is neither a folder nor a .tar.gz archive of <class>/<image> files.")
   items = []
   for class_dir in sorted(pathlib.Path(path).iterdir()):
     if class_dir.is_dir():
@@ -158,19 +186,19 @@ def _listfile(path: str, root: str, image_size: int) -> Pool:
         continue
       parts = line.split()
       if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-        raise ValueError(f"{path}:{line_number}: expected 'relative/path label', got {line.strip()!r}.")
+        raise errors.InputError(f"{path}:{line_number}: expected 'relative/path label', got {line.strip()!r}.")
       paths.append(parts[0])
       labels.append(int(parts[1]))
   if not paths:
-    raise ValueError(f"List file {path} has no 'relative/path label' lines.")
+    raise errors.InputError(f"List file {path} has no 'relative/path label' lines.")
   labels = np.asarray(labels, np.int64)
   if labels.min() < 0:
-    raise ValueError(f"List file {path} has negative labels; labels must be 0..C-1.")
+    raise errors.InputError(f"List file {path} has negative labels; labels must be 0..C-1.")
   images = []
   for p in paths:
     full = os.path.join(root, p)
     if not os.path.exists(full):
-      raise FileNotFoundError(f"{path} lists {p!r}, but {full!r} does not exist; set "
+      raise errors.MissingError(f"{path} lists {p!r}, but {full!r} does not exist; set "
                               "data.image_root to the folder the list is relative to.")
     images.append(_decode(full, image_size, full))
   num_classes = int(labels.max()) + 1

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from ltdd_jax import errors
 from ltdd_jax.models.alexnet import AlexNet
 from ltdd_jax.models.convnet import ConvNet
-from ltdd_jax.models.heads import GroupHead, WithinGroupHeads
-from ltdd_jax.models.layers import resolve_conv_impl
+from ltdd_jax.models.layers import INITS, Dense, resolve_conv_impl
 from ltdd_jax.models.resnet import ResNet18
 from ltdd_jax.models.vgg import VGG11
 
@@ -31,22 +31,28 @@ def make_backbone(model_config, arch: str | None = None, width: int | None = Non
   """The backbone named by `arch` (default `model.name`) with the config's norm and conv impl."""
   arch = arch or model_config.name
   width = width or model_config.width
-  impl = model_config.conv_impl
+  impl, init = model_config.conv_impl, model_config.init
   if arch == "convnet":
-    return ConvNet(depth=model_config.depth, width=width, norm=model_config.norm, conv_impl=impl)
+    return ConvNet(depth=model_config.depth, width=width, norm=model_config.norm, conv_impl=impl,
+                   init=init)
   if arch == "resnet18":
-    return ResNet18(width=width, norm=model_config.norm, conv_impl=impl)
+    return ResNet18(width=width, norm=model_config.norm, conv_impl=impl, init=init)
   if arch == "vgg11":
-    return VGG11(width=width, norm=model_config.norm, conv_impl=impl)
+    return VGG11(width=width, norm=model_config.norm, conv_impl=impl, init=init)
   if arch == "alexnet":
-    return AlexNet(width=width, conv_impl=impl)
-  raise ValueError(f"Unknown architecture {arch!r}; accepted: {ARCHS}.")
+    return AlexNet(width=width, conv_impl=impl, init=init)
+  raise errors.InputError(f"Unknown architecture {arch!r}; accepted: {ARCHS}.")
+
+
+def make_head(model_config, num_outputs: int) -> nn.Module:
+  """A linear head with `num_outputs` outputs (classes, groups, or a group's classes)."""
+  return Dense(num_outputs, init=model_config.init)
 
 
 def make_classifier(model_config, num_classes: int, arch: str | None = None,
                     width: int | None = None) -> Classifier:
   """Backbone plus a linear head with `num_classes` outputs."""
-  return Classifier(make_backbone(model_config, arch, width), nn.Dense(num_classes))
+  return Classifier(make_backbone(model_config, arch, width), make_head(model_config, num_classes))
 
 
 def for_inference(model: Classifier) -> Classifier:
@@ -58,6 +64,6 @@ def for_inference(model: Classifier) -> Classifier:
   return model.clone(backbone=backbone)
 
 
-__all__ = ["ARCHS", "AlexNet", "Classifier", "ConvNet", "GroupHead", "ResNet18", "VGG11",
-           "WithinGroupHeads", "for_inference", "make_backbone", "make_classifier",
+__all__ = ["ARCHS", "INITS", "AlexNet", "Classifier", "ConvNet", "Dense", "ResNet18", "VGG11",
+           "for_inference", "make_backbone", "make_classifier", "make_head",
            "resolve_conv_impl"]

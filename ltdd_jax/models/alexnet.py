@@ -11,6 +11,7 @@ class AlexNet(nn.Module):
   """Five convs (5x5, 5x5, 3x3, 3x3, 3x3) with max-pools; `width` 64 gives 128-192-256-192-192."""
   width: int = 64
   conv_impl: str = "auto"
+  init: str = "torch"
 
   @nn.compact
   def __call__(self, x):
@@ -19,7 +20,7 @@ class AlexNet(nn.Module):
             (3 * w, 3, 1, True))
     for features, kernel, padding, pool in plan:
       x = nn.relu(layers.Conv(features, kernel_size=kernel, padding=padding,
-                              impl=self.conv_impl)(x))
+                              impl=self.conv_impl, init=self.init)(x))
       if pool:
         x = layers.pool2x2(x, "max")
     return x.reshape(x.shape[0], -1)

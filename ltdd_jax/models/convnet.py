@@ -13,11 +13,12 @@ class ConvNet(nn.Module):
   width: int = 128
   norm: str = "instance"
   conv_impl: str = "auto"
+  init: str = "torch"
 
   @nn.compact
   def __call__(self, x):
     for _ in range(self.depth):
-      x = layers.Conv(self.width, impl=self.conv_impl)(x)
+      x = layers.Conv(self.width, impl=self.conv_impl, init=self.init)(x)
       x = layers.Norm(self.norm)(x)
       x = nn.relu(x)
       x = layers.pool2x2(x, "avg")

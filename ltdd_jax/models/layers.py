@@ -1,7 +1,7 @@
 """Layers shared by every architecture: a convolution with a selectable implementation, norms, pools.
 
 Why a custom convolution: on CPU, XLA's second derivative of `lax.conv_general_dilated` through an
-unrolled student is pathologically slow (DEVELOPERS.md: 38 s vs 1.7 s for one meta-gradient). The
+unrolled student is pathologically slow (26x slower than im2col for one meta-gradient). The
 `im2col` form (shifted slices concatenated along channels, then one matmul) computes the same function
 with plain slicing and dot products, whose derivatives of any order XLA handles well. `auto` picks the
 implementation measured fastest for the backend (bench/conv_impl.py).
@@ -13,10 +13,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ltdd_jax import parallel
+from ltdd_jax import errors, parallel
 
 CONV_IMPLS = ("auto", "xla", "im2col")
 NORMS = ("instance", "batch", "none")
+INITS = ("torch", "flax")
 # Measured per backend by bench/conv_impl.py (see bench/RESULTS.md). GPU/TPU convolutions are
 # native and fast; on CPU im2col wins for anything differentiated twice, while XLA's own convolution
 # is the faster forward pass (3.4x at width 32), so inference uses it.
@@ -62,25 +63,64 @@ def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def kernel_init(init: str, flax_default):
+  """The weight initialiser of `init`: `torch` is PyTorch's default for Conv2d and Linear
+  (kaiming-uniform with a = sqrt(5), i.e. uniform in +-1/sqrt(fan_in)), which every published
+  distillation network uses; `flax` keeps Flax's default for the layer (`flax_default`).
+
+  The two differ in scale (Flax's conv kernels are sqrt(6) = 2.4x and its Dense kernels sqrt(3) =
+  1.7x larger), which behind a normalisation layer acts like a several times lower learning rate."""
+  if init == "torch":
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+  if init == "flax":
+    return flax_default
+  raise errors.InputError(f"Unknown model.init {init!r}; accepted: {INITS}.")
+
+
+def bias_init(init: str, fan_in: int):
+  """The bias initialiser of `init`: PyTorch's uniform in +-1/sqrt(fan_in), or Flax's zeros."""
+  if init == "flax":
+    return nn.initializers.zeros
+  if init != "torch":
+    raise errors.InputError(f"Unknown model.init {init!r}; accepted: {INITS}.")
+  bound = 1.0 / max(fan_in, 1) ** 0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class Conv(nn.Module):
-  """k x k convolution with bias; `impl` is `xla`, `im2col` or `auto`."""
+  """k x k convolution with bias; `impl` is `xla`, `im2col` or `auto`; `init` is `torch` or `flax`."""
   features: int
   kernel_size: int = 3
   stride: int = 1
   padding: int = 1
   impl: str = "auto"
   use_bias: bool = True
+  init: str = "torch"
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    kernel = self.param("kernel", nn.initializers.kaiming_uniform(), (k, k, x.shape[-1],
-                                                                       self.features))
+    kernel = self.param("kernel", kernel_init(self.init, nn.initializers.kaiming_uniform()),
+                        (k, k, x.shape[-1], self.features))
     fn = im2col_conv if resolve_conv_impl(self.impl) == "im2col" else xla_conv
     y = fn(x, kernel.astype(x.dtype), self.stride, self.padding)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+      y = y + self.param("bias", bias_init(self.init, k * k * x.shape[-1]), (self.features,))
     return y
+
+
+class Dense(nn.Module):
+  """Linear layer {kernel [F, out], bias [out]} with `torch` or `flax` initialisation (the tree of
+  `nn.Dense`, whose bias initialiser cannot see the fan-in PyTorch's default needs)."""
+  features: int
+  init: str = "torch"
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", kernel_init(self.init, nn.initializers.lecun_normal()),
+                        (x.shape[-1], self.features))
+    bias = self.param("bias", bias_init(self.init, x.shape[-1]), (self.features,))
+    return x @ kernel + bias
 
 
 class Norm(nn.Module):
@@ -97,7 +137,7 @@ class Norm(nn.Module):
     elif self.kind == "batch":
       axes = (0, 1, 2)
     else:
-      raise ValueError(f"Unknown norm {self.kind!r}; accepted: {NORMS}.")
+      raise errors.InputError(f"Unknown norm {self.kind!r}; accepted: {NORMS}.")
     mean = x.mean(axis=axes, keepdims=True)
     var = jnp.square(x - mean).mean(axis=axes, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)

@@ -14,16 +14,18 @@ class BasicBlock(nn.Module):
   stride: int
   norm: str
   conv_impl: str
+  init: str = "torch"
 
   @nn.compact
   def __call__(self, x):
-    y = layers.Conv(self.features, stride=self.stride, impl=self.conv_impl, use_bias=False)(x)
+    conv = lambda **kw: layers.Conv(self.features, impl=self.conv_impl, use_bias=False,
+                                    init=self.init, **kw)
+    y = conv(stride=self.stride)(x)
     y = nn.relu(layers.Norm(self.norm)(y))
-    y = layers.Conv(self.features, impl=self.conv_impl, use_bias=False)(y)
+    y = conv()(y)
     y = layers.Norm(self.norm)(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = layers.Conv(self.features, kernel_size=1, stride=self.stride, padding=0,
-                      impl=self.conv_impl, use_bias=False)(x)
+      x = conv(kernel_size=1, stride=self.stride, padding=0)(x)
       x = layers.Norm(self.norm)(x)
     return nn.relu(x + y)
 
@@ -33,13 +35,14 @@ class ResNet18(nn.Module):
   width: int = 64
   norm: str = "instance"
   conv_impl: str = "auto"
+  init: str = "torch"
 
   @nn.compact
   def __call__(self, x):
-    x = layers.Conv(self.width, impl=self.conv_impl, use_bias=False)(x)
+    x = layers.Conv(self.width, impl=self.conv_impl, use_bias=False, init=self.init)(x)
     x = nn.relu(layers.Norm(self.norm)(x))
     for stage, mult in enumerate((1, 2, 4, 8)):
       for block in range(2):
         stride = 2 if stage > 0 and block == 0 and x.shape[1] > 1 else 1
-        x = BasicBlock(self.width * mult, stride, self.norm, self.conv_impl)(x)
+        x = BasicBlock(self.width * mult, stride, self.norm, self.conv_impl, self.init)(x)
     return jnp.mean(x, axis=(1, 2))

@@ -15,6 +15,7 @@ class VGG11(nn.Module):
   width: int = 64
   norm: str = "instance"
   conv_impl: str = "auto"
+  init: str = "torch"
 
   @nn.compact
   def __call__(self, x):
@@ -22,6 +23,6 @@ class VGG11(nn.Module):
       if item == "M":
         x = layers.pool2x2(x, "max")
       else:
-        x = layers.Conv(self.width * item, impl=self.conv_impl)(x)
+        x = layers.Conv(self.width * item, impl=self.conv_impl, init=self.init)(x)
         x = nn.relu(layers.Norm(self.norm)(x))
     return x.reshape(x.shape[0], -1)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_CIFAR
+from ltdd_jax import errors
 from ltdd_jax.data import dataset, sources
 
 
@@ -93,12 +94,30 @@ def test_bad_inputs_fail_clearly(tmp_path):
     dataset.parse_holdout("holdout:x")
 
 
-def test_tfds_source_offline():
+def test_tfds_source_offline(monkeypatch):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  checked = []
+  monkeypatch.setattr(sources, "check_tfds_reachable", checked.append)  # mock data: no download
   with tfds.testing.mock_data(num_examples=20):
     pool = sources.load_pool("tfds", "train", ml_collections.ConfigDict({"tfds_name": "cifar10"}))
   assert pool.images.shape == (20, 32, 32, 3) and pool.images.dtype == np.uint8
   assert pool.num_classes == 10 and pool.labels.max() < 10
+  assert [b.name for b in checked] == ["cifar10"], "an unprepared dataset is checked before download"
+
+
+def test_tfds_without_network_fails_fast(monkeypatch):
+  """No prepared copy and no network: one clear error in seconds, pointing at source=folder."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def unreachable(address, timeout=None):
+    raise OSError(f"no route to {address[0]}")
+
+  monkeypatch.setattr(socket, "create_connection", unreachable)
+  start = time.time()
+  with pytest.raises(errors.InputError, match="cannot download it.*source=folder"):
+    sources.check_tfds_reachable(tfds.builder("cifar10"))
+  assert time.time() - start < 10
 
 
 def test_load_dataset_with_holdout(tmp_path, digits_config):

@@ -20,13 +20,34 @@ def test_output_shapes(arch, shape):
   assert set(params["params"]) == {"backbone", "head"}
 
 
-def test_group_heads():
-  feats = jnp.ones((3, 5))
-  head = models.WithinGroupHeads((2, 3, 1))
-  out = head.apply(head.init(jax.random.key(0), feats), feats)
-  assert [o.shape for o in out] == [(3, 2), (3, 3), (3, 1)]
-  group = models.GroupHead(4)
-  chex.assert_shape(group.apply(group.init(jax.random.key(0), feats), feats), (3, 4))
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_torch_init_matches_pytorch_defaults(arch):
+  """model.init=torch: every kernel and bias uniform in +-1/sqrt(fan_in) (std 1/sqrt(3 fan_in)),
+  PyTorch's Conv2d / Linear default; model.init=flax keeps Flax's larger kernels and zero biases."""
+  cfg = common.base_config().model
+  x = jnp.zeros((1, 8, 8, 3))  # kernel shapes do not depend on the image size
+  params = models.make_classifier(cfg, 10, arch, width=32).init(jax.random.key(0), x)["params"]
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  kernels = [(p, v) for p, v in leaves if p[-1].key == "kernel"]
+  assert kernels
+  for path, kernel in kernels:
+    fan_in = int(np.prod(kernel.shape[:-1]))
+    bound = 1 / np.sqrt(fan_in)
+    assert np.abs(kernel).max() <= bound, path
+    if kernel.size >= 5_000:  # wide enough for a 5 % check of the std (7 sigma)
+      np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3), rtol=0.05, err_msg=str(path))
+  head = params["head"]
+  fan_in = head["kernel"].shape[0]
+  assert 0 < np.abs(head["bias"]).max() <= 1 / np.sqrt(fan_in)
+  cfg.init = "flax"
+  flax_params = models.make_classifier(cfg, 10, arch, width=32).init(jax.random.key(0), x)["params"]
+  conv = [v for p, v in jax.tree_util.tree_leaves_with_path(flax_params["backbone"])
+          if p[-1].key == "kernel" and v.size >= 5_000][0]
+  np.testing.assert_allclose(conv.std(), np.sqrt(2 / np.prod(conv.shape[:-1])), rtol=0.05)
+  assert not np.any(flax_params["head"]["bias"])
+  cfg.init = "xavier"
+  with pytest.raises(ValueError, match="model.init 'xavier'"):
+    models.make_classifier(cfg, 10, arch, width=4).init(jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("stride,padding,k", [(1, 1, 3), (2, 1, 3), (1, 2, 5), (2, 0, 1)])

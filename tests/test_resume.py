@@ -1,0 +1,119 @@
+"""Resuming a workdir never mixes runs: stage records, mismatch errors, no duplicated metrics."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from ltdd_jax import errors, pipeline, reporting, resume
+
+
+@pytest.mark.parametrize("stage,change,keys", [
+    ("experts", {"seed": 1, "experts.epochs": 3}, ["experts.epochs", "seed"]),
+    ("experts", {"model.init": "flax"}, ["model.init"]),
+    ("distill", {"distill.ipc": 5}, ["distill.ipc"]),
+    ("distill", {"method": "datm"}, ["method"]),
+])
+def test_mismatched_record_names_the_keys(tmp_path, stage, change, keys):
+  config = tiny_config(tmp_path)
+  directory = tmp_path / stage
+  resume.claim(config, directory, stage)
+  assert resume.check(config, directory, stage)
+  changed = config.copy_and_resolve_references()
+  for key, value in change.items():
+    node = changed
+    *parents, last = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[last] = value
+  with pytest.raises(errors.ResumeMismatchError) as info:
+    resume.claim(changed, directory, stage)
+  for key in keys:
+    assert f"{key}: " in str(info.value)
+  assert f"--config.discard_mismatched={stage}" in str(info.value)
+  changed.discard_mismatched = stage
+  (directory / "data").mkdir()
+  resume.claim(changed, directory, stage)  # discards the old outputs, records the new values
+  assert not (directory / "data").exists() and resume.check(changed, directory, stage)
+
+
+def test_values_that_do_not_change_results_are_not_recorded(tmp_path):
+  config = tiny_config(tmp_path)
+  resume.claim(config, tmp_path / "d", "distill")
+  longer = config.copy_and_resolve_references()
+  longer.distill.iterations, longer.distill.log_every = 100, 7  # extending a run is a resume
+  longer.model.conv_impl, longer.method = "xla", "mtt+two_stage"
+  longer.evaluate.epochs = 1
+  assert resume.check(longer, tmp_path / "d", "distill")
+  resume.claim(config, tmp_path / "e", "experts")
+  other_method = config.copy_and_resolve_references()
+  other_method.method, other_method.distill.ipc = "ltdd", 7  # experts are shared across methods
+  assert resume.check(other_method, tmp_path / "e", "experts")
+
+
+def test_pipeline_resume_with_other_values_fails_before_work(tmp_path):
+  config = tiny_config(tmp_path)
+  config.distill.iterations = 3
+  pipeline.run_pipeline(config, tmp_path / "run")
+  saved = (tmp_path / "run" / "config.json").read_text()
+  metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+  for key, value in (("distill.ipc", 3), ("seed", 1)):
+    changed = config.copy_and_resolve_references()
+    section, _, name = key.rpartition(".")
+    (changed[section] if section else changed)[name] = value
+    with pytest.raises(errors.ResumeMismatchError, match=key):
+      pipeline.run_pipeline(changed, tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").read_text() == saved
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+  # Asked for explicitly, the distillation starts afresh on the experts it still matches.
+  changed = config.copy_and_resolve_references()
+  changed.distill.ipc, changed.discard_mismatched = 3, "distill"
+  report = pipeline.run_pipeline(changed, tmp_path / "run")
+  assert report["ipc"] == 3 and report["num_images"] == 30
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["distill"]["ipc"] == 3
+  stages = [json.loads(line)["stage"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  assert stages.count("experts") == 1, "a finished expert set is not logged again"
+
+
+def test_metrics_lines_are_not_repeated_after_resume(tmp_path):
+  writer = reporting.MetricsWriter(tmp_path)
+  for step in (1, 2, 3, 4):
+    writer.write("distill", step, loss=float(step))
+  writer.write("experts", 10)
+  writer.drop_after(("distill",), 2)  # resumed from the checkpoint at iteration 2
+  for step in (3, 4):
+    writer.write("distill", step, loss=float(step))
+  writer.write_once("label_init", 0, acc=[1.0])
+  writer.write_once("label_init", 0, acc=[1.0])
+  steps = [(r["stage"], r["step"]) for r in writer.lines()]
+  assert steps == [("distill", 1), ("distill", 2), ("experts", 10), ("distill", 3),
+                   ("distill", 4), ("label_init", 0)]
+
+
+def test_baseline_reports_do_not_overwrite_each_other(tmp_path):
+  config = tiny_config(tmp_path)
+  for which in ("random", "full"):
+    pipeline.stage_evaluate(config, tmp_path / "run", which)
+  names = sorted(p.name for p in (tmp_path / "run").glob("report*.json"))
+  assert names == ["report_full.json", "report_random.json"]
+  assert pipeline.report_name(config, "synthetic", "test") == "report"
+  config.method = "random"
+  assert pipeline.report_name(config, "random", "validation") == "validation_report"
+  report = json.loads((tmp_path / "run" / "report_random.json").read_text())
+  assert report["method"] == "random" and report["repeated_classes"] == []
+
+
+def test_preprocessing_fit_is_cached(tmp_path, monkeypatch):
+  from ltdd_jax.data import dataset, preprocess  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path)
+  config.data.zca = True
+  first = dataset.load_dataset(config.data, config.seed)
+  def refit(*args, **kwargs):
+    raise AssertionError("the fitted preprocessing should come from the cache")
+  monkeypatch.setattr(preprocess, "fit_preprocessor", refit)
+  again = dataset.load_dataset(config.data, config.seed)
+  np.testing.assert_array_equal(first.train_images, again.train_images)
+  config.data.zca_eps = 0.5  # another fit: not the cached one
+  with pytest.raises(AssertionError, match="from the cache"):
+    dataset.load_dataset(config.data, config.seed)
