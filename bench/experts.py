@@ -79,12 +79,11 @@ def main():
         f"images={args.images} width={args.width} steps/epoch={spec.steps_per_epoch}")
   map_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                  for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(mapped)))
-  apply_fn = training.make_apply(model)
   predict_seconds = {}
   for impl in ("vmap", "map"):
-    training.predict(apply_fn, batched, np.asarray(images[:1000]), 1000, impl)  # compile
+    training.predict(model, batched, np.asarray(images[:1000]), 1000, impl)  # compile
     t = time.perf_counter()
-    training.predict(apply_fn, batched, np.asarray(images), 1000, impl)
+    training.predict(model, batched, np.asarray(images), 1000, impl)
     predict_seconds[impl] = time.perf_counter() - t
   print(f"vmap {t_vmapped:.2f}s  map {t_mapped:.2f}s  sequential {t_sequential:.2f}s  "
         f"max param diff {diff:.2e} (map vs vmap {map_diff:.2e})")

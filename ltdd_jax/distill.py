@@ -233,7 +233,8 @@ def expert_logits(config, expert_set: experts_lib.ExpertSet, images: np.ndarray,
   params = jax.tree.map(lambda *xs: np.stack([x[epoch] for x in xs]),
                         *[expert_set.load(k) for k in range(expert_set.num_experts)])
   model = models.make_classifier(config.model, expert_set.num_classes)
-  return training.model_logits(config, model, params, images)
+  return training.model_logits(model, params, images,
+      config.evaluate.test_batch_size, config.model.ensemble_impl)
 
 
 def select_correct(correct: np.ndarray, labels: np.ndarray, num_classes: int, ipc: int,

@@ -149,7 +149,8 @@ def evaluate_set(config, data, images: np.ndarray, targets: np.ndarray, lr: floa
     model = models.make_classifier(config.model, data.num_classes, arch, width)
     params = train_networks(config, model, images, targets, data.num_classes, lr, epochs, seed,
                             mesh, label=f"evaluate {method} {arch}")
-    logits = training.model_logits(config, model, params, eval_images)
+    logits = training.model_logits(model, params, eval_images,
+        config.evaluate.test_batch_size, config.model.ensemble_impl)
     rows[arch] = classification_metrics(logits.argmax(-1), eval_labels, data.counts,
                                         config.data.shot_rule)
   return assemble_report(config, data, rows, method=method, ipc=ipc, split=split,

@@ -73,7 +73,8 @@ def combine(group_probs: np.ndarray, within_probs: list[np.ndarray],
 
 
 def _probs(config, model, params, images) -> np.ndarray:
-  logits = training.model_logits(config, model, params, images)
+  logits = training.model_logits(model, params, images,
+      config.evaluate.test_batch_size, config.model.ensemble_impl)
   return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 

@@ -89,7 +89,8 @@ def expert_validation_accuracy(config, data, expert_set: experts_lib.ExpertSet) 
     return {}
   model = models.make_classifier(config.model, expert_set.num_classes)
   last = jax.tree.map(lambda x: x[:, -1], expert_set.load_all())
-  logits = training.model_logits(config, model, last, data.val_images)
+  logits = training.model_logits(model, last, data.val_images,
+      config.evaluate.test_batch_size, config.model.ensemble_impl)
   acc = 100.0 * (logits.argmax(-1) == data.val_labels[None]).mean(axis=1)
   return {"mean": float(acc.mean()), "std": float(acc.std()), "per_expert": acc.tolist()}
 

@@ -9,6 +9,7 @@ dataset-distillation result uses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -230,18 +231,24 @@ def over_ensemble(fn: Callable, in_axes: tuple[int | None, ...], impl: str) -> C
   return mapped
 
 
-def predict(apply_fn: ApplyFn, params: PyTree, images: np.ndarray, batch_size: int,
+@functools.lru_cache(maxsize=64)
+def predict_fn(model, ensemble_impl: str) -> Callable:
+  """jit(ensemble forward pass) of a Flax model, built once per (model, impl): Flax modules compare
+  and hash by value, so every evaluation of the same architecture reuses one compiled program."""
+  return jax.jit(over_ensemble(make_apply(model), (0, None), ensemble_impl))
+
+
+def predict(model, params: PyTree, images: np.ndarray, batch_size: int,
             ensemble_impl: str) -> np.ndarray:
   """Logits of an ensemble on a dataset, in batches. params: [T, ...]; returns [T, N, C]."""
-  fn = jax.jit(over_ensemble(apply_fn, (0, None), ensemble_impl))
+  fn = predict_fn(model, ensemble_impl)
   out = [np.asarray(fn(params, jnp.asarray(images[i:i + batch_size])))
          for i in range(0, len(images), batch_size)]
   return np.concatenate(out, axis=1)
 
 
-def model_logits(config, model, params: PyTree, images: np.ndarray) -> np.ndarray:
-  """Logits [T, N, C] of T networks of `model` (params [T, ...]) on images: the forward-pass
-  convolution (`models.for_inference`), `evaluate.test_batch_size` batches, `model.ensemble_impl`."""
-  return predict(make_apply(models.for_inference(model)), params, images,
-                 config.evaluate.test_batch_size, config.model.ensemble_impl)
-
+def model_logits(model, params: PyTree, images: np.ndarray, batch_size: int = 1000,
+                 ensemble_impl: str = "auto") -> np.ndarray:
+  """Logits [T, N, C] of T networks of `model` (params [T, ...]) on images, with the forward-pass
+  convolution (`models.for_inference`), in batches of `batch_size`."""
+  return predict(models.for_inference(model), params, images, batch_size, ensemble_impl)

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ltdd_jax import training
+from configs import common
+from ltdd_jax import models, training
 
 
 def test_map_and_vmap_ensembles_agree():
@@ -25,3 +26,23 @@ def test_unknown_ensemble_impl_is_named():
     training.resolve_ensemble_impl("pmap")
   assert training.resolve_ensemble_impl("auto") == ("map" if jax.default_backend() == "cpu"
                                                     else "vmap")
+
+
+def test_prediction_compiles_once_per_model(monkeypatch):
+  """Evaluations of one architecture reuse one compiled forward pass: building the same model
+  again (as every evaluation does) does not trace it again."""
+  cfg = common.base_config().model
+  cfg.depth, cfg.width = 1, 4
+  images = np.random.default_rng(0).normal(size=(6, 8, 8, 1)).astype(np.float32)
+  model = models.make_classifier(cfg, 3)
+  params = training.init_ensemble(model, jax.random.key(0), 2, (8, 8, 1))
+  inference = models.for_inference(model)
+  # Batches of 4 and of the last 2 images: two shapes, two traces in all.
+  counted = chex.assert_max_traces(lambda p, x: inference.apply({"params": p}, x), n=2)
+  monkeypatch.setattr(training, "make_apply", lambda _: counted)
+  training.predict_fn.cache_clear()
+  first = training.model_logits(model, params, images, 4, "map")
+  again = training.model_logits(models.make_classifier(cfg, 3), params, images, 4, "map")
+  np.testing.assert_array_equal(first, again)
+  chex.assert_shape(first, (2, 6, 3))
+  training.predict_fn.cache_clear()
