@@ -177,4 +177,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.grouping.prediction = "soft"      # soft | hard
   c.grouping.lambda_1 = 1.0
   c.grouping.lambda_2 = 1.0
+  # Stage 1 on real images (group experts; the two-stage classifier's group network on a real
+  # set) against the between-group imbalance: class_balanced draws every group equally often.
+  c.grouping.stage1_sampling = "class_balanced"  # instance | class_balanced
+  c.grouping.stage1_loss = "ce"                   # ce | balanced_softmax
+  # Stage 2: each group's student unrolls syn_steps x (its experts' SGD steps per epoch / the flat
+  # experts'), at least 1, so every objective's unroll spans a comparable number of expert steps.
+  c.grouping.step_matched_unroll = True
   return c

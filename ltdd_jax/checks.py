@@ -198,6 +198,8 @@ def check_config(config) -> None:
   p.at_least("grouping.max_imbalance", 1)
   p.at_least("grouping.num_groups", 0)
   p.at_least("grouping.min_group_size", 1)
+  p.one_of("grouping.stage1_sampling", training.SAMPLINGS)
+  p.one_of("grouping.stage1_loss", training.LOSSES)
   p.at_least("grouping.lambda_1", 0)
   p.at_least("grouping.lambda_2", 0)
   manual = tuple(config.grouping.manual)

@@ -103,6 +103,8 @@ class MatchingObjective:
     classifier_experts: classifier-only trajectories for LTDD's ED (or None).
     class_weights: [num outputs] DAM weights (or None).
     ed: how the classifier term is drawn and weighed under ED (with `classifier_experts`).
+    syn_steps: the student's inner steps for this objective (None: `distill.syn_steps`); the
+      hierarchical stage 2 sizes it to its experts' steps per epoch.
     name: what the objective matches (`flat`; `groups` and `group_<g>` for the hierarchical
       stages): names its learned lr when every objective learns its own.
   """
@@ -114,6 +116,7 @@ class MatchingObjective:
   classifier_experts: PyTree | None = None
   class_weights: np.ndarray | None = None
   ed: EDSpec = EDSpec()
+  syn_steps: int | None = None
   name: str = "flat"
 
   @property
@@ -401,7 +404,9 @@ def make_update_fn(config, objectives: list[MatchingObjective], weights: list[fl
     syn = {**fixed, **learn}
     targets = targets_of(syn)
     syn_lr = jnp.exp(syn["log_lr"])  # One lr, or one per objective (distill.lr_per_objective).
-    losses = [obj.loss(spec, config.dsa, syn["images"], targets,
+    losses = [obj.loss(spec if obj.syn_steps is None else
+                       dataclasses.replace(spec, syn_steps=obj.syn_steps),
+                       config.dsa, syn["images"], targets,
                        syn_lr[i] if syn_lr.ndim else syn_lr, pair, jax.random.fold_in(key, i),
                        mesh)
               for i, (obj, pair) in enumerate(zip(objectives, pairs))]

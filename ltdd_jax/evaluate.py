@@ -70,14 +70,16 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, counts: 
   }
 
 
-def eval_spec(evaluate_config, num_images: int) -> training.TrainSpec:
-  """TrainSpec of an evaluation network (batch capped at the set size)."""
+def eval_spec(evaluate_config, num_images: int, sampling: str = "instance",
+              loss: str = "ce") -> training.TrainSpec:
+  """TrainSpec of an evaluation network (batch capped at the set size; an epoch draws as many
+  images as the set has, whatever the sampling)."""
   batch = min(evaluate_config.batch_size, num_images)
   return training.TrainSpec(batch_size=batch,
                             steps_per_epoch=training.steps_per_epoch(num_images, batch),
                             momentum=evaluate_config.momentum,
                             weight_decay=evaluate_config.weight_decay,
-                            dsa=evaluate_config.dsa)
+                            sampling=sampling, loss=loss, dsa=evaluate_config.dsa)
 
 
 def hard_labels(targets: np.ndarray) -> np.ndarray:
@@ -87,7 +89,8 @@ def hard_labels(targets: np.ndarray) -> np.ndarray:
 
 
 def train_networks(config, model, images: np.ndarray, targets: np.ndarray, num_classes: int,
-                   lr: float, epochs: int, seed: int, mesh=None, label: str = "evaluate"):
+                   lr: float, epochs: int, seed: int, mesh=None, label: str = "evaluate",
+                   sampling: str = "instance", loss: str = "ce"):
   """Trains `evaluate.num_models` fresh networks on (images, targets); returns params [T, ...].
 
   Args:
@@ -101,10 +104,11 @@ def train_networks(config, model, images: np.ndarray, targets: np.ndarray, num_c
     seed: initialisation and data-order seed.
     mesh: device mesh (the model axis is sharded over it).
     label: progress label.
+    sampling, loss: `training.TrainSpec`'s (the protocol's: instance, ce).
   """
   mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
   num_models = config.evaluate.num_models
-  spec = eval_spec(config.evaluate, len(images))
+  spec = eval_spec(config.evaluate, len(images), sampling, loss)
   epoch_fn = experts_lib.make_epoch_fn(training.make_apply(model), spec, config.dsa, num_classes,
                                        config.model.ensemble_impl)
   params = training.init_ensemble(model, jax.random.key(seed), num_models, images.shape[1:])

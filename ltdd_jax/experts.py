@@ -138,21 +138,35 @@ def _write_trajectories(directory: pathlib.Path, epochs: int, num_models: int, c
 
 
 
-def expert_spec(experts_config, labels: np.ndarray, num_classes: int,
-                head_only: bool = False) -> training.TrainSpec:
+@dataclasses.dataclass(frozen=True)
+class Balance:
+  """How a set of experts counters imbalance: `sampling` (instance | class_balanced), `loss`
+  (ce | balanced_softmax) and, for class-balanced sampling, the epoch length (`balanced_epoch`:
+  max_class | dataset). None keeps the `config.experts` value."""
+  sampling: str | None = None
+  loss: str | None = None
+  balanced_epoch: str | None = None
+
+
+def expert_spec(experts_config, labels: np.ndarray, num_classes: int, head_only: bool = False,
+                balance: Balance = Balance()) -> training.TrainSpec:
   """The TrainSpec of (classifier-only, when head_only) expert training from `config.experts` on
-  a training set with `labels`; a class-balanced epoch's length follows `experts.balanced_epoch`."""
+  a training set with `labels`; a class-balanced epoch's length follows `experts.balanced_epoch`.
+  `balance` overrides the sampling, loss and epoch length (the hierarchical stage-1 experts)."""
   sampling = experts_config.classifier_sampling if head_only else experts_config.sampling
-  size = training.epoch_size(labels, num_classes, sampling, experts_config.balanced_epoch)
+  sampling = balance.sampling or sampling
+  size = training.epoch_size(labels, num_classes, sampling,
+                             balance.balanced_epoch or experts_config.balanced_epoch)
   return training.TrainSpec(
       batch_size=experts_config.batch_size,
       steps_per_epoch=training.steps_per_epoch(size, experts_config.batch_size),
       momentum=experts_config.momentum, weight_decay=experts_config.weight_decay,
-      sampling=sampling, loss=experts_config.loss, dsa=experts_config.dsa, head_only=head_only)
+      sampling=sampling, loss=balance.loss or experts_config.loss, dsa=experts_config.dsa,
+      head_only=head_only)
 
 
 def train_experts(config, data, directory, classes=(), mesh=None,
-                  label_map: np.ndarray | None = None) -> ExpertSet:
+                  label_map: np.ndarray | None = None, balance: Balance = Balance()) -> ExpertSet:
   """Trains (or resumes, or just opens) the expert set a config asks for on `data`'s LT train set.
 
   Args:
@@ -163,6 +177,7 @@ def train_experts(config, data, directory, classes=(), mesh=None,
     mesh: device mesh; the expert axis is sharded over it.
     label_map: optional [C] map of every class to a coarser label (group experts: class -> group);
       not combined with `classes`.
+    balance: sampling / loss overrides (`Balance`), e.g. group-balanced group experts.
 
   Returns:
     The finished `ExpertSet`.
@@ -180,7 +195,7 @@ def train_experts(config, data, directory, classes=(), mesh=None,
   model = models.make_classifier(config.model, num_classes)
   init = training.init_ensemble(model, jax.random.key(config.seed), cfg.num_experts,
                                 data.image_shape)
-  spec = expert_spec(cfg, labels, num_classes)
+  spec = expert_spec(cfg, labels, num_classes, balance=balance)
   tag = f"experts {pathlib.Path(directory).name}"
   return train_trajectories(directory, model, spec, config.dsa, images, labels, num_classes,
                             init, cfg.lr, cfg.epochs, config.seed, mesh,

@@ -92,8 +92,12 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
   must not stand in for `labels`.
 
   `learned_lrs` (a hierarchical set's lr per objective: `groups`, `group_<g>`) gives each network
-  its own lr; networks it does not name train with `lr`."""
+  its own lr; networks it does not name train with `lr`. A group network trained on real images
+  (the `random`, `herding` and `full` baselines) counters the between-group imbalance as
+  `stage1_balance` says; one trained on a distilled set trains as the evaluation protocol does."""
   learned_lrs = learned_lrs or {}
+  real = method.split("+")[0] in ("random", "herding", "full")
+  balance = stage1_balance(config.grouping) if real else experts_lib.Balance()
   start = time.time()
   mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
   eval_images, eval_labels = evaluate_lib.split_arrays(data, split)
@@ -102,7 +106,8 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
   group_model = models.Classifier(backbone, models.make_head(config.model, grouping.num_groups))
   group_params = evaluate_lib.train_networks(
       config, group_model, images, group_targets(targets, grouping), grouping.num_groups,
-      learned_lrs.get("groups", lr), epochs, config.seed, mesh, label=f"evaluate {method} groups")
+      learned_lrs.get("groups", lr), epochs, config.seed, mesh, label=f"evaluate {method} groups",
+      sampling=balance.sampling or "instance", loss=balance.loss or "ce")
   group_probs = _probs(config, group_model, group_params, eval_images)  # [T, N, G]
   within, within_correct = [], []
   true_group = grouping.group_of[eval_labels]
@@ -140,6 +145,16 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
 # Two-stage hierarchical distillation.
 
 
+def stage1_balance(grouping_config) -> experts_lib.Balance:
+  """How stage-1 networks trained on real images counter the between-group imbalance (at IF 100
+  the head group has ~80 times the tail group's images): `grouping.stage1_sampling` (class_balanced
+  draws every group equally often) and `grouping.stage1_loss`. A group-balanced epoch draws as
+  many images as the training set has, so group experts take as many SGD steps per epoch as the
+  flat experts."""
+  return experts_lib.Balance(sampling=grouping_config.stage1_sampling,
+                             loss=grouping_config.stage1_loss, balanced_epoch="dataset")
+
+
 def group_expert_sets(config, data, grouping: grouping_lib.Grouping, root, mesh=None,
                       stage1: bool = True):
   """Trains (or opens) the group experts (when `stage1`) and every multi-class group's own experts
@@ -152,8 +167,10 @@ def group_expert_sets(config, data, grouping: grouping_lib.Grouping, root, mesh=
   root = pathlib.Path(root) / f"grouping_{grouping.fingerprint()}"
   group_set = group_cls = None
   if stage1:
-    group_set = experts_lib.train_experts(config, data, root / "groups", mesh=mesh,
-                                          label_map=grouping.group_of)
+    balance = stage1_balance(config.grouping)
+    group_set = experts_lib.train_experts(
+        config, data, root / f"groups_{balance.sampling}_{balance.loss}", mesh=mesh,
+        label_map=grouping.group_of, balance=balance)
     group_cls = experts_lib.classifier_experts(config, data, group_set, mesh) if ed else None
   within = {}
   for g, classes in enumerate(grouping.groups):
@@ -162,6 +179,21 @@ def group_expert_sets(config, data, grouping: grouping_lib.Grouping, root, mesh=
     s = experts_lib.train_experts(config, data, root / f"group_{g}", classes=classes, mesh=mesh)
     within[g] = (s, experts_lib.classifier_experts(config, data, s, mesh) if ed else None)
   return group_set, group_cls, within
+
+
+def matched_syn_steps(config, counts: np.ndarray, classes) -> int:
+  """The student's inner steps for a group whose experts train on `classes` only.
+
+  An expert epoch of a group takes ceil(n_g / B) SGD steps, a flat one ceil(N / B): at IF 100 the
+  tail group {8, 9} takes 1 where the flat experts take 38, so its `expert_epochs` window spans
+  38 times fewer expert steps. Its student unrolls syn_steps in the same proportion (at least 1),
+  so that every objective matches a comparable number of expert steps per student step."""
+  def steps(labels, num_classes):
+    return experts_lib.expert_spec(config.experts, labels, num_classes).steps_per_epoch
+  counts = np.asarray(counts)
+  flat = steps(np.repeat(np.arange(len(counts)), counts), len(counts))
+  group = steps(np.repeat(np.arange(len(classes)), counts[list(classes)]), len(classes))
+  return max(1, int(round(config.distill.syn_steps * group / flat)))
 
 
 def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, expert_root,
@@ -188,9 +220,12 @@ def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, exper
     for g, (s, cls_set) in within.items():
       classes = list(grouping.groups[g])
       index = np.flatnonzero(np.isin(syn_labels, classes))
-      objectives.append(distill.make_objective(config, s, cls_set, grouping.within_label_map(g),
-                                               len(classes), data.counts[classes], index,
-                                               name=f"group_{g}"))
+      objective = distill.make_objective(config, s, cls_set, grouping.within_label_map(g),
+                                         len(classes), data.counts[classes], index,
+                                         name=f"group_{g}")
+      if config.grouping.step_matched_unroll:
+        objective.syn_steps = matched_syn_steps(config, data.counts, classes)
+      objectives.append(objective)
       weights.append(lambda_2)
   if not objectives:
     raise errors.InputError("Hierarchical distillation has nothing to match: set grouping.lambda_1 or "

@@ -139,6 +139,9 @@ def stage_distill(config, workdir, data=None, mesh=None) -> dict:
   else:
     objectives = [distill.flat_objective(config, data, expert_set, classifier_set)]
     weights = [1.0]
+  reporting.MetricsWriter(workdir).write_once(
+      "objectives", 0, names=[o.name for o in objectives], weights=weights,
+      syn_steps=[o.syn_steps or config.distill.syn_steps for o in objectives])
   resume.claim(config, pathlib.Path(workdir) / "distill_ckpt", "distill")
   syn = distill.run_distillation(config, data, objectives, weights, init, workdir, mesh)
   distill.save_synthetic(workdir, syn, data, config, [o.name for o in objectives], label_record)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from ltdd_jax import distill, evaluate, experts, grouping, hierarchical, matching, parallel
+from ltdd_jax import training
 
 ONE_GROUP = grouping.Grouping((tuple(range(10)),), 10)
 
@@ -82,3 +83,39 @@ def test_per_group_expert_sees_only_its_classes(tiny, tmp_path):
   assert len(labels) == data.counts[3] + data.counts[7]
   with pytest.raises(ValueError, match="either a class subset or a label map"):
     experts.train_experts(config, data, tmp_path / "x", classes=(1,), label_map=np.zeros(10, int))
+
+
+def test_stage2_unrolls_match_their_experts_steps(tiny):
+  """Each group's student unrolls in proportion to its experts' SGD steps per epoch, so that
+  student steps per expert step stay comparable across objectives (the flat one unchanged)."""
+  config, _, _ = tiny
+  config = config.copy_and_resolve_references()
+  config.experts.batch_size, config.distill.syn_steps = 256, 10
+  counts = np.array([3900, 2340, 1400, 840, 503, 302, 181, 108, 65, 39])  # CIFAR-10-LT, IF 100
+  flat_steps = 38  # ceil(9678 / 256)
+  for classes, group_steps in (((0, 1, 2, 3), 34), ((4, 5, 6, 7), 5), ((8, 9), 1)):
+    steps = hierarchical.matched_syn_steps(config, counts, classes)
+    assert steps == max(1, round(10 * group_steps / flat_steps)), (classes, steps)
+    expert_steps = config.distill.expert_epochs * group_steps
+    assert steps / expert_steps <= 1.0  # never more student steps than the window's expert steps
+  assert hierarchical.matched_syn_steps(config, counts, tuple(range(10))) == 10
+
+
+def test_group_balanced_stage1_sees_every_group_equally(tiny):
+  config, data, _ = tiny
+  group_of = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+  labels = group_of[data.train_labels]
+  balance = hierarchical.stage1_balance(config.grouping)
+  spec = experts.expert_spec(config.experts, labels, 3, balance=balance)
+  assert spec.sampling == "class_balanced"
+  assert spec.steps_per_epoch == -(-len(labels) // config.experts.batch_size)  # as many as flat
+  draws = np.concatenate([np.asarray(training.epoch_indices(jax.random.key(k), labels, spec, 3))
+                          .ravel() for k in range(20)])
+  shares = np.bincount(labels[draws], minlength=3) / len(draws)
+  assert np.bincount(labels, minlength=3).max() > 3 * np.bincount(labels, minlength=3).min()
+  np.testing.assert_allclose(shares, 1 / 3, atol=0.03)
+  config = config.copy_and_resolve_references()
+  config.grouping.stage1_sampling = "instance"
+  spec = experts.expert_spec(config.experts, labels, 3,
+                             balance=hierarchical.stage1_balance(config.grouping))
+  assert spec.sampling == "instance"
