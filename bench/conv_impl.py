@@ -25,10 +25,9 @@ from ltdd_jax import matching, models, training
 def meta_grad_fn(impl, width, syn_steps, num_images):
   cfg = common.base_config()
   cfg.model.width, cfg.model.conv_impl = width, impl
-  cfg.dsa.enabled = False
   model = models.make_classifier(cfg.model, 10)
   apply_fn = training.make_apply(model)
-  spec = matching.InnerSpec(syn_steps=syn_steps, batch_syn=num_images)
+  spec = matching.InnerSpec(syn_steps=syn_steps, batch_syn=num_images, dsa=False)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   target = jax.tree.map(lambda p: p + 0.01, params)
   labels = jnp.arange(num_images) % 10

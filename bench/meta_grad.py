@@ -62,10 +62,9 @@ def worker_jax(args):
   from ltdd_jax import matching, models, training  # pylint: disable=g-import-not-at-top
   cfg = common.base_config()
   cfg.model.width, cfg.model.depth = args.width, 3
-  cfg.dsa.enabled = False
   model = models.make_classifier(cfg.model, 10)
   apply_fn = training.make_apply(model)
-  spec = matching.InnerSpec(syn_steps=args.syn_steps, batch_syn=args.batch_syn,
+  spec = matching.InnerSpec(syn_steps=args.syn_steps, batch_syn=args.batch_syn, dsa=False,
                             remat=args.remat_policy != "none",
                             remat_policy=("nothing_saveable" if args.remat_policy == "none"
                                           else args.remat_policy))

@@ -55,8 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.zca_eps = 0.1
   c.data.shot_rule = "thirds"         # thirds (CIFAR) | thresholds (ImageNet-LT)
 
+  # Differentiable siamese augmentation: how it augments. Whether each stage uses it is that
+  # stage's switch: experts.dsa, distill.dsa (the student's inner steps), evaluate.dsa.
   c.dsa = ml_collections.ConfigDict()
-  c.dsa.enabled = True
   c.dsa.strategy = "color_crop_cutout_flip_scale_rotate"
   c.dsa.mode = "single"               # single (DSA's 'S': one family per call) | all
   c.dsa.siamese = True
@@ -119,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.lr_per_objective = True
   c.distill.momentum = 0.5
   c.distill.batch_syn = 100
+  c.distill.dsa = True                # DSA on every inner step of the student (MTT, DATM, LTDD)
   c.distill.init = "real"             # real | noise
   c.distill.allow_duplicates = True   # classes with fewer than ipc images repeat them
   c.distill.remat = True              # jax.checkpoint the inner step (memory ~ constant in syn_steps)

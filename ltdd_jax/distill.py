@@ -396,7 +396,8 @@ def make_update_fn(config, objectives: list[MatchingObjective], weights: list[fl
   spec = matching.InnerSpec(syn_steps=config.distill.syn_steps,
                             batch_syn=config.distill.batch_syn, remat=config.distill.remat,
                             remat_policy=config.distill.remat_policy,
-                            weight_reduction=config.ltdd.dam_reduction)
+                            weight_reduction=config.ltdd.dam_reduction,
+                            dsa=config.distill.dsa)
   opts = make_optimizers(config, options)
   learnable = tuple(opts)
 

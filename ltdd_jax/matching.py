@@ -37,6 +37,7 @@ class InnerSpec:
     train_part: which parameters the student's SGD updates: `all`, or `head` (LTDD's classifier
       stage: the backbone stays at the expert's, bit for bit).
     weight_reduction: how class-weighted inner losses are reduced (`training.cross_entropy`).
+    dsa: augment every inner minibatch with DSA (`distill.dsa`).
   """
   syn_steps: int
   batch_syn: int
@@ -44,6 +45,7 @@ class InnerSpec:
   remat_policy: str = "nothing_saveable"
   train_part: str = "all"
   weight_reduction: str = "batch"
+  dsa: bool = True
 
   def __post_init__(self):
     if self.remat_policy not in REMAT_POLICIES:
@@ -94,7 +96,8 @@ def unroll_student(apply_fn, spec: InnerSpec, dsa_config, start_params: PyTree,
   def step(params, inputs):
     idx, k = inputs
     x = parallel.constrain_leading(images[idx], mesh)
-    x = augment.augment(k, x, dsa_config)
+    if spec.dsa:
+      x = augment.augment(k, x, dsa_config)
     loss = lambda p: training.cross_entropy(apply_fn(p, x), targets[idx], class_weights,
                                             spec.weight_reduction)
     sgd = lambda p, g: jax.tree.map(lambda a, b: a - syn_lr * b, p, g)

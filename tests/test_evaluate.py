@@ -25,7 +25,6 @@ def test_metrics_on_known_predictions():
 def test_oracle_set_scores_near_perfect(tiny):
   config, data, _ = tiny
   config = config.copy_and_resolve_references()
-  config.dsa.enabled = False
   config.evaluate.dsa = False
   config.model.width = 16
   config.evaluate.epochs, config.evaluate.batch_size = 40, 64

@@ -10,8 +10,7 @@ from ltdd_jax import matching, models, parallel, training
 def _setup(dtype=jnp.float32, dsa=True, width=2, size=4, n=6):
   cfg = common.base_config()
   cfg.model.depth, cfg.model.width = 1, width
-  cfg.dsa.enabled = dsa
-  cfg.dsa.strategy = "color_scale"
+  cfg.dsa.strategy = "color_scale" if dsa else ""  # no family: no augmentation
   model = models.make_classifier(cfg.model, 3)
   apply_fn = training.make_apply(model)
   start = jax.tree.map(lambda x: x.astype(dtype), model.init(
@@ -134,3 +133,19 @@ def test_head_only_unroll_leaves_backbone_bitwise_unchanged():
       jnp.float32(0.5), start, jax.tree.map(lambda v: v + 0.05, start), jax.random.key(0),
       part="head"))(images)
   assert np.abs(np.asarray(g)).max() > 0
+
+
+def test_distill_dsa_switch_turns_augmentation_off_in_the_unroll():
+  """distill.dsa is the distillation's own switch: off, the student sees the images as they are."""
+  cfg, apply_fn, start, _, images, labels = _setup()
+  run = lambda spec, dsa_cfg: matching.unroll_student(apply_fn, spec, dsa_cfg, start, images,
+                                                      labels, jnp.float32(0.5), jax.random.key(0))
+  off = run(matching.InnerSpec(2, 4, dsa=False), cfg.dsa)
+  no_family = cfg.dsa.copy_and_resolve_references()
+  no_family.strategy = ""
+  plain = run(matching.InnerSpec(2, 4), no_family)
+  augmented = run(matching.InnerSpec(2, 4), cfg.dsa)
+  for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(off),
+                                                      jax.tree.leaves(augmented)))

@@ -129,13 +129,12 @@ def augment(key: jax.Array, images: jax.Array, dsa_config) -> jax.Array:
   Args:
     key: PRNG key; the same key gives the same output.
     images: [N, H, W, C] float.
-    dsa_config: `config.dsa` (enabled, strategy, mode, siamese and the family ratios).
+    dsa_config: `config.dsa` (strategy, mode, siamese and the family ratios). Whether a stage
+      augments at all is its own switch (experts.dsa, distill.dsa, evaluate.dsa).
 
   Returns:
     [N, H, W, C], differentiable w.r.t. `images`.
   """
-  if not dsa_config.enabled:
-    return images
   families = parse_strategy(dsa_config.strategy)
   if not families:
     return images

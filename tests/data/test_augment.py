@@ -51,9 +51,8 @@ def test_siamese_shares_parameters():
   assert not np.allclose(independent[1], independent[0])
 
 
-def test_disabled_is_identity_and_jits():
-  cfg = _cfg("color_crop")
-  cfg.enabled = False
+def test_no_family_is_identity_and_jits():
+  cfg = _cfg("")
   x = jnp.ones((2, 4, 4, 3))
   assert augment.augment(jax.random.key(0), x, cfg) is x
   on = _cfg("color_crop_cutout_flip_scale_rotate")
