@@ -33,7 +33,7 @@ def expert_per_class_accuracy(config, expert_set: experts_lib.ExpertSet, images,
                               num_outputs: int) -> np.ndarray:
   """[K, num_outputs] per-class accuracy (%) of every expert's last epoch on (images, labels)."""
   model = models.make_classifier(config.model, num_outputs)
-  last = jax.tree.map(lambda x: x[:, -1], expert_set.load_all())
+  last = expert_set.at_epoch()
   pred = training.model_logits(model, last, images,
       config.evaluate.test_batch_size, config.model.ensemble_impl).argmax(-1)
   return np.stack([100 * (pred[:, labels == c] == c).mean(1) for c in range(num_outputs)], 1)

@@ -28,7 +28,6 @@ from ltdd_jax import evaluate as evaluate_lib
 from ltdd_jax import experts as experts_lib
 
 METHODS = ("mtt", "datm", "ltdd")
-PyTree = Any
 
 
 class DivergenceError(errors.DivergedError):
@@ -93,14 +92,15 @@ class MatchingObjective:
   """A source of (start, target) expert pairs and the matching loss against them.
 
   Attributes:
-    experts: expert trajectories, leaves [K, E+1, ...] (host numpy).
+    experts: expert trajectories: an `experts.TrajectoryReader` (reads the sampled epochs from
+      disk) or `experts.StackedTrajectories` (in memory); `.get(k, epoch)` -> parameters.
     classifier_experts: classifier-only trajectories for LTDD's ED (or None).
     apply_fn: the student's (params, images) -> logits.
     label_map: [C] int mapping dataset classes to this objective's outputs (-1: not its class).
       Identity for flat distillation; group ids or within-group ids for the hierarchical plugin.
     num_outputs: outputs of this objective's networks.
     image_index: which synthetic images the student trains on (None: all), e.g. a group's.
-    classifier_experts: classifier-only trajectories for LTDD's ED (or None).
+    classifier_experts: classifier-only trajectories for LTDD's ED, the same interface (or None).
     class_weights: [num outputs] DAM weights (or None).
     ed: how the classifier term is drawn and weighed under ED (with `classifier_experts`).
     syn_steps: the student's inner steps for this objective (None: `distill.syn_steps`); the
@@ -108,12 +108,12 @@ class MatchingObjective:
     name: what the objective matches (`flat`; `groups` and `group_<g>` for the hierarchical
       stages): names its learned lr when every objective learns its own.
   """
-  experts: PyTree
+  experts: Any
   apply_fn: Callable
   label_map: np.ndarray
   num_outputs: int
   image_index: np.ndarray | None = None
-  classifier_experts: PyTree | None = None
+  classifier_experts: Any = None
   class_weights: np.ndarray | None = None
   ed: EDSpec = EDSpec()
   syn_steps: int | None = None
@@ -121,27 +121,26 @@ class MatchingObjective:
 
   @property
   def num_experts(self) -> int:
-    return jax.tree.leaves(self.experts)[0].shape[0]
+    return self.experts.num_experts
 
   @property
   def num_epochs(self) -> int:
-    return jax.tree.leaves(self.experts)[0].shape[1] - 1
+    return self.experts.num_epochs
 
   def sample(self, rng: np.random.Generator, lo: int, hi: int, expert_epochs: int):
     """Draws an expert k and start epoch s in [lo, hi); returns the host arrays the loss needs."""
     k = int(rng.integers(self.num_experts))
     s = int(rng.integers(lo, hi))
-    take = lambda tree, e: jax.tree.map(lambda x: x[k, e], tree)
-    pair = {"start": take(self.experts, s), "target": take(self.experts, s + expert_epochs)}
+    pair = {"start": self.experts.get(k, s), "target": self.experts.get(k, s + expert_epochs)}
     if self.classifier_experts is not None:  # LTDD's classifier window: [0, ed.max_start_epoch).
       sc = int(rng.integers(0, self.ed.max_start_epoch))
-      pair["cls_start"] = take(self.classifier_experts, sc)
-      pair["cls_target"] = take(self.classifier_experts, sc + expert_epochs)
+      pair["cls_start"] = self.classifier_experts.get(k, sc)
+      pair["cls_target"] = self.classifier_experts.get(k, sc + expert_epochs)
     return pair
 
   @property
   def num_classifier_epochs(self) -> int:
-    return jax.tree.leaves(self.classifier_experts)[0].shape[1] - 1
+    return self.classifier_experts.num_epochs
 
   def loss(self, spec: matching.InnerSpec, dsa_config, images, targets, syn_lr, pair, key,
            mesh=None):
@@ -186,9 +185,9 @@ def make_objective(config, expert_set: experts_lib.ExpertSet,
   options = method_options(config)
   model = models.make_classifier(config.model, num_outputs)
   return MatchingObjective(
-      experts=expert_set.load_all(), apply_fn=training.make_apply(model),
+      experts=experts_lib.TrajectoryReader(expert_set), apply_fn=training.make_apply(model),
       label_map=np.asarray(label_map), num_outputs=num_outputs, image_index=image_index,
-      classifier_experts=classifier_set.load_all() if options.ed else None,
+      classifier_experts=experts_lib.TrajectoryReader(classifier_set) if options.ed else None,
       class_weights=matching.class_frequency_weights(counts) if options.dam else None,
       ed=ed_spec(config.ltdd), name=name)
 
@@ -232,9 +231,7 @@ def label_init_spec(config) -> LabelInitSpec:
 def expert_logits(config, expert_set: experts_lib.ExpertSet, images: np.ndarray,
                   epoch: int = -1) -> np.ndarray:
   """[K, N, C] logits of every expert of a set at one epoch (-1: the last) on `images`."""
-  epoch = expert_set.epochs if epoch < 0 or epoch > expert_set.epochs else epoch
-  params = jax.tree.map(lambda *xs: np.stack([x[epoch] for x in xs]),
-                        *[expert_set.load(k) for k in range(expert_set.num_experts)])
+  params = expert_set.at_epoch(epoch)
   model = models.make_classifier(config.model, expert_set.num_classes)
   return training.model_logits(model, params, images,
       config.evaluate.test_batch_size, config.model.ensemble_impl)
@@ -490,12 +487,18 @@ def run_distillation(config, data, objectives: list[MatchingObjective], weights:
   progress = reporting.Progress("distill", cfg.iterations, start)
   base = jax.random.key(config.seed)
   t0 = time.time()
-  for it in range(start, cfg.iterations):
+  def draw(it):  # The expert pairs of iteration `it`: a function of (seed, it) alone.
     rng = np.random.default_rng([config.seed, it])
     lo, hi = start_epoch_window(config, options, it)
-    pairs = [obj.sample(rng, lo, hi, cfg.expert_epochs) for obj in objectives]
+    return [obj.sample(rng, lo, hi, cfg.expert_epochs) for obj in objectives], (lo, hi)
+
+  upcoming = draw(start) if start < cfg.iterations else None
+  for it in range(start, cfg.iterations):
+    pairs, (lo, hi) = upcoming
     syn, opt, loss, losses = update(state["syn"], state["opt"], pairs,
                                     jax.random.fold_in(base, it))
+    if it + 1 < cfg.iterations:  # Read the next pairs from disk while this update computes.
+      upcoming = draw(it + 1)
     loss = float(loss)
     if not np.isfinite(loss) or not bool(jnp.isfinite(syn["images"]).all()):
       last = store.latest_step()

@@ -88,7 +88,7 @@ def expert_validation_accuracy(config, data, expert_set: experts_lib.ExpertSet) 
   if not len(data.val_labels):
     return {}
   model = models.make_classifier(config.model, expert_set.num_classes)
-  last = jax.tree.map(lambda x: x[:, -1], expert_set.load_all())
+  last = expert_set.at_epoch()
   logits = training.model_logits(model, last, data.val_images,
       config.evaluate.test_batch_size, config.model.ensemble_impl)
   acc = 100.0 * (logits.argmax(-1) == data.val_labels[None]).mean(axis=1)
@@ -104,7 +104,7 @@ def class_mean_features(config, data, expert_set: experts_lib.ExpertSet) -> np.n
 def expert_features(config, data, expert_set: experts_lib.ExpertSet) -> np.ndarray:
   """[N, F] backbone features of the LT training images under expert 0's last epoch."""
   model = models.make_classifier(config.model, expert_set.num_classes)
-  last = jax.tree.map(lambda x: x[-1], expert_set.load(0))
+  last = expert_set.load_epoch(0, expert_set.epochs)
   backbone = models.for_inference(model).backbone
   fn = jax.jit(lambda p, x: backbone.apply({"params": p["backbone"]}, x))
   return np.concatenate([np.asarray(fn(last, data.train_images[i:i + 1000]))

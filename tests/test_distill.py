@@ -80,7 +80,8 @@ def test_four_devices_equal_one_float64(tiny, tmp_path):
   with jax.enable_x64(True):
     objective, init = _objective(config, data, expert_set)
     f64 = lambda t: jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, t)
-    objective.experts, init = f64(objective.experts), f64(init)
+    objective.experts = experts.StackedTrajectories(f64(expert_set.load_all()))
+    init = f64(init)
     out = [distill.run_distillation(config, data, [objective], [1.0], init, tmp_path / str(n),
                                     parallel.make_mesh(n)) for n in (1, 4)]
   assert out[0]["images"].dtype == np.float64
@@ -262,8 +263,7 @@ def test_ed_classifier_term_unweighted_from_epoch_zero(tiny):
   objective, init = _objective(config, data, expert_set)
   k_pairs = [objective.sample(np.random.default_rng(s), 0, 3, 1) for s in range(4)]
   for pair in k_pairs:  # classifier window [0, 1): the start is epoch 0 of some expert
-    starts = [jax.tree.map(lambda x, k=k: x[k, 0], objective.classifier_experts)
-              for k in range(objective.num_experts)]
+    starts = [objective.classifier_experts.get(k, 0) for k in range(objective.num_experts)]
     assert any(all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pair["cls_start"]),
                                                         jax.tree.leaves(s))) for s in starts)
   spec = matching.InnerSpec(config.distill.syn_steps, config.distill.batch_syn)

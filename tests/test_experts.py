@@ -1,3 +1,5 @@
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -123,3 +125,40 @@ def test_class_balanced_epoch_counts_largest_class_times_classes(tiny):
   cfg.balanced_epoch = "largest"
   with pytest.raises(ValueError, match="experts.balanced_epoch 'largest'"):
     experts.expert_spec(cfg, labels, 3, head_only=True)
+
+
+def test_reader_reads_only_sampled_epochs_with_a_bounded_cache(tiny, monkeypatch):
+  """Distillation's expert reader loads one (expert, epoch) at a time and keeps a few."""
+  _, _, expert_set = tiny
+  reads = []
+  original = experts.checkpoints.load_tree
+  monkeypatch.setattr(experts.checkpoints, "load_tree", lambda p: reads.append(p) or original(p))
+  reader = experts.TrajectoryReader(expert_set, cache_size=2)
+  chex.assert_trees_all_equal(reader.get(1, 3), jax.tree.map(lambda x: x[3], expert_set.load(1)))
+  reads.clear()
+  reader.get(1, 3)
+  assert not reads, "a cached epoch is not read again"
+  reader.get(0, 0), reader.get(0, 1)
+  assert len(reads) == 2 and all("epoch_" in str(p) for p in reads)
+  assert len(reader._cache) == 2  # bounded: (1, 3) was evicted
+  reader.get(1, 3)
+  assert len(reads) == 3
+  with pytest.raises(IndexError, match="epoch 9"):
+    expert_set.load_epoch(0, 9)
+  stacked = experts.StackedTrajectories(expert_set.load_all())
+  assert (stacked.num_experts, stacked.num_epochs) == (reader.num_experts, reader.num_epochs)
+  chex.assert_trees_all_equal(stacked.get(1, 2), reader.get(1, 2))
+
+
+def test_sets_in_the_earlier_stacked_layout_still_read(tiny, tmp_path):
+  _, _, expert_set = tiny
+  old = tmp_path / "old"
+  for k in range(expert_set.num_experts):  # one tree per expert holding every epoch
+    experts.checkpoints.save_tree(old / "trajectories" / f"expert_{k:03d}", expert_set.load(k))
+  meta = json.loads((expert_set.directory / "meta.json").read_text())
+  del meta["layout"]
+  reporting.write_json(old / "meta.json", meta)
+  legacy = experts.ExpertSet.open(old)
+  assert legacy.layout == "stacked"
+  chex.assert_trees_all_equal(legacy.load_epoch(1, 2), expert_set.load_epoch(1, 2))
+  chex.assert_trees_all_equal(legacy.at_epoch(), expert_set.at_epoch())

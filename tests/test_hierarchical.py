@@ -60,7 +60,8 @@ def test_hierarchical_loss_with_one_group_and_no_stage1_is_flat(tiny, tmp_path):
   assert len(objectives) == 1 and weights == [config.grouping.lambda_2]
   flat = distill.flat_objective(config, data, expert_set, None)
   stage2 = objectives[0]
-  jax.tree.map(np.testing.assert_array_equal, stage2.experts, flat.experts)
+  jax.tree.map(np.testing.assert_array_equal, stage2.experts.expert_set.load_all(),
+               flat.experts.expert_set.load_all())
   syn, _ = distill.initial_synthetic(config, data, expert_set)
   spec = matching.InnerSpec(config.distill.syn_steps, config.distill.batch_syn)
   pair = flat.sample(np.random.default_rng(0), 0, 2, 1)
