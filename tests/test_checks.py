@@ -108,6 +108,15 @@ def test_bad_workdirs(tmp_path, no_training):
     pipeline.run_pipeline(config, "/proc/ltdd_jax_run")  # not writable, even for root
 
 
+def test_full_disk_fails_before_training(tmp_path, no_training, monkeypatch):
+  from ltdd_jax import resume  # pylint: disable=g-import-not-at-top
+  usage = resume.shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(resume.shutil, "disk_usage",
+                      lambda _: usage._replace(free=3 * 2**20))
+  with pytest.raises(errors.WorkdirError, match="has only 3.0 MiB free"):
+    pipeline.run_pipeline(tiny_config(tmp_path), tmp_path / "run")
+
+
 def test_bad_folder_sources(tmp_path, no_training):
   config = _config(tmp_path, {"data.train_source": "folder",
                               "data.train_path": str(tmp_path / "missing")})
