@@ -40,9 +40,14 @@ def get_config(arg=None):
   c.benchmark.methods = METHODS if cpu_cifar else METHODS + HIERARCHICAL
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor
   c.benchmark.per_class_if = max(factors)  # IF of the per-class accuracy figure
-  # Settings each imbalance factor's cells take (the published per-factor LTDD values).
+  # Settings each imbalance factor's and each IPC's cells take (the published per-factor LTDD
+  # values; the paper profile's per-IPC values). A grid overridden to other factors or IPCs
+  # needs entries for them.
+  cifar = args.dataset != "digits"
   c.benchmark.factor_settings = {
-      f"if{f:g}": cifar10_lt.factor_settings(f) if args.dataset != "digits" else {}
-      for f in factors}
+      f"if{f:g}": cifar10_lt.factor_settings(f) if cifar else {} for f in factors}
+  c.benchmark.ipc_settings = {
+      f"ipc{i}": cifar10_lt.ipc_settings(args.profile, i, args.dataset) if cifar else {}
+      for i in ipcs}
   c.lock()
   return c

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from ltdd_jax import pipeline, reporting
+from ltdd_jax import errors, pipeline, reporting
 from ltdd_jax.data import dataset as dataset_lib
 
 COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
@@ -33,13 +33,23 @@ def cell_name(factor: float, ipc: int | None, method: str) -> str:
   return f"if{factor:g}_" + ("" if ipc is None else f"ipc{ipc}_") + method.replace("+", "-")
 
 
+def _settings(table, key: str) -> dict:
+  """The per-factor or per-IPC settings of a cell; a grid overridden to a value the config gives
+  no settings for fails rather than silently running with another value's."""
+  if key not in table:
+    raise errors.InputError(f"The benchmark config has no settings for {key} (it has "
+                            f"{sorted(table)}); add benchmark.*_settings.{key} or use listed values.")
+  return table[key].to_dict() if hasattr(table[key], "to_dict") else dict(table[key])
+
+
 def cell_config(config, factor: float, ipc: int | None, method: str, workdir: pathlib.Path):
   """The pipeline config of one cell; experts are shared by every cell of an imbalance factor."""
   c = config.copy_and_resolve_references()
   c.data.imbalance_factor = factor
-  c.update(config.benchmark.factor_settings.get(f"if{factor:g}", {}))
+  c.update(_settings(config.benchmark.factor_settings, f"if{factor:g}"))
   if ipc is not None:
     c.distill.ipc = ipc
+    c.update(_settings(config.benchmark.ipc_settings, f"ipc{ipc}"))
   c.method = method
   c.experts.directory = str(workdir / f"if{factor:g}_experts")
   return c

@@ -141,8 +141,9 @@ def check_config(config) -> None:
                 "distill.log_every"):
       p.at_least(key, 1)
     p.at_least("distill.eval_every", 0)
-    for key in ("distill.lr_img", "distill.lr_lr", "distill.syn_lr_init"):
-      p.positive(key)
+    p.positive("distill.lr_img")
+    p.positive("distill.syn_lr_init")
+    p.at_least("distill.lr_lr", 0)  # 0 keeps the student's lr fixed
     p.one_of("distill.init", INIT_MODES)
     p.one_of("distill.remat_policy", matching.REMAT_POLICIES)
     need = config.distill.max_start_epoch + config.distill.expert_epochs
@@ -151,7 +152,7 @@ def check_config(config) -> None:
             f"= {need} exceeds experts.epochs ({config.experts.epochs}); lower them or train "
             "longer experts")
   if base in ("datm", "ltdd"):
-    p.positive("datm.lr_label")
+    p.at_least("datm.lr_label", 0)  # 0 keeps the initial soft labels
     p.at_least("datm.label_momentum", 0)
     p.at_least("datm.window_grow_every", 1)
     p.at_least("datm.min_start_epoch", 0)

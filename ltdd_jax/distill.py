@@ -237,6 +237,22 @@ def expert_logits(config, expert_set: experts_lib.ExpertSet, images: np.ndarray,
       config.evaluate.test_batch_size, config.model.ensemble_impl)
 
 
+def expert_correct(config, expert_set: experts_lib.ExpertSet, images: np.ndarray,
+                   labels: np.ndarray, experts: int = -1, epoch: int = -1) -> np.ndarray:
+  """[K', N] bool: expert k classifies image n correctly, for the first `experts` experts (-1:
+  all), one expert at a time so that memory holds booleans, not [K, N, C] logits."""
+  epoch = expert_set.epochs if epoch < 0 or epoch > expert_set.epochs else epoch
+  count = expert_set.num_experts if experts < 0 else min(experts, expert_set.num_experts)
+  model = models.make_classifier(config.model, expert_set.num_classes)
+  rows = []
+  for k in range(count):
+    params = jax.tree.map(lambda x: x[None], expert_set.load_epoch(k, epoch))
+    logits = training.model_logits(model, params, images, config.evaluate.test_batch_size,
+                                   config.model.ensemble_impl)[0]
+    rows.append(logits.argmax(-1) == labels)
+  return np.stack(rows)
+
+
 def select_correct(correct: np.ndarray, labels: np.ndarray, num_classes: int, ipc: int,
                    spec: LabelInitSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """DATM's `samples_predicted_correctly` image selection.
@@ -319,16 +335,16 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
   ipc, num_classes = cfg.ipc, data.num_classes
   selection.check_ipc(data.train_labels, num_classes, ipc, cfg.allow_duplicates)
   labels = np.repeat(np.arange(num_classes), ipc).astype(np.int32)
-  logits = found = None
+  found = None
   if options.soft_labels:
     source = label_set or expert_set
     if source is None:
       raise errors.InputError("Soft labels need an expert set to initialise them from.")
     spec = label_init_spec(config)
-    logits = expert_logits(config, source, data.train_images, spec.label_epoch)
   if cfg.init == "real":
     if options.soft_labels and config.datm.correct_only:
-      correct = logits.argmax(-1) == data.train_labels[None]
+      correct = expert_correct(config, source, data.train_images, data.train_labels,
+                               spec.search_experts, spec.label_epoch)
       idx, found = select_correct(correct, data.train_labels, num_classes, ipc, spec, config.seed)
     else:
       idx = selection.random_selection(data.train_labels, num_classes, ipc, config.seed,
@@ -347,8 +363,9 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
   if idx is None:  # Noise images: an expert's logits on them mean nothing.
     label_logits = class_correct_logits(labels, num_classes)
     from_experts = np.zeros(len(labels), bool)
-  else:
-    label_logits, from_experts = mean_correct_logits(logits[:, idx], labels)
+  else:  # Every labelling expert's logits, on the chosen images only.
+    logits = expert_logits(config, source, data.train_images[idx], spec.label_epoch)
+    label_logits, from_experts = mean_correct_logits(logits, labels)
   state["label_logits"] = label_logits
   per_class = lambda v: np.asarray([v[labels == c].mean() for c in range(num_classes)], np.float32)
   record = {"init_label_acc": per_class(label_logits.argmax(-1) == labels),

@@ -72,8 +72,8 @@ class ExpertSet:
   def load_epoch(self, k: int, epoch: int):
     """Parameters of expert k after `epoch` epochs (numpy); reads that epoch alone."""
     self._check(k, epoch)
-    if self.layout == "stacked":
-      return jax.tree.map(lambda x: x[epoch], self.load(k))
+    if self.layout == "stacked":  # One tree per expert: keep the last two read.
+      return jax.tree.map(lambda x: x[epoch], _stacked_trajectory(self.directory, k))
     return checkpoints.load_tree(self.directory / "trajectories" / f"expert_{k:03d}" /
                                  f"epoch_{epoch:04d}")
 
@@ -94,6 +94,12 @@ class ExpertSet:
     epoch = self.epochs if epoch < 0 or epoch > self.epochs else epoch
     return jax.tree.map(lambda *xs: np.stack(xs),
                         *[self.load_epoch(k, epoch) for k in range(self.num_experts)])
+
+
+@functools.lru_cache(maxsize=2)
+def _stacked_trajectory(directory: pathlib.Path, k: int):
+  """Expert k of a set in the earlier stacked layout (every epoch in one tree)."""
+  return checkpoints.load_tree(directory / "trajectories" / f"expert_{k:03d}")
 
 
 class TrajectoryReader:

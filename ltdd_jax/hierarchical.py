@@ -149,8 +149,8 @@ def stage1_balance(grouping_config) -> experts_lib.Balance:
   """How stage-1 networks trained on real images counter the between-group imbalance (at IF 100
   the head group has ~80 times the tail group's images): `grouping.stage1_sampling` (class_balanced
   draws every group equally often) and `grouping.stage1_loss`. A group-balanced epoch draws as
-  many images as the training set has, so group experts take as many SGD steps per epoch as the
-  flat experts."""
+  many images as the training set has, so group experts take as many SGD steps per epoch as flat
+  experts that sample by instance (the default)."""
   return experts_lib.Balance(sampling=grouping_config.stage1_sampling,
                              loss=grouping_config.stage1_loss, balanced_epoch="dataset")
 

@@ -29,7 +29,7 @@ BASELINES = ("random", "herding", "full")
 parse_method = checks.parse_method
 
 
-def setup(config, workdir, data=None):
+def setup(config, workdir, data=None, check_resume: bool = True):
   """Common start of every stage: multi-host init, compilation cache, checks, dataset, mesh.
 
   Everything that can be checked before work starts is checked here, in this order: the config
@@ -38,10 +38,13 @@ def setup(config, workdir, data=None):
   class sizes, manual groups). `config.json` is written only after every check passed.
 
   `data` (from `load_dataset(config.data, config.seed)`) skips loading when a caller running many
-  cells on the same data (the benchmark grid) already holds it."""
+  cells on the same data (the benchmark grid) already holds it. `check_resume=False` skips the
+  early check of stage records, for commands that resume nothing (evaluating a set); a stage that
+  opens an expert set still checks its record."""
   checks.check_config(config)
   workdir = resume.prepare_workdir(workdir)
-  resume.check_workdir(config, workdir, expert_root(config, workdir))
+  if check_resume:
+    resume.check_workdir(config, workdir, expert_root(config, workdir))
   parallel.initialize_distributed(config.mesh.distributed)
   parallel.use_compilation_cache(config.mesh.compilation_cache_dir)
   mesh = parallel.make_mesh(config.mesh.num_devices)
@@ -204,7 +207,7 @@ def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=No
     split: `test` (reported numbers) or `validation` (model selection and tuning).
   """
   if data is None:
-    workdir, mesh, data = setup(config, workdir)
+    workdir, mesh, data = setup(config, workdir, check_resume=False)
   workdir = pathlib.Path(workdir)
   start = time.time()
   if which.startswith("synthetic"):

@@ -16,15 +16,22 @@ import pathlib
 import shutil
 import tempfile
 
+from absl import logging
+
 from ltdd_jax import errors, reporting
 
 RECORD = "run_spec.json"
 STAGES = ("experts", "distill")
 MIN_FREE_BYTES = 64 * 2**20
-# Keys whose value never changes what a stage computes.
+# Keys whose value does not change what a stage computes: bookkeeping, the iteration count a run
+# may be extended to, evaluation-only settings, and the implementation choices that compute the
+# same function (convolution, ensemble, rematerialisation: they change float rounding only).
 _NEUTRAL = ("data.cache_dir", "data.dataset", "model.conv_impl", "model.ensemble_impl",
             "experts.directory", "distill.iterations", "distill.checkpoint_every",
-            "distill.log_every", "distill.eval_every", "distill.remat", "distill.remat_policy")
+            "distill.log_every", "distill.eval_every", "distill.remat", "distill.remat_policy",
+            "grouping.prediction")
+# metrics.jsonl records a discarded distillation leaves behind.
+_DISTILL_RECORDS = ("distill", "distill_validation", "distill_done", "label_init", "objectives")
 
 
 def prepare_workdir(workdir) -> pathlib.Path:
@@ -72,12 +79,15 @@ def stage_values(config, stage: str, classifier: bool = False) -> dict:
   if stage not in STAGES:
     raise errors.InputError(f"Unknown stage {stage!r}; accepted: {STAGES}.")
   flat = flatten(config)
-  hierarchical = "hierarchical" in config.method.split("+")[1:]
+  base, *plugins = config.method.split("+")
+  hierarchical = "hierarchical" in plugins
   sections = ["data.", "dsa.", "model.", "experts."]
-  if stage == "distill":
-    sections += ["distill.", "datm.", "ltdd."] + (["grouping."] if hierarchical else [])
+  if stage == "distill":  # Only the option groups the method reads.
+    sections += ["distill."] + {"datm": ["datm."], "ltdd": ["datm.", "ltdd."]}.get(base, [])
+    sections += ["grouping."] if hierarchical else []
   keep = {k: v for k, v in flat.items() if k.startswith(tuple(sections)) and k not in _NEUTRAL}
-  if stage == "experts" and not classifier:
+  uses_classifiers = classifier or (stage == "distill" and base == "ltdd" and config.ltdd.ed)
+  if not uses_classifiers:
     keep = {k: v for k, v in keep.items() if not k.startswith("experts.classifier_")}
   keep["seed"] = config.seed
   if stage == "distill":  # +two_stage only changes evaluation; +hierarchical changes the objective.
@@ -103,20 +113,49 @@ def _discarded(config) -> set[str]:
   return stages
 
 
-def _outputs(directory: pathlib.Path, stage: str) -> list[pathlib.Path]:
-  """What discarding a stage removes: its folder, and for distillation the synthetic set."""
+def _discard(directory: pathlib.Path, stage: str) -> None:
+  """Removes a stage's outputs: its folder; for distillation also the synthetic set and the
+  run's distillation records in metrics.jsonl (the new run writes its own)."""
+  outputs = [directory]
   if stage == "distill":
-    return [directory, directory.parent / "synthetic.npz", directory.parent / "synthetic.png"]
-  return [directory]
+    outputs += [directory.parent / "synthetic.npz", directory.parent / "synthetic.png"]
+    reporting.MetricsWriter(directory.parent).drop_after(_DISTILL_RECORDS, -1)
+  for out in outputs:
+    if out.is_dir():
+      shutil.rmtree(out)
+    elif out.exists():
+      out.unlink()
+
+
+def _adopt(config, directory: pathlib.Path, stage: str, classifier: bool) -> dict:
+  """Outputs written before stage records existed: a finished expert set must at least have the
+  configured size; the record then says it was adopted, not made with these values."""
+  meta = directory / "meta.json"
+  if stage == "experts" and meta.exists():
+    found = json.loads(meta.read_text())
+    epochs = config.experts.classifier_epochs if classifier else config.experts.epochs
+    expected = {"num_experts": config.experts.num_experts, "epochs": epochs}
+    diff = [f"{k}: {found.get(k)!r} on disk, {v!r} configured" for k, v in expected.items()
+            if found.get(k) != v]
+    if diff:
+      raise errors.ResumeMismatchError(
+          f"{directory} holds an expert set of another size ({'; '.join(diff)}). Use another "
+          "--workdir (or experts.directory), or delete that folder to train it again.")
+  logging.warning("%s holds %s outputs without a record of their config values (made by an "
+                  "earlier version); adopting them as made with the current ones.", directory, stage)
+  return {"adopted": True}
 
 
 def claim(config, directory, stage: str, classifier: bool = False) -> None:
   """Before a stage writes into `directory`: checks the record there against the config (see
-  `check`), or writes one. Outputs from before records existed are adopted as they are."""
+  `check`), or writes one. Outputs from before records existed are adopted after a size check
+  (`_adopt`), and their record says so."""
   directory = pathlib.Path(directory)
   current = stage_values(config, stage, classifier)
   if not check(config, directory, stage, classifier):
-    reporting.write_json(directory / RECORD, {"stage": stage, "values": current})
+    extra = _adopt(config, directory, stage, classifier) if directory.is_dir() and any(
+        p.name != RECORD for p in directory.iterdir()) else {}
+    reporting.write_json(directory / RECORD, {"stage": stage, "values": current, **extra})
 
 
 def check(config, directory, stage: str, classifier: bool = False) -> bool:
@@ -137,11 +176,7 @@ def check(config, directory, stage: str, classifier: bool = False) -> bool:
   if not diff:
     return True
   if stage in _discarded(config):
-    for out in _outputs(directory, stage):
-      if out.is_dir():
-        shutil.rmtree(out)
-      elif out.exists():
-        out.unlink()
+    _discard(directory, stage)
     return False
   raise errors.ResumeMismatchError(
       f"{directory} holds {stage} outputs made with other config values:\n  " +
@@ -150,14 +185,24 @@ def check(config, directory, stage: str, classifier: bool = False) -> bool:
 
 
 def check_workdir(config, workdir, expert_root) -> None:
-  """Checks every stage record a run would resume from: the expert sets under `expert_root` and
-  the distillation checkpoints in `workdir` (when the method distils)."""
+  """Checks, before any work, the records of the outputs this run would resume from: the flat
+  expert set (and its classifier experts under LTDD's ED), the group expert sets of a hierarchical
+  run, and the distillation checkpoints in `workdir`. Stages the run does not use are not checked
+  (each stage checks its own folder again when it opens it)."""
   _discarded(config)  # An unknown stage name fails even when nothing mismatches.
+  base, *plugins = config.method.split("+")
+  if base not in ("mtt", "datm", "ltdd", "herding"):
+    return
   expert_root = pathlib.Path(expert_root)
-  if expert_root.is_dir():
-    for record in sorted(expert_root.glob(f"**/{RECORD}")):
-      directory = record.parent
-      check(config, directory, "experts", classifier=directory.name.endswith("_classifier"))
-  base = config.method.split("+")[0]
-  if base in ("mtt", "datm", "ltdd"):
+  ed = base == "ltdd" and config.ltdd.ed
+  folders = [(expert_root / "flat", False)] + ([(expert_root / "flat_classifier", True)] if ed
+                                              else [])
+  if "hierarchical" in plugins and expert_root.is_dir():
+    for record in sorted(expert_root.glob(f"grouping_*/*/{RECORD}")):
+      classifier = record.parent.name.endswith("_classifier")
+      if ed or not classifier:
+        folders.append((record.parent, classifier))
+  for directory, classifier in folders:
+    check(config, directory, "experts", classifier)
+  if base != "herding":
     check(config, pathlib.Path(workdir) / "distill_ckpt", "distill")

@@ -10,6 +10,7 @@ read. `selection.md` / `selection.csv` list what was tried, `selection.json` the
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import pathlib
@@ -40,8 +41,8 @@ def candidates(tuning_config) -> list[dict]:
 
 
 def candidate_name(values: dict) -> str:
-  """A folder name for one candidate: key=value pairs, last key part only."""
-  return "_".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()).replace("/", "-")
+  """A folder name for one candidate: its key=value pairs."""
+  return "_".join(f"{k}={v}" for k, v in values.items()).replace("/", "-").replace(" ", "")
 
 
 def candidate_config(config, values: dict, workdir: pathlib.Path):
@@ -58,7 +59,9 @@ def candidate_config(config, values: dict, workdir: pathlib.Path):
       raise errors.InputError(f"tuning.search names {key!r}, which is not a config key.") from e
     node[last] = type(old)(value) if isinstance(old, (int, float)) and not isinstance(
         old, bool) else value
-  c.experts.directory = c.experts.directory or str(workdir / "experts")
+  if not c.experts.directory:  # Candidates whose experts would be the same share them.
+    key = json.dumps(resume.stage_values(c, "experts", classifier=True), sort_keys=True)
+    c.experts.directory = str(workdir / f"experts_{hashlib.sha1(key.encode()).hexdigest()[:10]}")
   return c
 
 

@@ -41,3 +41,18 @@ def test_two_stage_cell_reuses_the_base_distillation(tmp_path):
   other = tmp_path / benchmark.cell_name(10.0, 2, "mtt+hierarchical")
   benchmark.reuse_distillation(tmp_path, 10.0, 2, "mtt+hierarchical", other)
   assert not other.exists()
+
+
+def test_cells_take_their_factor_and_ipc_settings(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  from ltdd_jax import benchmark, errors  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config("profile=paper")
+  one = benchmark.cell_config(config, 100.0, 1, "ltdd", tmp_path)
+  fifty = benchmark.cell_config(config, 10.0, 50, "ltdd", tmp_path)
+  assert (one.distill.max_start_epoch, one.distill.lr_lr, one.datm.lr_label) == (4, 1e-7, 5.0)
+  assert (fifty.distill.max_start_epoch, fifty.distill.lr_img) == (40, 1000.0)
+  assert (one.ltdd.backbone_weight, one.ltdd.grow_window) == (0.5, False)  # IF 100
+  assert (fifty.ltdd.backbone_weight, fifty.ltdd.grow_window) == (1.0, True)  # IF 10
+  with pytest.raises(errors.InputError, match="no settings for if5"):
+    benchmark.cell_config(config, 5.0, 10, "mtt", tmp_path)

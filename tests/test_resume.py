@@ -117,3 +117,61 @@ def test_preprocessing_fit_is_cached(tmp_path, monkeypatch):
   config.data.zca_eps = 0.5  # another fit: not the cached one
   with pytest.raises(AssertionError, match="from the cache"):
     dataset.load_dataset(config.data, config.seed)
+
+
+def test_discarding_a_distillation_drops_its_metrics_records(tmp_path):
+  config = tiny_config(tmp_path)
+  run = tmp_path / "run"
+  resume.claim(config, run / "distill_ckpt", "distill")
+  writer = reporting.MetricsWriter(run)
+  writer.write("experts", 4)
+  writer.write_once("label_init", 0, acc=[0.5])
+  writer.write("distill", 3, loss=1.0)
+  changed = config.copy_and_resolve_references()
+  changed.distill.ipc, changed.discard_mismatched = 3, "distill"
+  resume.claim(changed, run / "distill_ckpt", "distill")
+  assert [r["stage"] for r in writer.lines()] == ["experts"]
+  writer.write_once("label_init", 0, acc=[1.0])  # the new run's record is written
+  assert writer.lines()[-1]["acc"] == [1.0]
+
+
+def test_only_what_a_command_resumes_is_checked(tmp_path):
+  config = tiny_config(tmp_path)
+  run, experts_root = tmp_path / "run", tmp_path / "run" / "experts"
+  datm = config.copy_and_resolve_references()
+  datm.method = "datm"
+  resume.claim(datm, run / "distill_ckpt", "distill")
+  other = config.copy_and_resolve_references()
+  other.experts.classifier_epochs = 7
+  resume.claim(other, experts_root / "flat_classifier", "experts", classifier=True)
+  with pytest.raises(errors.ResumeMismatchError, match="method: 'datm' -> 'mtt'"):
+    resume.check_workdir(config, run, experts_root)  # an mtt run here would resume datm's
+  pipeline.setup(config, run, check_resume=False)  # evaluating a set resumes nothing
+  config.method = "random"
+  resume.check_workdir(config, run, experts_root)  # a baseline resumes no distillation
+  ltdd = datm.copy_and_resolve_references()
+  ltdd.method = "ltdd"
+  resume.claim(ltdd, tmp_path / "l" / "distill_ckpt", "distill")
+  resume.check_workdir(ltdd.copy_and_resolve_references(), tmp_path / "l", tmp_path / "none")
+  with pytest.raises(errors.ResumeMismatchError, match="experts.classifier_epochs"):
+    resume.check_workdir(ltdd, tmp_path / "l", experts_root)  # ED uses the classifier set
+  mtt = config.copy_and_resolve_references()
+  mtt.method = "mtt"
+  resume.claim(mtt, tmp_path / "m" / "distill_ckpt", "distill")
+  mtt.experts.classifier_epochs, mtt.ltdd.backbone_weight = 7, 0.1  # unused by mtt
+  resume.check_workdir(mtt, tmp_path / "m", tmp_path / "m" / "experts")
+  hier = config.copy_and_resolve_references()
+  hier.method = "mtt+hierarchical"
+  resume.claim(hier, tmp_path / "h", "distill")
+  hier.grouping.prediction = "hard"  # evaluation only
+  assert resume.check(hier, tmp_path / "h", "distill")
+
+
+def test_outputs_without_a_record_are_adopted_only_at_their_size(tmp_path):
+  config = tiny_config(tmp_path)
+  reporting.write_json(tmp_path / "old" / "meta.json", {"num_experts": 3, "epochs": 4})
+  with pytest.raises(errors.ResumeMismatchError, match="num_experts: 3 on disk, 2 configured"):
+    resume.claim(config, tmp_path / "old", "experts")
+  reporting.write_json(tmp_path / "ok" / "meta.json", {"num_experts": 2, "epochs": 4})
+  resume.claim(config, tmp_path / "ok", "experts")
+  assert json.loads((tmp_path / "ok" / resume.RECORD).read_text())["adopted"] is True

@@ -57,3 +57,14 @@ def test_bad_search_fails_before_any_run(tmp_path):
   config.tuning.search = ml_collections.ConfigDict({"grouping": {"lamda_1": (1.0,)}})
   with pytest.raises(errors.InputError, match="'grouping.lamda_1', which is not a config key"):
     tuning.run_search(config, tmp_path / "bad")
+
+
+def test_candidates_share_experts_only_when_their_expert_settings_agree(tmp_path):
+  config = _search_config(tmp_path)
+  config.experts.directory = ""
+  config.tuning.search = ml_collections.ConfigDict({"experts": {"lr": (0.05, 0.1)},
+                                                    "grouping": {"num_groups": (2, 3)}})
+  configs = [tuning.candidate_config(config, v, tmp_path) for v in tuning.candidates(config.tuning)]
+  folders = [c.experts.directory for c in configs]
+  assert len(set(folders)) == 2  # two expert lrs; the group counts share theirs
+  assert len({tuning.candidate_name(v) for v in tuning.candidates(config.tuning)}) == 4

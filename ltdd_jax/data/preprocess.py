@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import tempfile
 import zipfile
 
 import numpy as np
@@ -76,8 +77,9 @@ def cached_fit(train_pixels_uint8: np.ndarray, cache_dir: str, *, normalize: boo
   pre = fit_preprocessor(train_pixels_uint8.astype(np.float32) / 255.0, normalize=normalize,
                          zca=zca, zca_eps=zca_eps)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **pre.to_dict())
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")  # concurrent runs never collide
+  with os.fdopen(fd, "wb") as f:
+    np.savez(f, **pre.to_dict())
   os.replace(tmp, path)
   return pre
 
