@@ -35,8 +35,11 @@ def cell_name(factor: float, ipc: int | None, method: str) -> str:
 
 def _settings(table, key: str) -> dict:
   """The per-factor or per-IPC settings of a cell; a grid overridden to a value the config gives
-  no settings for fails rather than silently running with another value's."""
+  no settings for fails rather than silently running with another value's (unless the config
+  sets nothing per value, e.g. digits or the `cpu` profile's IPCs)."""
   if key not in table:
+    if not any(len(v) for v in table.values()):
+      return {}
     raise errors.InputError(f"The benchmark config has no settings for {key} (it has "
                             f"{sorted(table)}); add benchmark.*_settings.{key} or use listed values.")
   return table[key].to_dict() if hasattr(table[key], "to_dict") else dict(table[key])
