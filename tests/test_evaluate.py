@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -5,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from ltdd_jax import evaluate, selection
+from ltdd_jax import evaluate, models, selection
 
 
 def test_metrics_on_known_predictions():
@@ -77,13 +78,24 @@ def test_validation_split(tiny):
                                  0.01, 1, method="random", ipc=None, split="validation")
   assert report["split"] == "validation"
   np.testing.assert_allclose(np.mean(report["per_class_acc"]), report["test_acc_mean"], atol=1e-6)
+  # Validation numbers never touch the test split: poisoning it changes nothing.
+  poisoned = dataclasses.replace(data, test_images=np.full_like(data.test_images, np.nan),
+                                 test_labels=np.zeros_like(data.test_labels))
+  again = evaluate.evaluate_set(config, poisoned, data.train_images[:40], data.train_labels[:40],
+                                0.01, 1, method="random", ipc=None, split="validation")
+  assert again["per_class_acc"] == report["per_class_acc"]
+  assert len(report["per_class_acc"]) == 10 and len(data.val_labels) == 10 * 10
   with pytest.raises(ValueError, match="split must be"):
     evaluate.evaluate_set(config, data, data.train_images[:40], data.train_labels[:40], 0.01, 1,
                           method="random", ipc=None, split="train")
 
 
-def test_cross_architecture_rows(tiny):
+def test_cross_architecture_rows(tiny, monkeypatch):
   config, data, _ = tiny
+  built, make = [], models.make_classifier
+  monkeypatch.setattr(models, "make_classifier",
+                      lambda cfg, n, arch=None, width=None: built.append((arch, width)) or
+                      make(cfg, n, arch, width))
   config = config.copy_and_resolve_references()
   config.evaluate.archs = ("convnet", "vgg11")
   config.evaluate.cross_arch_width = 4
@@ -92,3 +104,4 @@ def test_cross_architecture_rows(tiny):
   assert list(report["archs"]) == ["convnet", "vgg11"] and report["arch"] == "convnet"
   assert report["test_acc_mean"] == report["archs"]["convnet"]["test_acc_mean"]
   assert "vgg11" in evaluate.format_report(report)
+  assert ("vgg11", 4) in built  # the second row is a VGG-11 at the cross-architecture width

@@ -36,10 +36,15 @@ def test_two_stage_classifier_with_one_group_equals_flat(tiny):
   np.testing.assert_allclose(two["within_group_acc"], flat["test_acc_mean"])
 
 
-def test_two_stage_groups_images_by_assigned_class_not_soft_label_argmax(tiny):
+def test_two_stage_groups_images_by_assigned_class_not_soft_label_argmax(tiny, monkeypatch):
   # Learned soft labels can put most mass on a head class (DATM at IF 100, IPC 1): every image
   # here "looks like" class 0, yet each group's networks must still train on its own classes.
   config, data, _ = tiny
+  calls, train = [], evaluate.train_networks
+  def recording(config, model, images, targets, num_classes, *args, **kwargs):
+    calls.append((len(images), num_classes, np.asarray(targets).shape))
+    return train(config, model, images, targets, num_classes, *args, **kwargs)
+  monkeypatch.setattr(evaluate, "train_networks", recording)
   labels = np.arange(10, dtype=np.int32)
   images = np.stack([data.train_images[data.train_labels == c][0] for c in labels])
   soft = np.full((10, 10), 0.02, np.float32)
@@ -48,6 +53,8 @@ def test_two_stage_groups_images_by_assigned_class_not_soft_label_argmax(tiny):
   report = hierarchical.evaluate_two_stage(config, data, two_groups, images, labels, soft, 0.05, 2,
                                            method="datm+two_stage", ipc=1)
   assert np.isfinite(report["test_acc_mean"]) and 0.0 <= report["within_group_acc"] <= 100.0
+  # The group network sees all 10 images; each within-group network the 5 of its own classes.
+  assert calls == [(10, 2, (10, 2)), (5, 5, (5, 5)), (5, 5, (5, 5))]
   np.testing.assert_allclose(hierarchical.within_targets(soft, two_groups, 1, np.arange(5, 10)),
                              np.full((5, 5), 0.2), rtol=1e-6)
 

@@ -44,9 +44,15 @@ def test_folder_source_and_cache(tmp_path):
   assert pool.class_names == ("class0", "class1", "class2")
   np.testing.assert_array_equal(np.bincount(pool.labels), [5, 3, 2])
   assert pool.images.shape == (10, 8, 8, 3)
-  again = sources.load_pool("folder", "train", cfg)  # served from the .npy cache
-  np.testing.assert_array_equal(again.images, pool.images)
   assert any((tmp_path / "cache").rglob("images.npy"))
+  decode = sources._folder
+  sources._folder = lambda *a: (_ for _ in ()).throw(AssertionError("decoded again"))
+  try:
+    again = sources.load_pool("folder", "train", cfg)  # served from the .npy cache
+  finally:
+    sources._folder = decode
+  np.testing.assert_array_equal(again.images, pool.images)
+  assert again.class_names == pool.class_names
 
 
 def test_tarball_equals_folder_and_resizes(tmp_path):
