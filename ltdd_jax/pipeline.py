@@ -23,7 +23,7 @@ from ltdd_jax import experts as experts_lib
 from ltdd_jax import models
 from ltdd_jax.data import dataset as dataset_lib
 
-BASELINES = ("random", "herding", "full")
+BASELINES = checks.BASELINES
 
 
 parse_method = checks.parse_method
@@ -224,9 +224,6 @@ def stage_evaluate(config, workdir, which: str = "synthetic", data=None, mesh=No
     labels, method, learned_lrs = targets, which, {}
   else:
     raise errors.InputError(f"--set={which!r}: accepted synthetic, synthetic:PATH, {', '.join(BASELINES)}.")
-  if images.shape[1:] != data.image_shape:
-    raise errors.InputError(f"The set's images are {images.shape[1:]} but the dataset's are "
-                     f"{data.image_shape}; evaluate with the config it was distilled with.")
   if two_stage:
     grouping = stage_grouping(config, workdir, data, mesh)
     report = hierarchical.evaluate_two_stage(config, data, grouping, images, labels, targets, lr,

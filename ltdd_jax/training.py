@@ -45,11 +45,11 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
     Scalar loss.
   """
   log_p = jax.nn.log_softmax(logits)
-  soft = targets if targets.ndim == 2 else jax.nn.one_hot(targets, logits.shape[-1])
   if weights is None:
     if targets.ndim == 1:
       return -jnp.take_along_axis(log_p, targets[:, None], axis=1)[:, 0].mean()
-    return -(soft * log_p).sum(-1).mean()
+    return -(targets * log_p).sum(-1).mean()
+  soft = targets if targets.ndim == 2 else jax.nn.one_hot(targets, logits.shape[-1])
   weighted = soft * weights
   if weight_reduction == "batch":
     return -(weighted * log_p).sum() / logits.shape[0]

@@ -48,17 +48,11 @@ def candidate_name(values: dict) -> str:
 def candidate_config(config, values: dict, workdir: pathlib.Path):
   """The run config of one candidate: the base config with `values` set; shared expert folder."""
   c = config.copy_and_resolve_references()
-  for key, value in values.items():
-    node = c
-    *parents, last = key.split(".")
-    try:
-      for part in parents:
-        node = node[part]
-      old = node[last]
-    except (KeyError, AttributeError) as e:
-      raise errors.InputError(f"tuning.search names {key!r}, which is not a config key.") from e
-    node[last] = type(old)(value) if isinstance(old, (int, float)) and not isinstance(
-        old, bool) else value
+  known = resume.flatten(c)
+  for key in values:
+    if key not in known:
+      raise errors.InputError(f"tuning.search names {key!r}, which is not a config key.")
+  c.update_from_flattened_dict(values)
   if not c.experts.directory:  # Candidates whose experts would be the same share them.
     key = json.dumps(resume.stage_values(c, "experts", classifier=True), sort_keys=True)
     c.experts.directory = str(workdir / f"experts_{hashlib.sha1(key.encode()).hexdigest()[:10]}")

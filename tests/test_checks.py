@@ -72,13 +72,7 @@ def no_training(monkeypatch):
 
 def _config(tmp_path, overrides):
   config = tiny_config(tmp_path)
-  config.unlock()
-  for key, value in overrides.items():
-    node = config
-    *parents, last = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -21,12 +21,7 @@ def test_mismatched_record_names_the_keys(tmp_path, stage, change, keys):
   resume.claim(config, directory, stage)
   assert resume.check(config, directory, stage)
   changed = config.copy_and_resolve_references()
-  for key, value in change.items():
-    node = changed
-    *parents, last = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[last] = value
+  changed.update_from_flattened_dict(change)
   with pytest.raises(errors.ResumeMismatchError) as info:
     resume.claim(changed, directory, stage)
   for key in keys:
@@ -60,8 +55,7 @@ def test_pipeline_resume_with_other_values_fails_before_work(tmp_path):
   metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
   for key, value in (("distill.ipc", 3), ("seed", 1)):
     changed = config.copy_and_resolve_references()
-    section, _, name = key.rpartition(".")
-    (changed[section] if section else changed)[name] = value
+    changed.update_from_flattened_dict({key: value})
     with pytest.raises(errors.ResumeMismatchError, match=key):
       pipeline.run_pipeline(changed, tmp_path / "run")
     assert (tmp_path / "run" / "config.json").read_text() == saved
