@@ -15,6 +15,9 @@ from configs import cifar10_lt, common, digits_lt
 METHODS = ("random", "herding", "mtt", "datm", "ltdd", "random+two_stage", "herding+two_stage",
            "mtt+two_stage", "datm+two_stage", "ltdd+two_stage")
 HIERARCHICAL = ("mtt+hierarchical", "ltdd+hierarchical")
+# The evidence grid: the baselines, the three matching methods and both plugins on MTT and LTDD.
+EVIDENCE = ("random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+two_stage",
+            "mtt+hierarchical", "ltdd+hierarchical")
 
 
 def get_config(arg=None):
@@ -27,6 +30,8 @@ def get_config(arg=None):
     factors, ipcs = (10.0, 100.0), (1, 10)
     if args.profile == "paper":
       factors, ipcs = (10.0, 50.0, 100.0, 200.0), (1, 10, 50)
+    elif args.profile == "evidence":  # the cells the published ordering is judged on first
+      factors, ipcs = (100.0, 10.0), (10, 1)
   else:
     raise ValueError(f"dataset must be digits, cifar10 or cifar100, got {args.dataset!r}.")
   c.unlock()
@@ -38,6 +43,8 @@ def get_config(arg=None):
   # 2 hours; add them with --config.benchmark.methods=... and --config.benchmark.include_full=True.
   cpu_cifar = args.profile == "cpu" and args.dataset != "digits"
   c.benchmark.methods = METHODS if cpu_cifar else METHODS + HIERARCHICAL
+  if args.profile == "evidence":
+    c.benchmark.methods = EVIDENCE
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor
   c.benchmark.per_class_if = max(factors)  # IF of the per-class accuracy figure
   # Settings each imbalance factor's and each IPC's cells take (the published per-factor LTDD
