@@ -33,9 +33,10 @@ def main():
   c.method = "random"  # experts only: no distillation window to check against the epochs
   workdir = os.path.join(args.workdir, f"if{args.imbalance_factor:g}_lr{args.lr}_w{args.width}_"
                          f"e{args.epochs}_k{args.experts}")
-  workdir, mesh, data = pipeline.setup(c, workdir)
+  ctx = pipeline.setup(c, workdir)
+  workdir, data = ctx.workdir, ctx.data
   start = time.time()
-  expert_set = experts.train_experts(c, data, workdir / "experts" / "flat", mesh=mesh)
+  expert_set = experts.train_experts(c, data, workdir / "experts" / "flat", ctx.mesh)
   seconds = time.time() - start
   model = models.make_classifier(c.model, data.num_classes)
   out = {}

@@ -47,10 +47,9 @@ def write_store(path, experts, epochs, width):
 
 
 def child(mode, path, width, iterations):
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
-  from ltdd_jax import distill, experts, models, training  # pylint: disable=g-import-not-at-top
+  from ltdd_jax import distill, experts, models, parallel, training  # pylint: disable=g-import-not-at-top
   config = common.base_config()
   config.model.width = width
   config.distill.syn_steps, config.distill.batch_syn = 10, 100
@@ -68,7 +67,8 @@ def child(mode, path, width, iterations):
   config.distill.iterations, config.distill.log_every = iterations + 1, 1
   config.distill.max_start_epoch, config.distill.expert_epochs = expert_set.epochs - 2, 2
   workdir = tempfile.mkdtemp()
-  distill.run_distillation(config, None, [objective], [1.0], syn, workdir)
+  distill.run_distillation(config, None, [objective], [1.0], syn, workdir,
+                           parallel.make_mesh(1))
   seconds = [json.loads(line)["seconds"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   times = np.diff(seconds)  # iteration 0 compiles
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

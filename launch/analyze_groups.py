@@ -8,21 +8,20 @@ import json
 
 
 from launch import _common
-from ltdd_jax import analysis, hierarchical, pipeline
+from ltdd_jax import analysis, evaluate, hierarchical, pipeline
 
 
 def main(argv):
   del argv
   _common.quiet_libraries()
   config, workdir = _common.CONFIG.value, _common.WORKDIR.value
-  workdir, mesh, data = pipeline.setup(config, workdir)
-  flat, _ = pipeline.stage_experts(config, workdir, data, mesh)
-  grouping = pipeline.stage_grouping(config, workdir, data, mesh)
-  _, _, within = hierarchical.group_expert_sets(config, data, grouping,
-                                                pipeline.expert_root(config, workdir), mesh,
-                                                stage1=False)
-  report = analysis.analyze(config, data, grouping, flat, {g: s for g, (s, _) in within.items()},
-                            workdir)
+  ctx = pipeline.setup(config, workdir)
+  flat, _ = pipeline.stage_experts(ctx)
+  grouping = pipeline.stage_grouping(ctx)
+  _, _, within = hierarchical.group_expert_sets(config, ctx.data, grouping, ctx.expert_root,
+                                                ctx.mesh, stage1=False)
+  report = analysis.analyze(evaluate.Protocol.from_config(config), ctx.data, grouping, flat,
+                            {g: s for g, (s, _) in within.items()}, ctx.workdir)
   print("groups:", grouping.groups)
   print("flat experts, accuracy vs count:", json.dumps(report["flat"]["pearson_log_count"]))
   for g, r in report["group_experts"].items():

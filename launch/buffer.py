@@ -14,9 +14,9 @@ def main(argv):
   del argv
   _common.quiet_libraries()
   config, workdir = _common.CONFIG.value, _common.WORKDIR.value
-  workdir, mesh, data = pipeline.setup(config, workdir)
-  expert_set, _ = pipeline.stage_experts(config, workdir, data, mesh)
-  acc = pipeline.expert_validation_accuracy(config, data, expert_set)
+  ctx = pipeline.setup(config, workdir)
+  expert_set, _ = pipeline.stage_experts(ctx)
+  acc = pipeline.expert_validation_accuracy(ctx, expert_set)
   print(f"{expert_set.num_experts} experts x {expert_set.epochs} epochs in {expert_set.directory}")
   print("validation accuracy at the last epoch:", json.dumps(acc))
 

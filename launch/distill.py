@@ -11,7 +11,7 @@ from ltdd_jax import pipeline
 def main(argv):
   del argv
   _common.quiet_libraries()
-  pipeline.stage_distill(_common.CONFIG.value, _common.WORKDIR.value)
+  pipeline.stage_distill(pipeline.setup(_common.CONFIG.value, _common.WORKDIR.value))
 
 
 if __name__ == "__main__":

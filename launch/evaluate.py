@@ -22,8 +22,8 @@ def main(argv):
   _common.quiet_libraries()
   config = _common.CONFIG.value
   _, plugins = pipeline.parse_method(config.method)
-  report = pipeline.stage_evaluate(config, _common.WORKDIR.value, _SET.value,
-                                   two_stage=bool(plugins), split=_SPLIT.value)
+  ctx = pipeline.setup(config, _common.WORKDIR.value, check_resume=False)
+  report = pipeline.stage_evaluate(ctx, _SET.value, two_stage=bool(plugins), split=_SPLIT.value)
   print(evaluate.format_report(report))
 
 

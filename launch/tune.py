@@ -1,6 +1,6 @@
 """Chooses settings on the validation split: every combination of tuning.search, resumable.
 
-  python -m launch.tune --config=configs/tune_hierarchical.py:dataset=digits --workdir=runs/tune
+  python -m launch.tune --config=configs/tune.py:dataset=digits --workdir=runs/tune
 """
 
 import pathlib

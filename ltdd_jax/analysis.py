@@ -16,6 +16,7 @@ import numpy as np
 from scipy import stats
 
 from ltdd_jax import models, reporting, training
+from ltdd_jax import evaluate as evaluate_lib
 from ltdd_jax import experts as experts_lib
 from ltdd_jax import grouping as grouping_lib
 
@@ -29,17 +30,16 @@ def correlation(acc: np.ndarray, counts: np.ndarray) -> dict:
           "spearman": float(stats.spearmanr(counts, acc)[0]), "num_classes": len(acc)}
 
 
-def expert_per_class_accuracy(config, expert_set: experts_lib.ExpertSet, images, labels,
-                              num_outputs: int) -> np.ndarray:
-  """[K, num_outputs] per-class accuracy (%) of every expert's last epoch on (images, labels)."""
-  model = models.make_classifier(config.model, num_outputs)
-  last = expert_set.at_epoch()
-  pred = training.model_logits(model, last, images,
-      config.evaluate.test_batch_size, config.model.ensemble_impl).argmax(-1)
+def expert_per_class_accuracy(protocol: evaluate_lib.Protocol, expert_set: experts_lib.ExpertSet,
+                              images, labels, num_outputs: int, epoch: int = -1) -> np.ndarray:
+  """[K, num_outputs] per-class accuracy (%) of every expert at `epoch` (-1: the last) on
+  (images, labels)."""
+  model = models.make_classifier(protocol.model, num_outputs)
+  pred = protocol.logits(model, expert_set.at_epoch(epoch), images).argmax(-1)
   return np.stack([100 * (pred[:, labels == c] == c).mean(1) for c in range(num_outputs)], 1)
 
 
-def movement_shares(config, expert_set: experts_lib.ExpertSet, images, labels, num_classes: int,
+def movement_shares(model_config, expert_set: experts_lib.ExpertSet, images, labels, num_classes: int,
                     expert: int = 0, chunk: int = 2000) -> np.ndarray:
   """[E, C] share of each class in the parameter movement of one expert, epoch by epoch.
 
@@ -48,7 +48,7 @@ def movement_shares(config, expert_set: experts_lib.ExpertSet, images, labels, n
   <g_i, delta_e> is one forward-mode directional derivative (a JVP along delta_e), so all classes
   cost one pass over the data instead of one gradient per class.
   """
-  model = models.make_classifier(config.model, num_classes)
+  model = models.make_classifier(model_config, num_classes)
   apply_fn = training.make_apply(model)
   trajectory = expert_set.load(expert)
 
@@ -70,12 +70,12 @@ def movement_shares(config, expert_set: experts_lib.ExpertSet, images, labels, n
   return np.stack(shares)
 
 
-def analyze(config, data, grouping: grouping_lib.Grouping, flat: experts_lib.ExpertSet,
+def analyze(protocol: evaluate_lib.Protocol, data, grouping: grouping_lib.Grouping, flat: experts_lib.ExpertSet,
             within: dict[int, experts_lib.ExpertSet], workdir) -> dict:
   """Runs (a), (b), (c); writes groups_report.json and PNG plots; returns the report."""
   workdir = pathlib.Path(workdir)
   counts = np.asarray(data.counts)
-  flat_acc = expert_per_class_accuracy(config, flat, data.test_images, data.test_labels,
+  flat_acc = expert_per_class_accuracy(protocol, flat, data.test_images, data.test_labels,
                                        data.num_classes).mean(0)
   report = {"counts": counts.tolist(), "grouping": grouping.to_dict(),
             "flat": {"per_class_acc": flat_acc.tolist(), **correlation(flat_acc, counts)},
@@ -88,11 +88,11 @@ def analyze(config, data, grouping: grouping_lib.Grouping, flat: experts_lib.Exp
     if g not in within:
       continue
     images, labels = experts_lib.subset_classes(data.test_images, data.test_labels, classes)
-    acc = expert_per_class_accuracy(config, within[g], images, labels, len(classes)).mean(0)
+    acc = expert_per_class_accuracy(protocol, within[g], images, labels, len(classes)).mean(0)
     group_acc[classes] = acc
     report["group_experts"][g] = {"classes": classes, "per_class_acc": acc.tolist(),
                                   **correlation(acc, counts[classes])}
-  shares = movement_shares(config, flat, data.train_images, data.train_labels, data.num_classes)
+  shares = movement_shares(protocol.model, flat, data.train_images, data.train_labels, data.num_classes)
   data_share = counts / counts.sum()
   report["movement_share_per_epoch"] = shares.tolist()
   report["movement_share_mean"] = shares.mean(0).tolist()

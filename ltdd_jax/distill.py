@@ -475,7 +475,7 @@ def check_epochs(config, objectives: list[MatchingObjective]) -> None:
 
 
 def run_distillation(config, data, objectives: list[MatchingObjective], weights: list[float],
-                     init_syn: dict, workdir, mesh=None) -> dict:
+                     init_syn: dict, workdir, mesh) -> dict:
   """Runs (or resumes) the outer loop; returns the final synthetic state (host numpy).
 
   Writes `<workdir>/distill_ckpt/` checkpoints and appends to `metrics.jsonl`. Raises
@@ -483,7 +483,6 @@ def run_distillation(config, data, objectives: list[MatchingObjective], weights:
   """
   cfg = config.distill
   workdir = pathlib.Path(workdir)
-  mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
   options = method_options(config)
   check_epochs(config, objectives)
   update, init_opt = make_update_fn(config, objectives, weights, mesh)
@@ -541,12 +540,15 @@ def run_distillation(config, data, objectives: list[MatchingObjective], weights:
   return parallel.gather(state["syn"])
 
 
-def validate(config, data, syn: dict, mesh=None) -> dict:
+def validate(config, data, syn: dict, mesh) -> dict:
   """Evaluates a synthetic state on the validation split (model selection; never test)."""
-  return evaluate_lib.evaluate_set(
-      config, data, syn["images"], np.asarray(targets_of(syn)), synthetic_lr(config, syn),
-      config.evaluate.epochs, method=config.method, ipc=config.distill.ipc, mesh=mesh,
-      split="validation")
+  images = np.asarray(syn["images"])
+  labelled = evaluate_lib.LabelledSet(
+      images, np.repeat(np.arange(data.num_classes), len(images) // data.num_classes),
+      np.asarray(targets_of(syn)), synthetic_lr(config, syn), config.evaluate.epochs,
+      config.distill.ipc, config.method)
+  return evaluate_lib.evaluate_set(evaluate_lib.Protocol.from_config(config), data, labelled,
+                                   seed=config.seed, mesh=mesh, split="validation")
 
 
 def synthetic_lr(config, syn: dict) -> float:

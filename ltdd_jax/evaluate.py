@@ -8,8 +8,10 @@ one (never the best over test evaluations).
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,16 +72,89 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, counts: 
   }
 
 
-def eval_spec(evaluate_config, num_images: int, sampling: str = "instance",
-              loss: str = "ce") -> training.TrainSpec:
-  """TrainSpec of an evaluation network (batch capped at the set size; an epoch draws as many
-  images as the set has, whatever the sampling)."""
-  batch = min(evaluate_config.batch_size, num_images)
-  return training.TrainSpec(batch_size=batch,
-                            steps_per_epoch=training.steps_per_epoch(num_images, batch),
-                            momentum=evaluate_config.momentum,
-                            weight_decay=evaluate_config.weight_decay,
-                            sampling=sampling, loss=loss, dsa=evaluate_config.dsa)
+@dataclasses.dataclass(frozen=True, eq=False)
+class LabelledSet:
+  """A labelled training set evaluation consumes: a distilled set or a baseline's selection.
+
+  Attributes:
+    images: [N, H, W, C] model-space images.
+    labels: [N] the class each image stands for (decides, e.g., which group's networks train on it).
+    targets: [N] int labels or [N, C] target probabilities (what the networks fit).
+    lr: learning rate the networks train with (a distilled set's learned lr).
+    epochs: training epochs.
+    ipc: images per class (None for the full long-tailed set).
+    method: what made the set (`mtt`, `random`, ...), for reports.
+    learned_lrs: a set distilled against several objectives: lr per objective (`groups`,
+      `group_<g>`), which the two-stage classifier's networks train with.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  targets: np.ndarray
+  lr: float
+  epochs: int
+  ipc: int | None
+  method: str
+  learned_lrs: dict = dataclasses.field(default_factory=dict)
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def subset(self, index: np.ndarray, targets: np.ndarray, lr: float) -> "LabelledSet":
+    """The images `index` with other targets and lr (a two-stage classifier's networks)."""
+    return dataclasses.replace(self, images=self.images[index], labels=self.labels[index],
+                               targets=targets, lr=lr)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Protocol:
+  """How evaluation networks train and test (DESIGN §5), from `config.evaluate` and the few other
+  values the protocol reads.
+
+  Attributes:
+    model: `config.model` (the architecture evaluated, and the base of the cross-architecture rows).
+    dsa: `config.dsa` (how DSA augments when `augment` is on).
+    num_models: T networks per set.
+    batch_size, momentum, weight_decay: their SGD.
+    augment: DSA on every training batch (`evaluate.dsa`).
+    archs: architectures evaluated (the first one's figures are the report's top level).
+    cross_arch_width: base width of architectures other than `model.name`.
+    test_batch_size: images per forward pass when testing.
+    shot_rule: how classes split into many / medium / few.
+  """
+  model: Any
+  dsa: Any
+  num_models: int = 3
+  batch_size: int = 256
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  augment: bool = True
+  archs: tuple[str, ...] = ("convnet",)
+  cross_arch_width: int = 64
+  test_batch_size: int = 1000
+  shot_rule: str = "thirds"
+
+  @classmethod
+  def from_config(cls, config) -> "Protocol":
+    ev = config.evaluate
+    return cls(model=config.model, dsa=config.dsa, num_models=ev.num_models,
+               batch_size=ev.batch_size, momentum=ev.momentum, weight_decay=ev.weight_decay,
+               augment=ev.dsa, archs=tuple(ev.archs), cross_arch_width=ev.cross_arch_width,
+               test_batch_size=ev.test_batch_size, shot_rule=config.data.shot_rule)
+
+  def train_spec(self, num_images: int, balance: experts_lib.Balance) -> training.TrainSpec:
+    """TrainSpec of an evaluation network (batch capped at the set size; an epoch draws as many
+    images as the set has, whatever the sampling)."""
+    batch = min(self.batch_size, num_images)
+    return training.TrainSpec(batch_size=batch,
+                              steps_per_epoch=training.steps_per_epoch(num_images, batch),
+                              momentum=self.momentum, weight_decay=self.weight_decay,
+                              sampling=balance.sampling or "instance", loss=balance.loss or "ce",
+                              dsa=self.augment)
+
+  def logits(self, model, params, images: np.ndarray) -> np.ndarray:
+    """[T, N, C] logits of the T trained networks on `images`."""
+    return training.model_logits(model, params, images, self.test_batch_size,
+                                 self.model.ensemble_impl)
 
 
 def hard_labels(targets: np.ndarray) -> np.ndarray:
@@ -88,29 +163,27 @@ def hard_labels(targets: np.ndarray) -> np.ndarray:
   return targets.astype(np.int32) if targets.ndim == 1 else targets.argmax(-1).astype(np.int32)
 
 
-def train_networks(config, model, images: np.ndarray, targets: np.ndarray, num_classes: int,
-                   lr: float, epochs: int, seed: int, mesh=None, label: str = "evaluate",
-                   sampling: str = "instance", loss: str = "ce"):
-  """Trains `evaluate.num_models` fresh networks on (images, targets); returns params [T, ...].
+def train_networks(protocol: Protocol, model, train_set: LabelledSet, num_classes: int, seed: int,
+                   mesh, label: str = "evaluate",
+                   balance: experts_lib.Balance = experts_lib.Balance()):
+  """Trains `protocol.num_models` fresh networks on a labelled set; returns params [T, ...].
 
   Args:
-    config: the whole config (evaluate, dsa, mesh).
-    model: a Flax classifier.
-    images: [N, H, W, C] model-space images.
-    targets: [N] int labels or [N, C] target probabilities.
-    num_classes: C.
-    lr: initial learning rate (divided by 10 at half the epochs).
-    epochs: training epochs.
+    protocol: the evaluation `Protocol`.
+    model: a Flax classifier with `num_classes` outputs.
+    train_set: what they fit (`targets`), with its lr (divided by 10 at half the epochs) and epochs.
+    num_classes: C of `train_set.targets`.
     seed: initialisation and data-order seed.
     mesh: device mesh (the model axis is sharded over it).
     label: progress label.
-    sampling, loss: `training.TrainSpec`'s (the protocol's: instance, ce).
+    balance: sampling / loss overrides (the protocol's: instance, ce).
   """
-  mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
-  num_models = config.evaluate.num_models
-  spec = eval_spec(config.evaluate, len(images), sampling, loss)
-  epoch_fn = experts_lib.make_epoch_fn(training.make_apply(model), spec, config.dsa, num_classes,
-                                       config.model.ensemble_impl)
+  images, targets = train_set.images, train_set.targets
+  lr, epochs = train_set.lr, train_set.epochs
+  num_models = protocol.num_models
+  spec = protocol.train_spec(len(images), balance)
+  epoch_fn = experts_lib.make_epoch_fn(training.make_apply(model), spec, protocol.dsa, num_classes,
+                                       protocol.model.ensemble_impl)
   params = training.init_ensemble(model, jax.random.key(seed), num_models, images.shape[1:])
   state = parallel.shard_leading((params, jax.tree.map(jnp.zeros_like, params)), mesh)
   images_d, targets_d, labels_d = parallel.replicate(
@@ -130,35 +203,31 @@ def train_networks(config, model, images: np.ndarray, targets: np.ndarray, num_c
   return state[0]
 
 
-def evaluate_set(config, data, images: np.ndarray, targets: np.ndarray, lr: float, epochs: int,
-                 *, method: str, ipc: int | None, seed: int | None = None, mesh=None,
+def evaluate_set(protocol: Protocol, data, train_set: LabelledSet, *, seed: int, mesh,
                  split: str = "test") -> dict:
   """Trains on a labelled set with the protocol and tests on a balanced split.
 
   `split` is `test` for reported numbers and `validation` for model selection and tuning inside a
   run (DESIGN §1: never test).
 
-  Every architecture in `evaluate.archs` is evaluated; the top-level fields are the first one's,
+  Every architecture in `protocol.archs` is evaluated; the top-level fields are the first one's,
   and `archs` holds one row per architecture.
 
   Returns:
     A report dict with REPORT_FIELDS and more (see `classification_metrics`).
   """
   start = time.time()
-  seed = config.seed if seed is None else seed
   eval_images, eval_labels = split_arrays(data, split)
   rows = {}
-  for arch in config.evaluate.archs:
-    width = None if arch == config.model.name else config.evaluate.cross_arch_width
-    model = models.make_classifier(config.model, data.num_classes, arch, width)
-    params = train_networks(config, model, images, targets, data.num_classes, lr, epochs, seed,
-                            mesh, label=f"evaluate {method} {arch}")
-    logits = training.model_logits(model, params, eval_images,
-        config.evaluate.test_batch_size, config.model.ensemble_impl)
+  for arch in protocol.archs:
+    width = None if arch == protocol.model.name else protocol.cross_arch_width
+    model = models.make_classifier(protocol.model, data.num_classes, arch, width)
+    params = train_networks(protocol, model, train_set, data.num_classes, seed, mesh,
+                            label=f"evaluate {train_set.method} {arch}")
+    logits = protocol.logits(model, params, eval_images)
     rows[arch] = classification_metrics(logits.argmax(-1), eval_labels, data.counts,
-                                        config.data.shot_rule)
-  return assemble_report(config, data, rows, method=method, ipc=ipc, split=split,
-                         num_images=len(images), lr=lr, epochs=epochs, start=start)
+                                        protocol.shot_rule)
+  return assemble_report(protocol, data, rows, train_set, split=split, start=start)
 
 
 def split_arrays(data, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -172,18 +241,17 @@ def split_arrays(data, split: str) -> tuple[np.ndarray, np.ndarray]:
   raise errors.InputError(f"split must be 'test' or 'validation', got {split!r}.")
 
 
-def assemble_report(config, data, rows: dict[str, dict], *, method: str, ipc: int | None,
-                    split: str, num_images: int, lr: float, epochs: int, start: float,
-                    **extra) -> dict:
-  """report.json's dict: run identity, the first architecture's metrics at top level, one row per
-  architecture under `archs`, and any `extra` fields."""
+def assemble_report(protocol: Protocol, data, rows: dict[str, dict], train_set: LabelledSet, *,
+                    split: str, start: float, **extra) -> dict:
+  """report.json's dict: the set's identity, the first architecture's metrics at top level, one
+  row per architecture under `archs`, and any `extra` fields."""
   first_arch = next(iter(rows))
   return {
-      "method": method, "dataset": data.name, "split": split,
-      "imbalance_factor": float(config.data.imbalance_factor), "ipc": ipc,
+      "method": train_set.method, "dataset": data.name, "split": split,
+      "imbalance_factor": data.imbalance_factor, "ipc": train_set.ipc,
       **rows[first_arch], "arch": first_arch, "archs": rows, **extra,
-      "num_images": int(num_images), "lr": float(lr), "epochs": int(epochs),
-      "num_models": int(config.evaluate.num_models), "wall_seconds": time.time() - start,
+      "num_images": len(train_set), "lr": float(train_set.lr), "epochs": int(train_set.epochs),
+      "num_models": int(protocol.num_models), "wall_seconds": time.time() - start,
   }
 
 

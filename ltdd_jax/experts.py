@@ -20,6 +20,7 @@ import functools
 import json
 import pathlib
 import shutil
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -161,21 +162,57 @@ def make_epoch_fn(apply_fn, spec: training.TrainSpec, dsa_config, num_classes: i
   return jax.jit(ensemble)
 
 
-def train_trajectories(directory, model, spec: training.TrainSpec, dsa_config, images, labels,
-                       num_classes: int, init_params, lr: float, epochs: int, seed: int,
-                       mesh, ensemble_impl: str, classes=(), label: str = "experts",
-                       label_map=None) -> ExpertSet:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recipe:
+  """How an ensemble of experts trains: model, per-step spec, DSA, schedule and seed.
+
+  Attributes:
+    model: the Flax classifier.
+    train: the `training.TrainSpec` of every step.
+    dsa: `config.dsa` (used when `train.dsa`).
+    lr: constant learning rate.
+    epochs: epochs to train (every one is saved).
+    seed: the PRNG seed of epoch e's draws is fold_in(seed, e).
+    ensemble_impl: how the K networks run in one program (`training.over_ensemble`).
+  """
+  model: Any
+  train: training.TrainSpec
+  dsa: Any
+  lr: float
+  epochs: int
+  seed: int
+  ensemble_impl: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Labelling:
+  """Which classes a set of experts learns and under which labels (recorded in meta.json).
+
+  Attributes:
+    num_classes: outputs of the experts' head.
+    classes: the class subset trained on, relabelled 0..k-1 (per-group experts); () = all.
+    label_map: [C] map of every class to a coarser label (group experts), or None.
+  """
+  num_classes: int
+  classes: tuple[int, ...] = ()
+  label_map: tuple[int, ...] | None = None
+
+
+def train_trajectories(directory, recipe: Recipe, images, labels, labelling: Labelling,
+                       init_params, mesh, label: str = "experts") -> ExpertSet:
   """Trains an ensemble from `init_params` ([K, ...]) and saves every epoch's parameters.
 
   Resumes from the last finished epoch found under `directory/epochs`; returns at once if the set
-  is already complete. The PRNG key of epoch e is fold_in(seed, e), so a resumed run reproduces an
-  uninterrupted one exactly.
+  is already complete. The PRNG key of epoch e is fold_in(recipe.seed, e), so a resumed run
+  reproduces an uninterrupted one exactly. `labels` are the training labels after `labelling`
+  (subset relabelled, or mapped to groups).
   """
   directory = pathlib.Path(directory)
   if (directory / "meta.json").exists():
     return ExpertSet.open(directory)
   num_models = jax.tree.leaves(init_params)[0].shape[0]
-  epoch_fn = make_epoch_fn(training.make_apply(model), spec, dsa_config, num_classes, ensemble_impl)
+  epoch_fn = make_epoch_fn(training.make_apply(recipe.model), recipe.train, recipe.dsa,
+                           labelling.num_classes, recipe.ensemble_impl)
   state = {"params": init_params, "velocity": jax.tree.map(np.zeros_like, init_params)}
   store = checkpoints.Checkpoints(directory / "epochs", max_to_keep=None)
   start = store.latest_step()
@@ -186,13 +223,13 @@ def train_trajectories(directory, model, spec: training.TrainSpec, dsa_config, i
     state = store.restore(start, state)
   state = parallel.shard_leading(state, mesh)
   data = parallel.replicate((jnp.asarray(images), jnp.asarray(labels)), mesh)
-  base = jax.random.key(seed)
-  progress = reporting.Progress(label, epochs, start)
-  for epoch in range(start + 1, epochs + 1):
+  base = jax.random.key(recipe.seed)
+  progress = reporting.Progress(label, recipe.epochs, start)
+  for epoch in range(start + 1, recipe.epochs + 1):
     keys = jax.random.split(jax.random.fold_in(base, epoch), num_models)
     images_d, labels_d = data
-    params, velocity, loss = epoch_fn(state["params"], state["velocity"], keys, jnp.float32(lr),
-                                      images_d, labels_d, labels_d)
+    params, velocity, loss = epoch_fn(state["params"], state["velocity"], keys,
+                                      jnp.float32(recipe.lr), images_d, labels_d, labels_d)
     loss = np.asarray(loss)
     if not np.isfinite(loss).all():
       raise errors.DivergedError(f"{label}: training loss became {loss} at epoch {epoch}; lower the "
@@ -202,12 +239,12 @@ def train_trajectories(directory, model, spec: training.TrainSpec, dsa_config, i
     store.save(epoch, state)
     progress.update(epoch, f"loss {loss.mean():.3f}")
   store.close()
-  _write_trajectories(directory, epochs, num_models, classes, num_classes, label_map)
+  _write_trajectories(directory, recipe.epochs, num_models, labelling)
   return ExpertSet.open(directory)
 
 
-def _write_trajectories(directory: pathlib.Path, epochs: int, num_models: int, classes,
-                        num_classes: int, label_map=None) -> None:
+def _write_trajectories(directory: pathlib.Path, epochs: int, num_models: int,
+                        labelling: Labelling) -> None:
   """Writes every (expert, epoch) of the per-epoch ensemble checkpoints as its own tree, one
   epoch in memory at a time, then meta.json."""
   store = checkpoints.Checkpoints(directory / "epochs", max_to_keep=None)
@@ -218,9 +255,9 @@ def _write_trajectories(directory: pathlib.Path, epochs: int, num_models: int, c
                             jax.tree.map(lambda x, k=k: x[k], params))
   store.close()
   reporting.write_json(directory / "meta.json", {
-      "num_experts": num_models, "epochs": epochs, "classes": list(classes),
-      "num_classes": num_classes, "layout": "per_epoch",
-      "label_map": None if label_map is None else [int(x) for x in label_map]})
+      "num_experts": num_models, "epochs": epochs, "classes": list(labelling.classes),
+      "num_classes": labelling.num_classes, "layout": "per_epoch",
+      "label_map": None if labelling.label_map is None else list(labelling.label_map)})
   shutil.rmtree(directory / "epochs")
 
 
@@ -251,7 +288,18 @@ def expert_spec(experts_config, labels: np.ndarray, num_classes: int, head_only:
       head_only=head_only)
 
 
-def train_experts(config, data, directory, classes=(), mesh=None,
+def recipe(config, model, train: training.TrainSpec, classifier: bool = False) -> Recipe:
+  """The `Recipe` of the experts `config.experts` asks for (`classifier`: LTDD's classifier-only
+  re-training, with its own lr, epochs and seed)."""
+  cfg = config.experts
+  if classifier:
+    return Recipe(model, train, config.dsa, cfg.classifier_lr, cfg.classifier_epochs,
+                  config.seed + 1, config.model.ensemble_impl)
+  return Recipe(model, train, config.dsa, cfg.lr, cfg.epochs, config.seed,
+                config.model.ensemble_impl)
+
+
+def train_experts(config, data, directory, mesh, classes=(),
                   label_map: np.ndarray | None = None, balance: Balance = Balance()) -> ExpertSet:
   """Trains (or resumes, or just opens) the expert set a config asks for on `data`'s LT train set.
 
@@ -259,8 +307,8 @@ def train_experts(config, data, directory, classes=(), mesh=None,
     config: the whole config (experts, model, dsa, seed).
     data: a `Dataset`.
     directory: where the set lives (e.g. <workdir>/experts/flat).
-    classes: class subset, relabelled 0..k-1 (per-group experts); () = all classes.
     mesh: device mesh; the expert axis is sharded over it.
+    classes: class subset, relabelled 0..k-1 (per-group experts); () = all classes.
     label_map: optional [C] map of every class to a coarser label (group experts: class -> group);
       not combined with `classes`.
     balance: sampling / loss overrides (`Balance`), e.g. group-balanced group experts.
@@ -268,7 +316,6 @@ def train_experts(config, data, directory, classes=(), mesh=None,
   Returns:
     The finished `ExpertSet`.
   """
-  mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
   resume.claim(config, directory, "experts")
   cfg = config.experts
   images, labels = subset_classes(data.train_images, data.train_labels, classes)
@@ -282,17 +329,16 @@ def train_experts(config, data, directory, classes=(), mesh=None,
   init = training.init_ensemble(model, jax.random.key(config.seed), cfg.num_experts,
                                 data.image_shape)
   spec = expert_spec(cfg, labels, num_classes, balance=balance)
-  tag = f"experts {pathlib.Path(directory).name}"
-  return train_trajectories(directory, model, spec, config.dsa, images, labels, num_classes,
-                            init, cfg.lr, cfg.epochs, config.seed, mesh,
-                            config.model.ensemble_impl, classes, tag, label_map)
+  labelling = Labelling(num_classes, tuple(int(c) for c in classes),
+                        None if label_map is None else tuple(int(x) for x in label_map))
+  return train_trajectories(directory, recipe(config, model, spec), images, labels, labelling,
+                            init, mesh, f"experts {pathlib.Path(directory).name}")
 
 
-def classifier_experts(config, data, experts: ExpertSet, mesh=None) -> ExpertSet:
+def classifier_experts(config, data, experts: ExpertSet, mesh) -> ExpertSet:
   """LTDD's classifier experts: each expert's head re-trained alone (class-balanced by default)
   from its epoch `experts.classifier_from_epoch`; the backbone stays frozen. Saved beside the
   experts as `<name>_classifier`."""
-  mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
   cfg = config.experts
   if cfg.classifier_epochs < 1:
     raise errors.InputError("Classifier-only experts need experts.classifier_epochs >= 1 (LTDD's ED uses "
@@ -309,7 +355,6 @@ def classifier_experts(config, data, experts: ExpertSet, mesh=None) -> ExpertSet
   spec = expert_spec(cfg, labels, experts.num_classes, head_only=True)
   directory = experts.directory.parent / f"{experts.directory.name}_classifier"
   resume.claim(config, directory, "experts", classifier=True)
-  return train_trajectories(directory, model, spec, config.dsa, images, labels,
-                            experts.num_classes, init, cfg.classifier_lr, cfg.classifier_epochs,
-                            config.seed + 1, mesh, config.model.ensemble_impl, experts.classes,
-                            f"{directory.name}", experts.label_map)
+  labelling = Labelling(experts.num_classes, experts.classes, experts.label_map)
+  return train_trajectories(directory, recipe(config, model, spec, classifier=True), images,
+                            labels, labelling, init, mesh, directory.name)

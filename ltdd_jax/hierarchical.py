@@ -13,13 +13,14 @@ group's images (stage 2): loss = lambda_1 * L_1 + lambda_2 * sum_g L_2(g). It on
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import time
 
 import jax
 import numpy as np
 
-from ltdd_jax import distill, errors, models, parallel, training
+from ltdd_jax import distill, errors, models
 from ltdd_jax import evaluate as evaluate_lib
 from ltdd_jax import experts as experts_lib
 from ltdd_jax import grouping as grouping_lib
@@ -72,43 +73,58 @@ def combine(group_probs: np.ndarray, within_probs: list[np.ndarray],
 # The two-stage classifier.
 
 
-def _probs(config, model, params, images) -> np.ndarray:
-  logits = training.model_logits(model, params, images,
-      config.evaluate.test_batch_size, config.model.ensemble_impl)
-  return np.asarray(jax.nn.softmax(logits, axis=-1))
+@dataclasses.dataclass(frozen=True)
+class TwoStageSpec:
+  """How the two-stage classifier predicts and trains its group network.
+
+  Attributes:
+    prediction: `soft` (p(g(c)) p(c | g(c))) or `hard` (argmax group, then argmax class in it).
+    stage1: how a group network trained on real images counters the between-group imbalance
+      (`stage1_balance`); one trained on a distilled set trains as the protocol does.
+  """
+  prediction: str = "soft"
+  stage1: experts_lib.Balance = experts_lib.Balance()
+
+  @classmethod
+  def from_config(cls, grouping_config) -> "TwoStageSpec":
+    return cls(grouping_config.prediction, stage1_balance(grouping_config))
 
 
-def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np.ndarray,
-                       labels: np.ndarray, targets: np.ndarray, lr: float, epochs: int, *,
-                       method: str, ipc: int | None, split: str = "test", mesh=None,
-                       learned_lrs: dict[str, float] | None = None) -> dict:
+def _probs(protocol: evaluate_lib.Protocol, model, params, images) -> np.ndarray:
+  return np.asarray(jax.nn.softmax(protocol.logits(model, params, images), axis=-1))
+
+
+def evaluate_two_stage(protocol: evaluate_lib.Protocol, spec: TwoStageSpec, data,
+                       grouping: grouping_lib.Grouping, train_set: evaluate_lib.LabelledSet, *,
+                       seed: int, mesh, split: str = "test") -> dict:
   """Trains T group networks and T within-group networks per group on one labelled set and tests
   the two-stage prediction. Returns the usual report fields plus group_acc and within_group_acc
   (accuracy of the within-group networks on the images of their group), both in percent.
 
-  `labels` [N] is the class each image stands for (a synthetic set's assigned classes) and decides
-  which group's networks train on it; `targets` ([N] ints or [N, C] soft labels) are what they fit.
-  Learned soft labels can put most mass on another class (DATM at IF 100, IPC 1), so their argmax
-  must not stand in for `labels`.
+  `train_set.labels` [N] (the class each image stands for: a synthetic set's assigned classes)
+  decides which group's networks train on an image; `train_set.targets` ([N] ints or [N, C] soft
+  labels) are what they fit. Learned soft labels can put most mass on another class (DATM at IF 100,
+  IPC 1), so their argmax must not stand in for `labels`.
 
-  `learned_lrs` (a hierarchical set's lr per objective: `groups`, `group_<g>`) gives each network
-  its own lr; networks it does not name train with `lr`. A group network trained on real images
-  (the `random`, `herding` and `full` baselines) counters the between-group imbalance as
-  `stage1_balance` says; one trained on a distilled set trains as the evaluation protocol does."""
-  learned_lrs = learned_lrs or {}
+  `train_set.learned_lrs` (a hierarchical set's lr per objective: `groups`, `group_<g>`) gives each
+  network its own lr; networks it does not name train with `train_set.lr`. A group network trained
+  on real images (the `random`, `herding` and `full` baselines) counters the between-group
+  imbalance as `spec.stage1` says."""
+  learned_lrs, lr, method = train_set.learned_lrs, train_set.lr, train_set.method
   real = method.split("+")[0] in ("random", "herding", "full")
-  balance = stage1_balance(config.grouping) if real else experts_lib.Balance()
+  balance = spec.stage1 if real else experts_lib.Balance()
   start = time.time()
-  mesh = mesh or parallel.make_mesh(config.mesh.num_devices)
   eval_images, eval_labels = evaluate_lib.split_arrays(data, split)
-  backbone = models.make_backbone(config.model)
-  labels = np.asarray(labels)
-  group_model = models.Classifier(backbone, models.make_head(config.model, grouping.num_groups))
+  backbone = models.make_backbone(protocol.model)
+  labels = np.asarray(train_set.labels)
+  group_model = models.Classifier(backbone, models.make_head(protocol.model, grouping.num_groups))
+  everything = np.arange(len(train_set))
+  group_set = train_set.subset(everything, group_targets(train_set.targets, grouping),
+                               learned_lrs.get("groups", lr))
   group_params = evaluate_lib.train_networks(
-      config, group_model, images, group_targets(targets, grouping), grouping.num_groups,
-      learned_lrs.get("groups", lr), epochs, config.seed, mesh, label=f"evaluate {method} groups",
-      sampling=balance.sampling or "instance", loss=balance.loss or "ce")
-  group_probs = _probs(config, group_model, group_params, eval_images)  # [T, N, G]
+      protocol, group_model, group_set, grouping.num_groups, seed, mesh,
+      label=f"evaluate {method} groups", balance=balance)
+  group_probs = _probs(protocol, group_model, group_params, eval_images)  # [T, N, G]
   within, within_correct = [], []
   true_group = grouping.group_of[eval_labels]
   for g, classes in enumerate(grouping.groups):
@@ -120,24 +136,23 @@ def evaluate_two_stage(config, data, grouping: grouping_lib.Grouping, images: np
     index = np.flatnonzero(np.isin(labels, classes))
     if len(index) == 0:
       raise errors.InputError(f"Group {g} (classes {classes}) has no images in the evaluated set.")
-    model = models.Classifier(backbone, models.make_head(config.model, len(classes)))
-    params = evaluate_lib.train_networks(
-        config, model, images[index], within_targets(targets, grouping, g, index), len(classes),
-        learned_lrs.get(f"group_{g}", lr), epochs, config.seed + 1 + g, mesh,
-        label=f"evaluate {method} group {g}")
-    probs = _probs(config, model, params, eval_images)
+    model = models.Classifier(backbone, models.make_head(protocol.model, len(classes)))
+    members = train_set.subset(index, within_targets(train_set.targets, grouping, g, index),
+                               learned_lrs.get(f"group_{g}", lr))
+    params = evaluate_lib.train_networks(protocol, model, members, len(classes), seed + 1 + g,
+                                         mesh, label=f"evaluate {method} group {g}")
+    probs = _probs(protocol, model, params, eval_images)
     within.append(probs)
     local = grouping.within_label_map(g)[eval_labels[true_group == g]]
     within_correct.append(probs[:, true_group == g].argmax(-1) == local[None])
-  scores = combine(group_probs, within, grouping, config.grouping.prediction)
+  scores = combine(group_probs, within, grouping, spec.prediction)
   report = evaluate_lib.classification_metrics(scores.argmax(-1), eval_labels, data.counts,
-                                               config.data.shot_rule)
+                                               protocol.shot_rule)
   report["group_acc"] = float(100 * (group_probs.argmax(-1) == true_group[None]).mean())
   report["within_group_acc"] = float(100 * np.concatenate(within_correct, axis=1).mean())
   return evaluate_lib.assemble_report(
-      config, data, {config.model.name: report}, method=method, ipc=ipc, split=split,
-      num_images=len(images), lr=lr, epochs=epochs, start=start,
-      classifier=f"two_stage_{config.grouping.prediction}", grouping=grouping.to_dict(),
+      protocol, data, {protocol.model.name: report}, train_set, split=split, start=start,
+      classifier=f"two_stage_{spec.prediction}", grouping=grouping.to_dict(),
       **({"learned_lrs": learned_lrs} if learned_lrs else {}))
 
 
@@ -155,7 +170,7 @@ def stage1_balance(grouping_config) -> experts_lib.Balance:
                              loss=grouping_config.stage1_loss, balanced_epoch="dataset")
 
 
-def group_expert_sets(config, data, grouping: grouping_lib.Grouping, root, mesh=None,
+def group_expert_sets(config, data, grouping: grouping_lib.Grouping, root, mesh,
                       stage1: bool = True):
   """Trains (or opens) the group experts (when `stage1`) and every multi-class group's own experts
   under `root` (`grouping_<fingerprint>/groups`, `.../group_<g>`).
@@ -169,14 +184,14 @@ def group_expert_sets(config, data, grouping: grouping_lib.Grouping, root, mesh=
   if stage1:
     balance = stage1_balance(config.grouping)
     group_set = experts_lib.train_experts(
-        config, data, root / f"groups_{balance.sampling}_{balance.loss}", mesh=mesh,
+        config, data, root / f"groups_{balance.sampling}_{balance.loss}", mesh,
         label_map=grouping.group_of, balance=balance)
     group_cls = experts_lib.classifier_experts(config, data, group_set, mesh) if ed else None
   within = {}
   for g, classes in enumerate(grouping.groups):
     if len(classes) < 2:
       continue  # A one-class expert never moves: nothing to match.
-    s = experts_lib.train_experts(config, data, root / f"group_{g}", classes=classes, mesh=mesh)
+    s = experts_lib.train_experts(config, data, root / f"group_{g}", mesh, classes=classes)
     within[g] = (s, experts_lib.classifier_experts(config, data, s, mesh) if ed else None)
   return group_set, group_cls, within
 
@@ -196,8 +211,7 @@ def matched_syn_steps(config, counts: np.ndarray, classes) -> int:
   return max(1, int(round(config.distill.syn_steps * group / flat)))
 
 
-def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, expert_root,
-                            mesh=None):
+def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, expert_root, mesh):
   """The stage-1 and stage-2 objectives and their weights (lambda_1, then lambda_2 per group).
 
   Stage 1 is left out when lambda_1 is 0 or there is one group (a one-output network never moves);

@@ -73,6 +73,11 @@ def unroll_student(apply_fn, spec: InnerSpec, dsa_config, start_params: PyTree,
                    class_weights: jax.Array | None = None, mesh=None) -> PyTree:
   """Trains a student from `start_params` for `spec.syn_steps` plain SGD steps on synthetic data.
 
+  Ten parameters, on purpose: the meta-gradient differentiates with respect to `images`,
+  `targets` and `syn_lr` separately (each has its own optimiser), so they stay distinct arguments
+  of this pure kernel rather than fields of a container; the static ones (apply_fn, spec,
+  dsa_config, mesh) are bound once per objective by `distill.MatchingObjective`.
+
   Args:
     apply_fn: (params, images) -> logits.
     spec: the `InnerSpec`.
@@ -137,7 +142,10 @@ def trajectory_matching_loss(apply_fn, spec: InnerSpec, dsa_config, images: jax.
                              targets: jax.Array, syn_lr: jax.Array, start: PyTree, target: PyTree,
                              key: jax.Array, class_weights=None, mesh=None,
                              part: str = "all") -> jax.Array:
-  """The MTT loss for one (start, target) pair of expert parameters. Scalar."""
+  """The MTT loss for one (start, target) pair of expert parameters. Scalar.
+
+  The parameters are `unroll_student`'s (see there why they are not grouped) plus the target and
+  the parameter subset compared (`part`)."""
   final = unroll_student(apply_fn, spec, dsa_config, start, images, targets, syn_lr, key,
                          class_weights, mesh)
   return normalized_distance(final, start, target, part)

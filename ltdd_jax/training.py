@@ -141,6 +141,10 @@ def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, dsa_config, params: PyTree, 
                 labels: jax.Array, num_classes: int) -> tuple[PyTree, PyTree, jax.Array]:
   """One epoch of SGD for one network (vmap it for an ensemble).
 
+  Eleven parameters, on purpose: this is the per-network kernel `over_ensemble` maps, and every
+  array argument takes its own in_axes entry there (per network: params, velocity, key; shared:
+  lr, images, targets, labels); the static ones come first so `functools.partial` can bind them.
+
   Args:
     apply_fn: (params, images [B, H, W, C]) -> logits [B, C].
     spec: the `TrainSpec`.

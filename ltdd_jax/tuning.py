@@ -76,10 +76,9 @@ def run_search(config, workdir) -> dict:
       continue
     print(f"[tuning] candidate {i + 1}/{len(grid)}: {values}", flush=True)
     _, plugins = checks.parse_method(c.method)
-    cell_dir, mesh, data = pipeline.setup(c, cell)
-    pipeline.stage_distill(c, cell_dir, data, mesh)
-    pipeline.stage_evaluate(c, cell_dir, "synthetic", data, mesh, two_stage=bool(plugins),
-                            split="validation")
+    ctx = pipeline.setup(c, cell)
+    pipeline.stage_distill(ctx)
+    pipeline.stage_evaluate(ctx, "synthetic", two_stage=bool(plugins), split="validation")
   rows = collect(workdir, grid)
   chosen = choose(rows)
   write_tables(workdir, rows, len(grid), chosen)

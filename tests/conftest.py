@@ -48,5 +48,16 @@ def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("tiny")
   config = tiny_config(root)
   data = dataset.load_dataset(config.data, config.seed)
-  expert_set = experts.train_experts(config, data, root / "experts" / "flat")
+  from ltdd_jax import parallel  # pylint: disable=g-import-not-at-top
+  expert_set = experts.train_experts(config, data, root / "experts" / "flat", parallel.make_mesh(1))
   return config, data, expert_set
+
+
+def evaluate_arrays(config, data, images, targets, lr, epochs, method="random", ipc=None,
+                    split="test"):
+  """`evaluate.evaluate_set` on arrays: the protocol of `config`, one device."""
+  from ltdd_jax import evaluate, parallel  # pylint: disable=g-import-not-at-top
+  labelled = evaluate.LabelledSet(images, evaluate.hard_labels(targets), targets, lr, epochs, ipc,
+                                  method)
+  return evaluate.evaluate_set(evaluate.Protocol.from_config(config), data, labelled,
+                               seed=config.seed, mesh=parallel.make_mesh(1), split=split)

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from ltdd_jax import analysis, grouping, hierarchical
+from ltdd_jax import analysis, evaluate, grouping, hierarchical, parallel
 
 
 def test_correlation_signs():
@@ -15,8 +15,9 @@ def test_correlation_signs():
 def test_analysis_report_on_tiny_experts(tiny, tmp_path):
   config, data, flat = tiny
   groups = grouping.frequency_grouping(data.counts, 3.0)
-  _, _, within = hierarchical.group_expert_sets(config, data, groups, tmp_path, stage1=False)
-  report = analysis.analyze(config, data, groups, flat, {g: s for g, (s, _) in within.items()},
+  _, _, within = hierarchical.group_expert_sets(config, data, groups, tmp_path,
+                                                parallel.make_mesh(1), stage1=False)
+  report = analysis.analyze(evaluate.Protocol.from_config(config), data, groups, flat, {g: s for g, (s, _) in within.items()},
                             tmp_path)
   shares = np.asarray(report["movement_share_per_epoch"])
   assert shares.shape == (config.experts.epochs, 10)
@@ -34,7 +35,7 @@ def test_movement_share_equals_per_class_gradients(tiny):
   from ltdd_jax import models, training  # pylint: disable=g-import-not-at-top
   config, data, flat = tiny
   images, labels = data.train_images[:60], data.train_labels[:60]
-  shares = analysis.movement_shares(config, flat, images, labels, 10, chunk=25)
+  shares = analysis.movement_shares(config.model, flat, images, labels, 10, chunk=25)
   apply_fn = training.make_apply(models.make_classifier(config.model, 10))
   trajectory = flat.load(0)
   theta = jax.tree.map(lambda x: x[1], trajectory)

@@ -142,7 +142,8 @@ def test_bad_synthetic_sets(tmp_path, no_training, arrays, message):
   config = tiny_config(tmp_path)
   path = _synthetic(tmp_path / "syn.npz", **arrays)
   with pytest.raises(errors.InputError) as info:
-    pipeline.stage_evaluate(config, tmp_path / "run", f"synthetic:{path}")
+    pipeline.stage_evaluate(pipeline.setup(config, tmp_path / "run", check_resume=False),
+                            f"synthetic:{path}")
   assert message in str(info.value) and str(path) in str(info.value)
 
 
@@ -151,7 +152,8 @@ def test_empty_or_truncated_synthetic_file(tmp_path, no_training, content):
   config = tiny_config(tmp_path)
   (tmp_path / "syn.npz").write_bytes(content)
   with pytest.raises(errors.InputError, match="empty or truncated"):
-    pipeline.stage_evaluate(config, tmp_path / "run", f"synthetic:{tmp_path / 'syn.npz'}")
+    pipeline.stage_evaluate(pipeline.setup(config, tmp_path / "run", check_resume=False),
+                            f"synthetic:{tmp_path / 'syn.npz'}")
 
 
 def test_launcher_prints_one_line_for_errors_on_purpose(tmp_path):

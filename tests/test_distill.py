@@ -11,6 +11,8 @@ import pytest
 
 from ltdd_jax import checkpoints, distill, experts, matching, parallel
 
+ONE = parallel.make_mesh(1)
+
 
 def _objective(config, data, expert_set, tmp_path=None):
   classifier_set = None
@@ -26,11 +28,11 @@ def test_resume_is_bitwise_identical(tiny, tmp_path, method):
   config = config.copy_and_resolve_references()
   config.method = method
   objective, init = _objective(config, data, expert_set)
-  full = distill.run_distillation(config, data, [objective], [1.0], init, tmp_path / "full")
+  full = distill.run_distillation(config, data, [objective], [1.0], init, tmp_path / "full", ONE)
   half = config.copy_and_resolve_references()
   half.distill.iterations = 3  # "crash" after the checkpoint at iteration 3 ...
-  distill.run_distillation(half, data, [objective], [1.0], init, tmp_path / "resumed")
-  resumed = distill.run_distillation(config, data, [objective], [1.0], init, tmp_path / "resumed")
+  distill.run_distillation(half, data, [objective], [1.0], init, tmp_path / "resumed", ONE)
+  resumed = distill.run_distillation(config, data, [objective], [1.0], init, tmp_path / "resumed", ONE)
   assert set(full) == set(resumed)
   for k in full:
     np.testing.assert_array_equal(full[k], resumed[k])
@@ -98,7 +100,7 @@ def test_each_objective_learns_its_own_lr(tiny, tmp_path):
   objective, init = _objective(config, data, expert_set)
   slow = dataclasses.replace(objective, name="slow")
   out = distill.run_distillation(config, data, [objective, slow], [1.0, 0.0], init,
-                                 tmp_path / "own")
+                                 tmp_path / "own", ONE)
   chex.assert_shape(out["log_lr"], (2,))
   assert out["log_lr"][1] == init["log_lr"], "a zero-weight objective's lr must not move"
   assert out["log_lr"][0] != init["log_lr"]
@@ -109,7 +111,7 @@ def test_each_objective_learns_its_own_lr(tiny, tmp_path):
   np.testing.assert_allclose(lrs["slow"], config.distill.syn_lr_init, rtol=1e-6)
   config.distill.lr_per_objective = False
   shared = distill.run_distillation(config, data, [objective, slow], [1.0, 0.0], init,
-                                    tmp_path / "shared")
+                                    tmp_path / "shared", ONE)
   chex.assert_shape(shared["log_lr"], ())
 
 
@@ -131,7 +133,7 @@ def test_thirty_iterations_lower_the_matching_loss(tiny, tmp_path):
 
   before = float(probe_loss(init))
   after = float(probe_loss(distill.run_distillation(config, data, [objective], [1.0], init,
-                                                    tmp_path)))
+                                                    tmp_path, ONE)))
   assert after < before, (before, after)
 
 
@@ -142,7 +144,7 @@ def test_divergence_stops_with_message_and_loadable_checkpoint(tiny, tmp_path):
   config.distill.iterations = 6
   objective, init = _objective(config, data, expert_set)
   with pytest.raises(distill.DivergenceError, match="diverged.*lr_img"):
-    distill.run_distillation(config, data, [objective], [1.0], init, tmp_path)
+    distill.run_distillation(config, data, [objective], [1.0], init, tmp_path, ONE)
   store = checkpoints.Checkpoints(tmp_path / "distill_ckpt")
   step = store.latest_step()
   assert step is not None

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import evaluate_arrays
 from ltdd_jax import evaluate, models, selection
 
 
@@ -29,8 +30,8 @@ def test_oracle_set_scores_near_perfect(tiny):
   config.evaluate.dsa = False
   config.model.width = 16
   config.evaluate.epochs, config.evaluate.batch_size = 40, 64
-  report = evaluate.evaluate_set(config, data, data.test_images, data.test_labels, 0.05, 40,
-                                 method="oracle", ipc=None)
+  report = evaluate_arrays(config, data, data.test_images, data.test_labels, 0.05, 40,
+                           method="oracle")
   assert report["test_acc_mean"] > 97, report["test_acc_mean"]
   for field in evaluate.REPORT_FIELDS:
     assert field in report
@@ -74,20 +75,20 @@ def test_evaluate_cli_writes_report(tmp_path):
 
 def test_validation_split(tiny):
   config, data, _ = tiny
-  report = evaluate.evaluate_set(config, data, data.train_images[:40], data.train_labels[:40],
-                                 0.01, 1, method="random", ipc=None, split="validation")
+  report = evaluate_arrays(config, data, data.train_images[:40], data.train_labels[:40],
+                           0.01, 1, split="validation")
   assert report["split"] == "validation"
   np.testing.assert_allclose(np.mean(report["per_class_acc"]), report["test_acc_mean"], atol=1e-6)
   # Validation numbers never touch the test split: poisoning it changes nothing.
   poisoned = dataclasses.replace(data, test_images=np.full_like(data.test_images, np.nan),
                                  test_labels=np.zeros_like(data.test_labels))
-  again = evaluate.evaluate_set(config, poisoned, data.train_images[:40], data.train_labels[:40],
-                                0.01, 1, method="random", ipc=None, split="validation")
+  again = evaluate_arrays(config, poisoned, data.train_images[:40], data.train_labels[:40],
+                          0.01, 1, split="validation")
   assert again["per_class_acc"] == report["per_class_acc"]
   assert len(report["per_class_acc"]) == 10 and len(data.val_labels) == 10 * 10
   with pytest.raises(ValueError, match="split must be"):
-    evaluate.evaluate_set(config, data, data.train_images[:40], data.train_labels[:40], 0.01, 1,
-                          method="random", ipc=None, split="train")
+    evaluate_arrays(config, data, data.train_images[:40], data.train_labels[:40], 0.01, 1,
+                    split="train")
 
 
 def test_cross_architecture_rows(tiny, monkeypatch):
@@ -99,8 +100,8 @@ def test_cross_architecture_rows(tiny, monkeypatch):
   config = config.copy_and_resolve_references()
   config.evaluate.archs = ("convnet", "vgg11")
   config.evaluate.cross_arch_width = 4
-  report = evaluate.evaluate_set(config, data, data.train_images[:40], data.train_labels[:40],
-                                 0.01, 1, method="random", ipc=None)
+  report = evaluate_arrays(config, data, data.train_images[:40], data.train_labels[:40],
+                           0.01, 1)
   assert list(report["archs"]) == ["convnet", "vgg11"] and report["arch"] == "convnet"
   assert report["test_acc_mean"] == report["archs"]["convnet"]["test_acc_mean"]
   assert "vgg11" in evaluate.format_report(report)

@@ -29,7 +29,7 @@ def _train(config, data, directory, mesh, num_experts=None):
   config = config.copy_and_resolve_references()
   if num_experts:
     config.experts.num_experts = num_experts
-  return experts.train_experts(config, data, directory, mesh=mesh)
+  return experts.train_experts(config, data, directory, mesh)
 
 
 def test_vmapped_single_expert_equals_plain_training(tiny, tmp_path):

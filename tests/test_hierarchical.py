@@ -27,10 +27,12 @@ def test_hard_and_soft_agree_when_group_is_certain():
 def test_two_stage_classifier_with_one_group_equals_flat(tiny):
   config, data, _ = tiny
   images, labels = data.train_images, data.train_labels
-  two = hierarchical.evaluate_two_stage(config, data, ONE_GROUP, images, labels, labels, 0.05, 3,
-                                        method="random+two_stage", ipc=None)
-  flat = evaluate.evaluate_set(config, data, images, labels, 0.05, 3, method="random", ipc=None,
-                               seed=config.seed + 1)
+  mesh = parallel.make_mesh(1)
+  protocol = evaluate.Protocol.from_config(config)
+  labelled = evaluate.LabelledSet(images, labels, labels, 0.05, 3, None, "random+two_stage")
+  two = hierarchical.evaluate_two_stage(protocol, hierarchical.TwoStageSpec(), data, ONE_GROUP,
+                                        labelled, seed=config.seed, mesh=mesh)
+  flat = evaluate.evaluate_set(protocol, data, labelled, seed=config.seed + 1, mesh=mesh)
   np.testing.assert_allclose(two["per_class_acc"], flat["per_class_acc"])
   assert two["group_acc"] == 100.0
   np.testing.assert_allclose(two["within_group_acc"], flat["test_acc_mean"])
@@ -41,17 +43,19 @@ def test_two_stage_groups_images_by_assigned_class_not_soft_label_argmax(tiny, m
   # here "looks like" class 0, yet each group's networks must still train on its own classes.
   config, data, _ = tiny
   calls, train = [], evaluate.train_networks
-  def recording(config, model, images, targets, num_classes, *args, **kwargs):
-    calls.append((len(images), num_classes, np.asarray(targets).shape))
-    return train(config, model, images, targets, num_classes, *args, **kwargs)
+  def recording(protocol, model, train_set, num_classes, *args, **kwargs):
+    calls.append((len(train_set), num_classes, np.asarray(train_set.targets).shape))
+    return train(protocol, model, train_set, num_classes, *args, **kwargs)
   monkeypatch.setattr(evaluate, "train_networks", recording)
   labels = np.arange(10, dtype=np.int32)
   images = np.stack([data.train_images[data.train_labels == c][0] for c in labels])
   soft = np.full((10, 10), 0.02, np.float32)
   soft[:, 0] = 0.82
   two_groups = grouping.Grouping((tuple(range(5)), tuple(range(5, 10))), 10)
-  report = hierarchical.evaluate_two_stage(config, data, two_groups, images, labels, soft, 0.05, 2,
-                                           method="datm+two_stage", ipc=1)
+  labelled = evaluate.LabelledSet(images, labels, soft, 0.05, 2, 1, "datm+two_stage")
+  report = hierarchical.evaluate_two_stage(
+      evaluate.Protocol.from_config(config), hierarchical.TwoStageSpec(), data, two_groups,
+      labelled, seed=config.seed, mesh=parallel.make_mesh(1))
   assert np.isfinite(report["test_acc_mean"]) and 0.0 <= report["within_group_acc"] <= 100.0
   # The group network sees all 10 images; each within-group network the 5 of its own classes.
   assert calls == [(10, 2, (10, 2)), (5, 5, (5, 5)), (5, 5, (5, 5))]
@@ -63,7 +67,8 @@ def test_hierarchical_loss_with_one_group_and_no_stage1_is_flat(tiny, tmp_path):
   config, data, expert_set = tiny
   config = config.copy_and_resolve_references()
   config.grouping.lambda_1 = 0.0
-  objectives, weights = hierarchical.hierarchical_objectives(config, data, ONE_GROUP, tmp_path)
+  objectives, weights = hierarchical.hierarchical_objectives(config, data, ONE_GROUP, tmp_path,
+                                                           parallel.make_mesh(1))
   assert len(objectives) == 1 and weights == [config.grouping.lambda_2]
   flat = distill.flat_objective(config, data, expert_set, None)
   stage2 = objectives[0]
@@ -82,15 +87,15 @@ def test_per_group_expert_sees_only_its_classes(tiny, tmp_path):
   config, data, _ = tiny
   config = config.copy_and_resolve_references()
   config.experts.num_experts, config.experts.epochs = 1, 1
-  s = experts.train_experts(config, data, tmp_path / "g", classes=(3, 7),
-                            mesh=parallel.make_mesh(1))
+  s = experts.train_experts(config, data, tmp_path / "g", parallel.make_mesh(1), classes=(3, 7))
   assert s.num_classes == 2 and s.classes == (3, 7)
   assert s.load(0)["head"]["kernel"].shape[-1] == 2
   images, labels = experts.subset_classes(data.train_images, data.train_labels, (3, 7))
   assert set(np.unique(labels)) == {0, 1}
   assert len(labels) == data.counts[3] + data.counts[7]
   with pytest.raises(ValueError, match="either a class subset or a label map"):
-    experts.train_experts(config, data, tmp_path / "x", classes=(1,), label_map=np.zeros(10, int))
+    experts.train_experts(config, data, tmp_path / "x", parallel.make_mesh(1), classes=(1,),
+                          label_map=np.zeros(10, int))
 
 
 def test_stage2_unrolls_match_their_experts_steps(tiny):

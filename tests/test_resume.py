@@ -87,8 +87,9 @@ def test_metrics_lines_are_not_repeated_after_resume(tmp_path):
 
 def test_baseline_reports_do_not_overwrite_each_other(tmp_path):
   config = tiny_config(tmp_path)
+  ctx = pipeline.setup(config, tmp_path / "run", check_resume=False)
   for which in ("random", "full"):
-    pipeline.stage_evaluate(config, tmp_path / "run", which)
+    pipeline.stage_evaluate(ctx, which)
   names = sorted(p.name for p in (tmp_path / "run").glob("report*.json"))
   assert names == ["report_full.json", "report_random.json"]
   assert pipeline.report_name(config, "synthetic", "test") == "report"

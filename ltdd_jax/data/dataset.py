@@ -23,6 +23,7 @@ class Dataset:
     class_names: C names.
     preprocessor: the fitted pixel <-> model-space map.
     name: dataset name for reports.
+    imbalance_factor: the long-tail profile's n_max / n_min target, for reports.
   """
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -34,6 +35,7 @@ class Dataset:
   class_names: tuple[str, ...]
   preprocessor: preprocess.Preprocessor
   name: str
+  imbalance_factor: float = 1.0
 
   @property
   def num_classes(self) -> int:
@@ -91,4 +93,4 @@ def load_dataset(data_config, seed: int) -> Dataset:
       val_labels=as_int(pool.labels[split.validation]),
       test_images=pre.apply(test_pixels), test_labels=as_int(test_labels),
       counts=split.counts, class_names=pool.class_names, preprocessor=pre,
-      name=data_config.dataset)
+      name=data_config.dataset, imbalance_factor=float(data_config.imbalance_factor))
