@@ -28,6 +28,10 @@ def main(argv):
     print(f"group {g} experts, accuracy vs count (pearson log):", r["pearson_log_count"],
           "| flat experts on the same classes:", report["flat_within_groups"][g]["pearson_log_count"])
   print("movement share vs data share:", report["movement_vs_data"])
+  for row in report["bias_by_epoch"]:
+    print(f"epoch {row['epoch']}: flat balanced acc {row['flat_balanced_acc']:.1f}, count bias "
+          f"(pearson log) {row['flat_pearson_log_count']:.2f}; within-group head-tail gap: flat "
+          f"experts {row['mean_flat_gap']}, group experts {row['mean_group_gap']}")
   print(f"wrote {workdir}/groups_report.json and groups_analysis.png")
 
 

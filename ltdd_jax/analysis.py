@@ -70,6 +70,51 @@ def movement_shares(model_config, expert_set: experts_lib.ExpertSet, images, lab
   return np.stack(shares)
 
 
+def within_group_gap(acc: np.ndarray, counts: np.ndarray, classes) -> float:
+  """Accuracy of a group's most frequent class minus its least frequent one (points): the count
+  bias left inside the group."""
+  classes = list(classes)
+  order = np.argsort(-np.asarray(counts)[classes], kind="stable")
+  return float(acc[order[0]] - acc[order[-1]])
+
+
+def bias_by_epoch(protocol: evaluate_lib.Protocol, data, grouping: grouping_lib.Grouping,
+                  flat: experts_lib.ExpertSet, within: dict[int, experts_lib.ExpertSet],
+                  epochs) -> list[dict]:
+  """The hypothesis' premise as experts get stronger. At each epoch: the flat experts' balanced
+  test accuracy and count bias over all classes (Pearson of accuracy with log count), and for
+  every multi-class group the within-group gap (`within_group_gap`) of the flat experts and of
+  the group's own experts (mean over groups in `mean_*`). If grouping removes the bias that
+  stronger experts keep, the group experts' gap stays below the flat experts' at every epoch."""
+  counts = np.asarray(data.counts)
+  rows = []
+  for epoch in epochs:
+    flat_acc = expert_per_class_accuracy(protocol, flat, data.test_images, data.test_labels,
+                                         data.num_classes, epoch=epoch).mean(0)
+    row = {"epoch": int(epoch), "flat_balanced_acc": float(flat_acc.mean()),
+           "flat_pearson_log_count": correlation(flat_acc, counts)["pearson_log_count"],
+           "flat_gap": {}, "group_gap": {}}
+    for g, classes in enumerate(grouping.groups):
+      if len(classes) < 2:
+        continue
+      row["flat_gap"][g] = within_group_gap(flat_acc[list(classes)], counts, classes)
+      if g in within and epoch <= within[g].epochs:
+        images, labels = experts_lib.subset_classes(data.test_images, data.test_labels, classes)
+        acc = expert_per_class_accuracy(protocol, within[g], images, labels, len(classes),
+                                        epoch=epoch).mean(0)
+        row["group_gap"][g] = within_group_gap(acc, counts, classes)
+    row["mean_flat_gap"] = float(np.mean(list(row["flat_gap"].values()))) if row["flat_gap"] else None
+    row["mean_group_gap"] = (float(np.mean(list(row["group_gap"].values())))
+                             if row["group_gap"] else None)
+    rows.append(row)
+  return rows
+
+
+def default_epochs(num_epochs: int) -> list[int]:
+  """Epochs the bias is followed at: about every quarter of training, and the last."""
+  return sorted({max(1, round(num_epochs * q / 4)) for q in (1, 2, 3, 4)})
+
+
 def analyze(protocol: evaluate_lib.Protocol, data, grouping: grouping_lib.Grouping, flat: experts_lib.ExpertSet,
             within: dict[int, experts_lib.ExpertSet], workdir) -> dict:
   """Runs (a), (b), (c); writes groups_report.json and PNG plots; returns the report."""
@@ -98,6 +143,8 @@ def analyze(protocol: evaluate_lib.Protocol, data, grouping: grouping_lib.Groupi
   report["movement_share_mean"] = shares.mean(0).tolist()
   report["data_share"] = data_share.tolist()
   report["movement_vs_data"] = correlation(shares.mean(0), counts)
+  report["bias_by_epoch"] = bias_by_epoch(protocol, data, grouping, flat, within,
+                                          default_epochs(flat.epochs))
   _plots(workdir, counts, flat_acc, group_acc, grouping, shares.mean(0), data_share)
   reporting.write_json(workdir / "groups_report.json", report)
   return report

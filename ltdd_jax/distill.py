@@ -228,27 +228,25 @@ def label_init_spec(config) -> LabelInitSpec:
                        label_epoch=config.datm.label_expert_epoch)
 
 
-def expert_logits(config, expert_set: experts_lib.ExpertSet, images: np.ndarray,
-                  epoch: int = -1) -> np.ndarray:
-  """[K, N, C] logits of every expert of a set at one epoch (-1: the last) on `images`."""
-  params = expert_set.at_epoch(epoch)
-  model = models.make_classifier(config.model, expert_set.num_classes)
-  return training.model_logits(model, params, images,
-      config.evaluate.test_batch_size, config.model.ensemble_impl)
+def expert_logits(protocol: evaluate_lib.Protocol, expert_set: experts_lib.ExpertSet,
+                  images: np.ndarray, epoch: int = -1) -> np.ndarray:
+  """[K, N, C] logits of every expert of a set at one epoch (-1: the last) on `images`, run as
+  the evaluation protocol runs trained networks."""
+  model = models.make_classifier(protocol.model, expert_set.num_classes)
+  return protocol.logits(model, expert_set.at_epoch(epoch), images)
 
 
-def expert_correct(config, expert_set: experts_lib.ExpertSet, images: np.ndarray,
+def expert_correct(protocol: evaluate_lib.Protocol, expert_set: experts_lib.ExpertSet, images: np.ndarray,
                    labels: np.ndarray, experts: int = -1, epoch: int = -1) -> np.ndarray:
   """[K', N] bool: expert k classifies image n correctly, for the first `experts` experts (-1:
   all), one expert at a time so that memory holds booleans, not [K, N, C] logits."""
   epoch = expert_set.epochs if epoch < 0 or epoch > expert_set.epochs else epoch
   count = expert_set.num_experts if experts < 0 else min(experts, expert_set.num_experts)
-  model = models.make_classifier(config.model, expert_set.num_classes)
+  model = models.make_classifier(protocol.model, expert_set.num_classes)
   rows = []
   for k in range(count):
     params = jax.tree.map(lambda x: x[None], expert_set.load_epoch(k, epoch))
-    logits = training.model_logits(model, params, images, config.evaluate.test_batch_size,
-                                   config.model.ensemble_impl)[0]
+    logits = protocol.logits(model, params, images)[0]
     rows.append(logits.argmax(-1) == labels)
   return np.stack(rows)
 
@@ -343,7 +341,7 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
     spec = label_init_spec(config)
   if cfg.init == "real":
     if options.soft_labels and config.datm.correct_only:
-      correct = expert_correct(config, source, data.train_images, data.train_labels,
+      correct = expert_correct(evaluate_lib.Protocol.from_config(config), source, data.train_images, data.train_labels,
                                spec.search_experts, spec.label_epoch)
       idx, found = select_correct(correct, data.train_labels, num_classes, ipc, spec, config.seed)
     else:
@@ -364,7 +362,7 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
     label_logits = class_correct_logits(labels, num_classes)
     from_experts = np.zeros(len(labels), bool)
   else:  # Every labelling expert's logits, on the chosen images only.
-    logits = expert_logits(config, source, data.train_images[idx], spec.label_epoch)
+    logits = expert_logits(evaluate_lib.Protocol.from_config(config), source, data.train_images[idx], spec.label_epoch)
     label_logits, from_experts = mean_correct_logits(logits, labels)
   state["label_logits"] = label_logits
   per_class = lambda v: np.asarray([v[labels == c].mean() for c in range(num_classes)], np.float32)
@@ -444,13 +442,28 @@ def make_update_fn(config, objectives: list[MatchingObjective], weights: list[fl
   return update, init
 
 
-def start_epoch_window(config, options: MethodOptions, iteration: int) -> tuple[int, int]:
-  """[lo, hi) of start epochs at an iteration; DATM's window grows to distill.max_start_epoch."""
-  hi = config.distill.max_start_epoch
-  if options.grow_window:
-    grown = config.datm.initial_max_start_epoch + iteration // max(1, config.datm.window_grow_every)
-    return config.datm.min_start_epoch, max(config.datm.min_start_epoch + 1, min(hi, grown))
-  return 0, hi
+@dataclasses.dataclass(frozen=True)
+class StartWindow:
+  """Where start epochs are drawn: [0, max_start) throughout, or (`grows`, DATM) from
+  [min_start, initial_max_start) growing by one epoch every `grow_every` iterations up to
+  max_start."""
+  max_start: int
+  grows: bool = False
+  min_start: int = 0
+  initial_max_start: int = 1
+  grow_every: int = 1
+
+  @classmethod
+  def from_config(cls, config, options: MethodOptions) -> "StartWindow":
+    return cls(config.distill.max_start_epoch, options.grow_window, config.datm.min_start_epoch,
+               config.datm.initial_max_start_epoch, config.datm.window_grow_every)
+
+  def at(self, iteration: int) -> tuple[int, int]:
+    """[lo, hi) of start epochs at an iteration."""
+    if not self.grows:
+      return 0, self.max_start
+    grown = self.initial_max_start + iteration // max(1, self.grow_every)
+    return self.min_start, max(self.min_start + 1, min(self.max_start, grown))
 
 
 def check_epochs(config, objectives: list[MatchingObjective]) -> None:
@@ -483,7 +496,7 @@ def run_distillation(config, data, objectives: list[MatchingObjective], weights:
   """
   cfg = config.distill
   workdir = pathlib.Path(workdir)
-  options = method_options(config)
+  window = StartWindow.from_config(config, method_options(config))
   check_epochs(config, objectives)
   update, init_opt = make_update_fn(config, objectives, weights, mesh)
   syn = {k: jnp.asarray(v) for k, v in init_syn.items()}
@@ -505,7 +518,7 @@ def run_distillation(config, data, objectives: list[MatchingObjective], weights:
   t0 = time.time()
   def draw(it):  # The expert pairs of iteration `it`: a function of (seed, it) alone.
     rng = np.random.default_rng([config.seed, it])
-    lo, hi = start_epoch_window(config, options, it)
+    lo, hi = window.at(it)
     return [obj.sample(rng, lo, hi, cfg.expert_epochs) for obj in objectives], (lo, hi)
 
   upcoming = draw(start) if start < cfg.iterations else None

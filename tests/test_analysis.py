@@ -27,6 +27,20 @@ def test_analysis_report_on_tiny_experts(tiny, tmp_path):
   saved = json.loads((tmp_path / "groups_report.json").read_text())
   assert saved["grouping"]["groups"] == [list(g) for g in groups.groups]
   assert (tmp_path / "groups_analysis.png").exists()
+  rows = report["bias_by_epoch"]
+  assert [r["epoch"] for r in rows] == analysis.default_epochs(config.experts.epochs)
+  multi = {g for g, c in enumerate(groups.groups) if len(c) > 1}
+  assert all(set(r["group_gap"]) == set(r["flat_gap"]) == multi for r in rows)
+  # At the last epoch the flat figures are the report's own.
+  np.testing.assert_allclose(rows[-1]["flat_balanced_acc"], np.mean(report["flat"]["per_class_acc"]))
+
+
+def test_within_group_gap_is_head_minus_tail_of_the_group():
+  counts = np.array([5, 100, 10, 50])
+  # Group (1, 2, 3): head class 1 (100 images), tail class 2 (10); accuracies in group order.
+  assert analysis.within_group_gap(np.array([90.0, 30.0, 60.0]), counts, (1, 2, 3)) == 60.0
+  assert analysis.within_group_gap(np.array([20.0, 70.0]), counts, (3, 2)) == -50.0
+  assert analysis.default_epochs(40) == [10, 20, 30, 40]
 
 
 def test_movement_share_equals_per_class_gradients(tiny):

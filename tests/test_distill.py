@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ltdd_jax import checkpoints, distill, experts, matching, parallel
+from ltdd_jax import checkpoints, distill, evaluate, experts, matching, parallel
 
 ONE = parallel.make_mesh(1)
 
@@ -214,7 +214,7 @@ def test_initial_soft_labels_point_at_their_own_class(tiny, method):
   np.testing.assert_array_equal(record["init_label_acc"], 1.0)
   chex.assert_shape([record["init_expert_correct"], record["init_found"]], [(10,), (10,)])
   spec = distill.label_init_spec(config)
-  correct = distill.expert_correct(config, classifier_set or expert_set, data.train_images,
+  correct = distill.expert_correct(evaluate.Protocol.from_config(config), classifier_set or expert_set, data.train_images,
                                    data.train_labels, spec.search_experts).any(0)
   available = np.bincount(data.train_labels[correct], minlength=10)
   np.testing.assert_array_equal(record["init_found"], np.minimum(available, 4))
@@ -254,11 +254,12 @@ def test_ltdd_window_is_uniform_and_datm_window_grows(tiny):
   for method in ("mtt", "datm", "ltdd"):
     config.method = method
     options = distill.method_options(config)
-    windows[method] = [distill.start_epoch_window(config, options, it) for it in (0, 2, 100)]
+    window = distill.StartWindow.from_config(config, options)
+    windows[method] = [window.at(it) for it in (0, 2, 100)]
   assert windows["ltdd"] == windows["mtt"] == [(0, 3)] * 3
   assert windows["datm"] == [(0, 1), (0, 2), (0, 3)]
   config.method, config.ltdd.grow_window = "ltdd", True
-  assert distill.start_epoch_window(config, distill.method_options(config), 0) == (0, 1)
+  assert distill.StartWindow.from_config(config, distill.method_options(config)).at(0) == (0, 1)
 
 
 def test_ed_classifier_term_unweighted_from_epoch_zero(tiny):
