@@ -32,6 +32,33 @@ def test_cifar10_cpu_profile_matches_design():
   assert c.data.test_source == "holdout:1000"
 
 
+@pytest.mark.parametrize("name", ["cifar10_lt", "cifar100_lt"])
+@pytest.mark.parametrize("ipc", [1, 10])
+def test_evidence_profile_passes_the_checks(name, ipc):
+  from ltdd_jax import checks  # pylint: disable=g-import-not-at-top
+  for method in ("mtt", "datm", "ltdd", "ltdd+hierarchical"):
+    c = importlib.import_module(f"configs.{name}").get_config(
+        f"profile=evidence,source=folder,ipc={ipc},method={method}")
+    checks.check_config(c)
+  assert (c.model.width, c.experts.num_experts, c.experts.epochs, c.experts.lr) == (32, 5, 40, 0.05)
+  assert c.distill.syn_lr_init == c.experts.lr  # the student starts at the experts' lr
+  if ipc == 1:  # the published IPC-1 choices
+    assert (c.distill.max_start_epoch, c.distill.batch_syn, c.datm.lr_label) == (4, 10, 5.0)
+  assert c.datm.initial_max_start_epoch < c.distill.max_start_epoch
+
+
+def test_evidence_grid_has_the_methods_and_full_rows():
+  from ltdd_jax import benchmark  # pylint: disable=g-import-not-at-top
+  c = importlib.import_module("configs.benchmark").get_config("profile=evidence")
+  cells = benchmark.cells(c)
+  assert cells[0] == (100.0, None, "full") and cells[1][:2] == (100.0, 10)
+  methods = {m for _, ipc, m in cells if ipc is not None}
+  assert methods == {"random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+two_stage",
+                     "mtt+hierarchical", "ltdd+hierarchical"}
+  assert len(cells) == 2 * (1 + 2 * 9)
+  assert c.benchmark.ipc_settings.ipc1.distill.batch_syn == 10
+
+
 def test_bad_config_argument_fails():
   with pytest.raises(ValueError, match="Unknown config argument 'profil'"):
     importlib.import_module("configs.digits_lt").get_config("profil=cpu")
