@@ -106,3 +106,14 @@ def test_cross_architecture_rows(tiny, monkeypatch):
   assert report["test_acc_mean"] == report["archs"]["convnet"]["test_acc_mean"]
   assert "vgg11" in evaluate.format_report(report)
   assert ("vgg11", 4) in built  # the second row is a VGG-11 at the cross-architecture width
+
+
+def test_readme_notebook_example_runs():
+  """The README's library example (a labelled set evaluated without a run folder) still works."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+  block = text.split("```python\n", 1)[1].split("```", 1)[0]
+  scope = {}
+  exec(block.replace("num_models=2", "num_models=1"), scope)  # pylint: disable=exec-used
+  assert scope["report"]["ipc"] == 5 and scope["report"]["num_images"] == 50
+  assert scope["report"]["test_acc_mean"] > 50  # far above chance (10%) on digits
