@@ -13,6 +13,7 @@ each line is the best of `--repeats` runs of one compiled program:
   dsa_alone  the augmentation of syn_steps minibatches alone, forward;
   loading    reading one (start, target) pair of expert epochs from the store, cold (an iteration
              reads one pair; prefetching overlaps it with the update).
+`--compare_remat` also times `update` without remat and under other remat policies.
 The meta-backward is update - forward. XLA's own FLOP count of `update` (cost analysis of one
 inner step, times syn_steps, since XLA counts a loop body once) over its time gives the achieved
 GFLOP/s; the last line prints it as a fraction of the machine's fp32 FMA
@@ -45,6 +46,8 @@ def main():
   parser.add_argument("--experts", default="", help="an expert set folder (flat); '' = synthetic")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--peak_gflops", type=float, default=157.0)
+  parser.add_argument("--compare_remat", action="store_true",
+                      help="also time `update` without remat and under each remat policy")
   args = parser.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -73,9 +76,9 @@ def main():
   start = store.load_epoch(0, 0)
   target = store.load_epoch(0, min(store.epochs, d.expert_epochs))
 
-  def grad_fn(dsa: bool, syn_steps: int = d.syn_steps):
-    spec = matching.InnerSpec(syn_steps, d.batch_syn, remat=d.remat, remat_policy=d.remat_policy,
-                              dsa=dsa)
+  def grad_fn(dsa: bool, syn_steps: int = d.syn_steps, remat: bool = d.remat,
+              policy: str = d.remat_policy):
+    spec = matching.InnerSpec(syn_steps, d.batch_syn, remat=remat, remat_policy=policy, dsa=dsa)
     return jax.jit(jax.grad(lambda x, l: matching.trajectory_matching_loss(
         apply_fn, spec, c.dsa, x, labels, l, start, target, jax.random.key(2)), argnums=(0, 1)))
 
@@ -116,6 +119,13 @@ def main():
         f"{100 * (1 - times['no_dsa'] / u):.1f}%")
   achieved = flops / u / 1e9
   print(f"XLA flops of update {flops / 1e9:.2f} GFLOP; achieved {achieved:.1f} GFLOP/s")
+  if args.compare_remat:  # side by side with the profile's setting (remat, nothing_saveable)
+    for name, remat, policy in [("no remat", False, d.remat_policy),
+                                ("dots_saveable", True, "dots_saveable"),
+                                ("everything_saveable", True, "everything_saveable")]:
+      fn = grad_fn(d.dsa, remat=remat, policy=policy)
+      t = best_of(lambda fn=fn: jax.block_until_ready(fn(images, lr)), args.repeats)
+      print(f"update with {name:20s} {t:.3f} s  ratio to the profile's {t / u:.3f}")
   print(f"update_s={u:.3f} dsa_share={1 - times['no_dsa'] / u:.3f} "
         f"forward_share={times['forward'] / u:.3f} loading_share={times['loading'] / u:.3f} "
         f"peak_fraction={achieved / args.peak_gflops:.3f}")
