@@ -68,7 +68,7 @@ def child(mode, path, width, iterations):
   config.distill.max_start_epoch, config.distill.expert_epochs = expert_set.epochs - 2, 2
   workdir = tempfile.mkdtemp()
   distill.run_distillation(config, None, [objective], [1.0], syn, workdir,
-                           parallel.make_mesh(1))
+                           parallel.make_mesh(config.mesh.num_devices))
   seconds = [json.loads(line)["seconds"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   times = np.diff(seconds)  # iteration 0 compiles
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

@@ -32,7 +32,7 @@ def main(argv):
     print(f"epoch {row['epoch']}: flat balanced acc {row['flat_balanced_acc']:.1f}, count bias "
           f"(pearson log) {row['flat_pearson_log_count']:.2f}; within-group head-tail gap: flat "
           f"experts {row['mean_flat_gap']}, group experts {row['mean_group_gap']}")
-  print(f"wrote {workdir}/groups_report.json and groups_analysis.png")
+  print(f"wrote {ctx.workdir}/groups_report.json and groups_analysis.png")
 
 
 if __name__ == "__main__":

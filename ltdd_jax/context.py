@@ -1,8 +1,10 @@
 """The run context: what every stage of one run shares, built once by `pipeline.setup`.
 
 A stage (`pipeline.stage_*`) takes a `RunContext` and reads its hyperparameters from
-`context.config`; the library functions below the stages take the few values they need or a frozen
-spec (`evaluate.Protocol`, `experts.Recipe`, `matching.InnerSpec`, ...), never the whole config.
+`context.config`; so do the steps a stage chains (`experts.train_experts`,
+`distill.initial_synthetic`, `distill.run_distillation`, `hierarchical.hierarchical_objectives`).
+Below them, functions take the few values they need or a frozen spec (`evaluate.Protocol`,
+`experts.Recipe`, `matching.InnerSpec`, ...).
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ class RunContext:
 
   @property
   def expert_root(self) -> pathlib.Path:
-    """Where expert sets live: `experts.directory` when set (shared across runs), else
-    <workdir>/experts. Experts depend on the data, model, expert and seed settings only, so runs
-    that differ in method or IPC can share them."""
-    return pathlib.Path(self.config.experts.directory or self.workdir / "experts")
+    """Where the run's expert sets live (`expert_root`)."""
+    return expert_root(self.config, self.workdir)
+
+
+def expert_root(config, workdir) -> pathlib.Path:
+  """Where expert sets live: `experts.directory` when set (shared across runs), else
+  <workdir>/experts. Experts depend on the data, model, expert and seed settings only, so runs
+  that differ in method or IPC can share them."""
+  return pathlib.Path(config.experts.directory or pathlib.Path(workdir) / "experts")

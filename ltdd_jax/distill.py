@@ -330,6 +330,7 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
   """
   cfg = config.distill
   options = method_options(config)
+  protocol = evaluate_lib.Protocol.from_config(config)
   ipc, num_classes = cfg.ipc, data.num_classes
   selection.check_ipc(data.train_labels, num_classes, ipc, cfg.allow_duplicates)
   labels = np.repeat(np.arange(num_classes), ipc).astype(np.int32)
@@ -341,7 +342,7 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
     spec = label_init_spec(config)
   if cfg.init == "real":
     if options.soft_labels and config.datm.correct_only:
-      correct = expert_correct(evaluate_lib.Protocol.from_config(config), source, data.train_images, data.train_labels,
+      correct = expert_correct(protocol, source, data.train_images, data.train_labels,
                                spec.search_experts, spec.label_epoch)
       idx, found = select_correct(correct, data.train_labels, num_classes, ipc, spec, config.seed)
     else:
@@ -362,7 +363,7 @@ def initial_synthetic(config, data, expert_set: experts_lib.ExpertSet | None,
     label_logits = class_correct_logits(labels, num_classes)
     from_experts = np.zeros(len(labels), bool)
   else:  # Every labelling expert's logits, on the chosen images only.
-    logits = expert_logits(evaluate_lib.Protocol.from_config(config), source, data.train_images[idx], spec.label_epoch)
+    logits = expert_logits(protocol, source, data.train_images[idx], spec.label_epoch)
     label_logits, from_experts = mean_correct_logits(logits, labels)
   state["label_logits"] = label_logits
   per_class = lambda v: np.asarray([v[labels == c].mean() for c in range(num_classes)], np.float32)
@@ -450,11 +451,12 @@ class StartWindow:
   max_start: int
   grows: bool = False
   min_start: int = 0
-  initial_max_start: int = 1
-  grow_every: int = 1
+  initial_max_start: int = 2
+  grow_every: int = 50
 
   @classmethod
   def from_config(cls, config, options: MethodOptions) -> "StartWindow":
+    """`distill.max_start_epoch`, grown as `config.datm` says when the method grows it."""
     return cls(config.distill.max_start_epoch, options.grow_window, config.datm.min_start_epoch,
                config.datm.initial_max_start_epoch, config.datm.window_grow_every)
 
@@ -555,28 +557,28 @@ def run_distillation(config, data, objectives: list[MatchingObjective], weights:
 
 def validate(config, data, syn: dict, mesh) -> dict:
   """Evaluates a synthetic state on the validation split (model selection; never test)."""
-  images = np.asarray(syn["images"])
   labelled = evaluate_lib.LabelledSet(
-      images, np.repeat(np.arange(data.num_classes), len(images) // data.num_classes),
-      np.asarray(targets_of(syn)), synthetic_lr(config, syn), config.evaluate.epochs,
-      config.distill.ipc, config.method)
+      np.asarray(syn["images"]), np.asarray(syn["labels"]), np.asarray(targets_of(syn)),
+      synthetic_lr(syn, config.evaluate), config.evaluate.epochs, config.distill.ipc,
+      config.method)
   return evaluate_lib.evaluate_set(evaluate_lib.Protocol.from_config(config), data, labelled,
                                    seed=config.seed, mesh=mesh, split="validation")
 
 
-def synthetic_lr(config, syn: dict) -> float:
+def synthetic_lr(syn: dict, evaluate_config) -> float:
   """The evaluation lr of a synthetic set: the learned one, or evaluate.lr when told not to use it.
 
   A set distilled with one lr per objective (hierarchical) and evaluated by one flat network gets
   their geometric mean; the two-stage classifier uses each network's own (`synthetic_lrs`)."""
-  if not config.evaluate.use_learned_lr:
-    return config.evaluate.lr
+  if not evaluate_config.use_learned_lr:
+    return evaluate_config.lr
   return float(np.exp(np.mean(syn["log_lr"])))
 
 
-def synthetic_lrs(config, syn: dict) -> dict[str, float]:
-  """Objective name -> learned lr of a set distilled with one lr per objective ({} otherwise)."""
-  if not config.evaluate.use_learned_lr or "lr_objectives" not in syn:
+def synthetic_lrs(syn: dict, evaluate_config) -> dict[str, float]:
+  """Objective name -> learned lr of a set distilled with one lr per objective ({} otherwise, or
+  when `evaluate.use_learned_lr` is off)."""
+  if not evaluate_config.use_learned_lr or "lr_objectives" not in syn:
     return {}
   return {str(n): float(v) for n, v in zip(syn["lr_objectives"], np.exp(syn["log_lr"]))}
 

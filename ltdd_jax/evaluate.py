@@ -100,7 +100,8 @@ class LabelledSet:
     return len(self.images)
 
   def subset(self, index: np.ndarray, targets: np.ndarray, lr: float) -> "LabelledSet":
-    """The images `index` with other targets and lr (a two-stage classifier's networks)."""
+    """The images `index` ([M] ints) with other targets ([M] or [M, K]) and lr: what one network
+    of a two-stage classifier trains on."""
     return dataclasses.replace(self, images=self.images[index], labels=self.labels[index],
                                targets=targets, lr=lr)
 
@@ -135,6 +136,7 @@ class Protocol:
 
   @classmethod
   def from_config(cls, config) -> "Protocol":
+    """`config.evaluate` with `config.model`, `config.dsa` and `config.data.shot_rule`."""
     ev = config.evaluate
     return cls(model=config.model, dsa=config.dsa, num_models=ev.num_models,
                batch_size=ev.batch_size, momentum=ev.momentum, weight_decay=ev.weight_decay,

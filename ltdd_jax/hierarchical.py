@@ -83,10 +83,11 @@ class TwoStageSpec:
       (`stage1_balance`); one trained on a distilled set trains as the protocol does.
   """
   prediction: str = "soft"
-  stage1: experts_lib.Balance = experts_lib.Balance()
+  stage1: experts_lib.Balance = experts_lib.Balance("class_balanced", "ce", "dataset")
 
   @classmethod
   def from_config(cls, grouping_config) -> "TwoStageSpec":
+    """`grouping.prediction` and the stage-1 balance of `grouping.stage1_*`."""
     return cls(grouping_config.prediction, stage1_balance(grouping_config))
 
 

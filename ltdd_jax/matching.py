@@ -76,7 +76,7 @@ def unroll_student(apply_fn, spec: InnerSpec, dsa_config, start_params: PyTree,
   Ten parameters, on purpose: the meta-gradient differentiates with respect to `images`,
   `targets` and `syn_lr` separately (each has its own optimiser), so they stay distinct arguments
   of this pure kernel rather than fields of a container; the static ones (apply_fn, spec,
-  dsa_config, mesh) are bound once per objective by `distill.MatchingObjective`.
+  dsa_config, mesh) come from `distill.MatchingObjective.loss` inside the jitted update.
 
   Args:
     apply_fn: (params, images) -> logits.

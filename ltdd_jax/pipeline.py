@@ -3,13 +3,13 @@
   experts   -> <workdir>/experts/flat (and flat_classifier for LTDD's ED)
   distill   -> <workdir>/synthetic.npz, synthetic.png, distill_ckpt/
   evaluate  -> <workdir>/report.json, report_per_class.png
-Every stage writes the resolved config and appends to <workdir>/metrics.jsonl.
+`setup` writes the resolved config once its checks pass; every stage appends to
+<workdir>/metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import time
 
 import jax
@@ -61,9 +61,7 @@ def setup(config, workdir, data=None, check_resume: bool = True) -> context_lib.
   return context_lib.RunContext(config, workdir, data, mesh)
 
 
-def expert_root(config, workdir) -> pathlib.Path:
-  """`RunContext.expert_root` before there is a context (the early resume check)."""
-  return pathlib.Path(config.experts.directory or pathlib.Path(workdir) / "experts")
+expert_root = context_lib.expert_root
 
 
 def stage_experts(ctx: context_lib.RunContext):
@@ -135,7 +133,7 @@ def stage_distill(ctx: context_lib.RunContext) -> dict:
   expert_set, classifier_set = stage_experts(ctx)
   start = time.time()
   init, label_record = distill.initial_synthetic(config, data, expert_set, classifier_set)
-  log_label_init(ctx, label_record)
+  log_label_init(ctx.metrics, label_record)
   if "hierarchical" in plugins:
     grouping = stage_grouping(ctx)
     objectives, weights = hierarchical.hierarchical_objectives(
@@ -153,12 +151,12 @@ def stage_distill(ctx: context_lib.RunContext) -> dict:
   return syn
 
 
-def log_label_init(ctx: context_lib.RunContext, record: dict) -> None:
+def log_label_init(metrics: reporting.MetricsWriter, record: dict) -> None:
   """Writes the soft labels' initial per-class record to metrics.jsonl, and warns about classes
   whose images no labelling expert classifies correctly (their labels start class-correct)."""
   if not record:
     return
-  ctx.metrics.write_once("label_init", 0, **{k: np.asarray(v).tolist() for k, v in record.items()})
+  metrics.write_once("label_init", 0, **{k: np.asarray(v).tolist() for k, v in record.items()})
   short = np.flatnonzero(record["init_expert_correct"] < 1)
   if len(short):
     logging.warning("Soft-label init: classes %s have images that no labelling expert classifies "
@@ -198,15 +196,16 @@ def synthetic_set(ctx: context_lib.RunContext, path) -> evaluate_lib.LabelledSet
   images, labels = syn["images"], syn["labels"]
   return evaluate_lib.LabelledSet(
       images, labels, syn["soft_labels"] if "soft_labels" in syn else labels,
-      distill.synthetic_lr(config, syn), config.evaluate.epochs,
-      int(len(images) // data.num_classes), config.method, distill.synthetic_lrs(config, syn))
+      distill.synthetic_lr(syn, config.evaluate), config.evaluate.epochs,
+      int(len(images) // data.num_classes), config.method,
+      distill.synthetic_lrs(syn, config.evaluate))
 
 
-def report_name(config, which: str, split: str) -> str:
+def report_name(method: str, which: str, split: str) -> str:
   """`report` for the run's own set (the synthetic set, or the baseline the method names), else
   `report_<set>`, so evaluating random, herding and full in one workdir keeps every report;
   `validation_` in front for the validation split."""
-  own = which.startswith("synthetic") or which == parse_method(config.method)[0]
+  own = which.startswith("synthetic") or which == parse_method(method)[0]
   name = "report" if own else f"report_{which}"
   return name if split == "test" else f"validation_{name}"
 
@@ -244,8 +243,8 @@ def stage_evaluate(ctx: context_lib.RunContext, which: str = "synthetic",
   report["wall_seconds"] = time.time() - start
   if train_set.ipc is not None:  # Classes whose real images had to be repeated to reach the IPC.
     report["repeated_classes"] = checks.short_classes(data.counts, train_set.ipc)
-  evaluate_lib.write_report(ctx.workdir, report, data.counts, report_name(config, which, split))
-  ctx.metrics.write("evaluate", 0, method=report["method"], split=split,
+  evaluate_lib.write_report(ctx.workdir, report, data.counts, report_name(config.method, which, split))
+  ctx.metrics.write("evaluate", 0, method=train_set.method, split=split,
                     test_acc_mean=report["test_acc_mean"], test_acc_std=report["test_acc_std"])
   return report
 

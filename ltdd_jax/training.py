@@ -143,7 +143,8 @@ def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, dsa_config, params: PyTree, 
 
   Eleven parameters, on purpose: this is the per-network kernel `over_ensemble` maps, and every
   array argument takes its own in_axes entry there (per network: params, velocity, key; shared:
-  lr, images, targets, labels); the static ones come first so `functools.partial` can bind them.
+  lr, images, targets, labels); `make_epoch_fn` binds the static ones (apply_fn, spec,
+  dsa_config, num_classes) with `functools.partial`.
 
   Args:
     apply_fn: (params, images [B, H, W, C]) -> logits [B, C].

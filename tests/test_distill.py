@@ -106,7 +106,7 @@ def test_each_objective_learns_its_own_lr(tiny, tmp_path):
   assert out["log_lr"][0] != init["log_lr"]
   distill.save_synthetic(tmp_path / "own", out, data, config, ["flat", "slow"])
   syn = distill.load_synthetic(tmp_path / "own" / "synthetic.npz")
-  lrs = distill.synthetic_lrs(config, syn)
+  lrs = distill.synthetic_lrs(syn, config.evaluate)
   assert list(lrs) == ["flat", "slow"]
   np.testing.assert_allclose(lrs["slow"], config.distill.syn_lr_init, rtol=1e-6)
   config.distill.lr_per_objective = False

@@ -92,9 +92,9 @@ def test_baseline_reports_do_not_overwrite_each_other(tmp_path):
     pipeline.stage_evaluate(ctx, which)
   names = sorted(p.name for p in (tmp_path / "run").glob("report*.json"))
   assert names == ["report_full.json", "report_random.json"]
-  assert pipeline.report_name(config, "synthetic", "test") == "report"
+  assert pipeline.report_name(config.method, "synthetic", "test") == "report"
   config.method = "random"
-  assert pipeline.report_name(config, "random", "validation") == "validation_report"
+  assert pipeline.report_name(config.method, "random", "validation") == "validation_report"
   report = json.loads((tmp_path / "run" / "report_random.json").read_text())
   assert report["method"] == "random" and report["repeated_classes"] == []
 
