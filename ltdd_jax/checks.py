@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
-from ltdd_jax import distill, errors, grouping, matching, models, training
+from ltdd_jax import errors, grouping, matching, methods, models, training
 from ltdd_jax.data import augment, longtail, sources
 from ltdd_jax.models import layers
 
-DISTILL_METHODS = distill.METHODS
+DISTILL_METHODS = methods.METHODS
 BASELINES = ("random", "herding", "full")
 PLUGINS = ("two_stage", "hierarchical")
 SHOT_RULES = ("thirds", "thresholds")

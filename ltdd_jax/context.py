@@ -2,7 +2,7 @@
 
 A stage (`pipeline.stage_*`) takes a `RunContext` and reads its hyperparameters from
 `context.config`; so do the steps a stage chains (`experts.train_experts`,
-`distill.initial_synthetic`, `distill.run_distillation`, `hierarchical.hierarchical_objectives`).
+`synthetic.initial_synthetic`, `distill.run_distillation`, `hierarchical.hierarchical_objectives`).
 Below them, functions take the few values they need or a frozen spec (`evaluate.Protocol`,
 `experts.Recipe`, `matching.InnerSpec`, ...).
 """

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from ltdd_jax import distill, errors, models
+from ltdd_jax import distill, errors, methods, models
 from ltdd_jax import evaluate as evaluate_lib
 from ltdd_jax import experts as experts_lib
 from ltdd_jax import grouping as grouping_lib
@@ -179,7 +179,7 @@ def group_expert_sets(config, data, grouping: grouping_lib.Grouping, root, mesh,
   Returns:
     (group set or None, its classifier set or None, {g: (within set, classifier set or None)}).
   """
-  ed = distill.method_options(config).ed
+  ed = methods.method_options(config).ed
   root = pathlib.Path(root) / f"grouping_{grouping.fingerprint()}"
   group_set = group_cls = None
   if stage1:

@@ -18,7 +18,7 @@ from absl import logging
 
 from ltdd_jax import checks, distill, errors, hierarchical, parallel, reporting, resume
 from ltdd_jax import context as context_lib
-from ltdd_jax import selection
+from ltdd_jax import methods, selection, synthetic
 from ltdd_jax import grouping as grouping_lib
 from ltdd_jax import evaluate as evaluate_lib
 from ltdd_jax import experts as experts_lib
@@ -77,7 +77,7 @@ def stage_experts(ctx: context_lib.RunContext):
   expert_set = experts_lib.train_experts(config, data, directory, ctx.mesh)
   classifier_set = None
   base, _ = parse_method(config.method)
-  if base in distill.METHODS and distill.method_options(config).ed:
+  if base in methods.METHODS and methods.method_options(config).ed:
     classifier_set = experts_lib.classifier_experts(config, data, expert_set, ctx.mesh)
   if trained:  # One line per training, not per resume that finds the set finished.
     ctx.metrics.write("experts", expert_set.epochs, seconds=time.time() - start)
@@ -132,7 +132,7 @@ def stage_distill(ctx: context_lib.RunContext) -> dict:
   _, plugins = parse_method(config.method)
   expert_set, classifier_set = stage_experts(ctx)
   start = time.time()
-  init, label_record = distill.initial_synthetic(config, data, expert_set, classifier_set)
+  init, label_record = synthetic.initial_synthetic(config, data, expert_set, classifier_set)
   log_label_init(ctx.metrics, label_record)
   if "hierarchical" in plugins:
     grouping = stage_grouping(ctx)
@@ -146,7 +146,7 @@ def stage_distill(ctx: context_lib.RunContext) -> dict:
       syn_steps=[o.syn_steps or config.distill.syn_steps for o in objectives])
   resume.claim(config, workdir / "distill_ckpt", "distill")
   syn = distill.run_distillation(config, data, objectives, weights, init, workdir, ctx.mesh)
-  distill.save_synthetic(workdir, syn, data, config, [o.name for o in objectives], label_record)
+  synthetic.save_synthetic(workdir, syn, data, config, [o.name for o in objectives], label_record)
   ctx.metrics.write_once("distill_done", config.distill.iterations, seconds=time.time() - start)
   return syn
 
@@ -192,13 +192,13 @@ def synthetic_set(ctx: context_lib.RunContext, path) -> evaluate_lib.LabelledSet
   """A distilled set (synthetic.npz, validated on load) as evaluation consumes it: soft labels as
   targets when it has them, its learned lr (one per objective for hierarchical sets)."""
   config, data = ctx.config, ctx.data
-  syn = distill.load_synthetic(path, data.num_classes, data.image_shape)
+  syn = synthetic.load_synthetic(path, data.num_classes, data.image_shape)
   images, labels = syn["images"], syn["labels"]
   return evaluate_lib.LabelledSet(
       images, labels, syn["soft_labels"] if "soft_labels" in syn else labels,
-      distill.synthetic_lr(syn, config.evaluate), config.evaluate.epochs,
+      synthetic.synthetic_lr(syn, config.evaluate), config.evaluate.epochs,
       int(len(images) // data.num_classes), config.method,
-      distill.synthetic_lrs(syn, config.evaluate))
+      synthetic.synthetic_lrs(syn, config.evaluate))
 
 
 def report_name(method: str, which: str, split: str) -> str:

@@ -9,17 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ltdd_jax import checkpoints, distill, evaluate, experts, matching, parallel
+from ltdd_jax import checkpoints, distill, evaluate, experts, matching, methods, parallel
+from ltdd_jax import synthetic
 
 ONE = parallel.make_mesh(1)
 
 
 def _objective(config, data, expert_set, tmp_path=None):
   classifier_set = None
-  if distill.method_options(config).ed:
+  if methods.method_options(config).ed:
     classifier_set = experts.classifier_experts(config, data, expert_set, parallel.make_mesh(1))
   return (distill.flat_objective(config, data, expert_set, classifier_set),
-          distill.initial_synthetic(config, data, expert_set, classifier_set)[0])
+          synthetic.initial_synthetic(config, data, expert_set, classifier_set)[0])
 
 
 @pytest.mark.parametrize("method", ["mtt", "ltdd"])
@@ -104,9 +105,9 @@ def test_each_objective_learns_its_own_lr(tiny, tmp_path):
   chex.assert_shape(out["log_lr"], (2,))
   assert out["log_lr"][1] == init["log_lr"], "a zero-weight objective's lr must not move"
   assert out["log_lr"][0] != init["log_lr"]
-  distill.save_synthetic(tmp_path / "own", out, data, config, ["flat", "slow"])
-  syn = distill.load_synthetic(tmp_path / "own" / "synthetic.npz")
-  lrs = distill.synthetic_lrs(syn, config.evaluate)
+  synthetic.save_synthetic(tmp_path / "own", out, data, config, ["flat", "slow"])
+  syn = synthetic.load_synthetic(tmp_path / "own" / "synthetic.npz")
+  lrs = synthetic.synthetic_lrs(syn, config.evaluate)
   assert list(lrs) == ["flat", "slow"]
   np.testing.assert_allclose(lrs["slow"], config.distill.syn_lr_init, rtol=1e-6)
   config.distill.lr_per_objective = False
@@ -128,7 +129,7 @@ def test_thirty_iterations_lower_the_matching_loss(tiny, tmp_path):
   @jax.jit
   def probe_loss(syn):
     return jnp.mean(jnp.stack([
-        objective.loss(spec, config.dsa, syn["images"], distill.targets_of(syn),
+        objective.loss(spec, config.dsa, syn["images"], synthetic.targets_of(syn),
                        jnp.exp(syn["log_lr"]), p, jax.random.key(i)) for i, p in enumerate(probes)]))
 
   before = float(probe_loss(init))
@@ -161,7 +162,7 @@ def test_bad_epochs_and_methods_fail_clearly(tiny):
     distill.check_epochs(config, [objective])
   config.method = "dc"
   with pytest.raises(ValueError, match="Unknown distillation method 'dc'"):
-    distill.method_options(config)
+    methods.method_options(config)
 
 
 def test_pipeline_cli_end_to_end(tmp_path):
@@ -209,12 +210,12 @@ def test_initial_soft_labels_point_at_their_own_class(tiny, method):
   classifier_set = None
   if method == "ltdd":
     classifier_set = experts.classifier_experts(config, data, expert_set, parallel.make_mesh(1))
-  state, record = distill.initial_synthetic(config, data, expert_set, classifier_set)
+  state, record = synthetic.initial_synthetic(config, data, expert_set, classifier_set)
   np.testing.assert_array_equal(state["label_logits"].argmax(-1), state["labels"])
   np.testing.assert_array_equal(record["init_label_acc"], 1.0)
   chex.assert_shape([record["init_expert_correct"], record["init_found"]], [(10,), (10,)])
-  spec = distill.label_init_spec(config)
-  correct = distill.expert_correct(evaluate.Protocol.from_config(config), classifier_set or expert_set, data.train_images,
+  spec = synthetic.label_init_spec(config)
+  correct = synthetic.expert_correct(evaluate.Protocol.from_config(config), classifier_set or expert_set, data.train_images,
                                    data.train_labels, spec.search_experts).any(0)
   available = np.bincount(data.train_labels[correct], minlength=10)
   np.testing.assert_array_equal(record["init_found"], np.minimum(available, 4))
@@ -227,19 +228,19 @@ def test_select_correct_searches_experts_then_duplicates_or_fills():
   correct = np.zeros((3, 18), bool)
   correct[0, [0, 1, 6]] = True      # expert 0: two images of class 0, one of class 1
   correct[1, [2, 7, 8]] = True      # expert 1: one more of class 0, two more of class 1
-  datm = distill.LabelInitSpec(search_experts=-1, duplicate=False)
-  idx, found = distill.select_correct(correct, labels, 3, 3, datm, seed=0)
+  datm = synthetic.LabelInitSpec(search_experts=-1, duplicate=False)
+  idx, found = synthetic.select_correct(correct, labels, 3, 3, datm, seed=0)
   np.testing.assert_array_equal(found, [3, 3, 0])
   assert set(idx[:3]) == {0, 1, 2} and set(idx[3:6]) == {6, 7, 8}
   assert (labels[idx[6:]] == 2).all() and len(set(idx[6:])) == 3  # none correct: own images
-  ltdd = distill.LabelInitSpec(search_experts=1, duplicate=True)
-  idx, found = distill.select_correct(correct, labels, 3, 3, ltdd, seed=0)
+  ltdd = synthetic.LabelInitSpec(search_experts=1, duplicate=True)
+  idx, found = synthetic.select_correct(correct, labels, 3, 3, ltdd, seed=0)
   np.testing.assert_array_equal(found, [2, 1, 0])
   assert set(idx[:3]) == {0, 1} and list(idx[3:6]) == [6, 6, 6]  # repeated, not misclassified
   logits = np.zeros((2, 3, 3))
   logits[0] = [[5, 0, 0], [0, 5, 0], [1, 0, 0]]   # expert 0: right on images 0, 1
   logits[1] = [[3, 1, 0], [4, 0, 0], [2, 0, 0]]   # expert 1: right on image 0 only
-  label_logits, from_experts = distill.mean_correct_logits(logits, np.array([0, 1, 2]))
+  label_logits, from_experts = synthetic.mean_correct_logits(logits, np.array([0, 1, 2]))
   np.testing.assert_allclose(label_logits[0], [4, 0.5, 0])  # mean of the two correct experts
   np.testing.assert_allclose(label_logits[1], [0, 5, 0])    # expert 0 alone
   np.testing.assert_array_equal(from_experts, [True, True, False])
@@ -253,13 +254,13 @@ def test_ltdd_window_is_uniform_and_datm_window_grows(tiny):
   windows = {}
   for method in ("mtt", "datm", "ltdd"):
     config.method = method
-    options = distill.method_options(config)
+    options = methods.method_options(config)
     window = distill.StartWindow.from_config(config, options)
     windows[method] = [window.at(it) for it in (0, 2, 100)]
   assert windows["ltdd"] == windows["mtt"] == [(0, 3)] * 3
   assert windows["datm"] == [(0, 1), (0, 2), (0, 3)]
   config.method, config.ltdd.grow_window = "ltdd", True
-  assert distill.StartWindow.from_config(config, distill.method_options(config)).at(0) == (0, 1)
+  assert distill.StartWindow.from_config(config, methods.method_options(config)).at(0) == (0, 1)
 
 
 def test_ed_classifier_term_unweighted_from_epoch_zero(tiny):
@@ -275,14 +276,14 @@ def test_ed_classifier_term_unweighted_from_epoch_zero(tiny):
     assert any(all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pair["cls_start"]),
                                                         jax.tree.leaves(s))) for s in starts)
   spec = matching.InnerSpec(config.distill.syn_steps, config.distill.batch_syn)
-  head_only = dataclasses.replace(objective, ed=distill.EDSpec(0.0, 1.0))
+  head_only = dataclasses.replace(objective, ed=methods.EDSpec(0.0, 1.0))
   reweighted = dataclasses.replace(head_only, class_weights=objective.class_weights[::-1] * 5)
-  targets = distill.targets_of({k: jnp.asarray(v) for k, v in init.items()})
+  targets = synthetic.targets_of({k: jnp.asarray(v) for k, v in init.items()})
   args = (spec, config.dsa, jnp.asarray(init["images"]), targets, jnp.float32(0.1), k_pairs[0],
           jax.random.key(0))
   np.testing.assert_array_equal(head_only.loss(*args), reweighted.loss(*args))
-  weighted = dataclasses.replace(reweighted, ed=distill.EDSpec(0.0, 1.0, dam=True))
+  weighted = dataclasses.replace(reweighted, ed=methods.EDSpec(0.0, 1.0, dam=True))
   assert weighted.loss(*args) != reweighted.loss(*args)  # the switch does reach the term
   both = objective.loss(*args)
-  backbone = dataclasses.replace(objective, ed=distill.EDSpec(1.0, 0.0)).loss(*args)
+  backbone = dataclasses.replace(objective, ed=methods.EDSpec(1.0, 0.0)).loss(*args)
   np.testing.assert_allclose(both, 0.5 * backbone + 1.0 * head_only.loss(*args), rtol=1e-5)

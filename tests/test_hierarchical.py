@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ltdd_jax import distill, evaluate, experts, grouping, hierarchical, matching, parallel
-from ltdd_jax import training
+from ltdd_jax import synthetic, training
 
 ONE_GROUP = grouping.Grouping((tuple(range(10)),), 10)
 
@@ -74,7 +74,7 @@ def test_hierarchical_loss_with_one_group_and_no_stage1_is_flat(tiny, tmp_path):
   stage2 = objectives[0]
   jax.tree.map(np.testing.assert_array_equal, stage2.experts.expert_set.load_all(),
                flat.experts.expert_set.load_all())
-  syn, _ = distill.initial_synthetic(config, data, expert_set)
+  syn, _ = synthetic.initial_synthetic(config, data, expert_set)
   spec = matching.InnerSpec(config.distill.syn_steps, config.distill.batch_syn)
   pair = flat.sample(np.random.default_rng(0), 0, 2, 1)
   key = jax.random.key(0)
