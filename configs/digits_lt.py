@@ -4,7 +4,7 @@
   python -m launch.inspect_data --config=configs/digits_lt.py --workdir=runs/digits_data
 """
 
-from configs import common
+from configs import cifar10_lt, common
 
 
 def get_config(arg=None):
@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.evaluate.full_lr = 0.05
   c.evaluate.batch_size = 256
   c.evaluate.cross_arch_width = 16
+  c.update(cifar10_lt.factor_settings(c.data.imbalance_factor))  # LTDD's published IF-10 choices
   if args.profile == "paper":
     c.model.depth, c.model.width = 2, 64
     c.experts.num_experts, c.experts.epochs = 20, 30

@@ -70,3 +70,13 @@ def test_unknown_override_fails_on_command_line(tmp_path):
        f"--workdir={tmp_path}", "--config.data.not_a_key=3"], capture_output=True, text=True)
   assert proc.returncode != 0
   assert "not_a_key" in proc.stderr
+
+
+def test_ltdd_settings_follow_the_imbalance_factor():
+  """LTDD's published per-factor choices: IF 10 weighs ED 1.0 / 0.2 and grows the window."""
+  digits = importlib.import_module("configs.digits_lt").get_config()  # IF 10
+  cifar = importlib.import_module("configs.cifar10_lt").get_config("imbalance_factor=100")
+  assert (digits.ltdd.backbone_weight, digits.ltdd.classifier_weight, digits.ltdd.grow_window) == (
+      1.0, 0.2, True)
+  assert (cifar.ltdd.backbone_weight, cifar.ltdd.classifier_weight, cifar.ltdd.grow_window) == (
+      0.5, 1.0, False)
