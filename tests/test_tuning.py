@@ -2,13 +2,14 @@
 
 import dataclasses
 import json
+import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
 
 from conftest import tiny_config
-from ltdd_jax import errors, tuning
+from ltdd_jax import checks, errors, tuning
 from ltdd_jax.data import dataset as dataset_lib
 
 
@@ -68,3 +69,21 @@ def test_candidates_share_experts_only_when_their_expert_settings_agree(tmp_path
   folders = [c.experts.directory for c in configs]
   assert len(set(folders)) == 2  # two expert lrs; the group counts share theirs
   assert len({tuning.candidate_name(v) for v in tuning.candidates(config.tuning)}) == 4
+
+
+@pytest.mark.parametrize("search,method,keys", [
+    ("hierarchical", "mtt+hierarchical", {"grouping.lambda_1", "grouping.lambda_2",
+                                          "grouping.strategy", "grouping.num_groups"}),
+    ("distill", "mtt", {"distill.max_start_epoch", "distill.lr_img"}),
+    ("labels", "datm", {"datm.lr_label"}),
+])
+def test_tune_config_searches(search, method, keys):
+  from configs import tune  # pylint: disable=g-import-not-at-top
+  config = tune.get_config(f"dataset=cifar10,profile=evidence,search={search}")
+  assert config.method == method
+  grid = tuning.candidates(config.tuning)
+  assert set(grid[0]) == keys and len({json.dumps(c, sort_keys=True) for c in grid}) == len(grid)
+  for values in grid:  # every candidate is a valid config
+    checks.check_config(tuning.candidate_config(config, values, pathlib.Path("/tmp/unused")))
+  with pytest.raises(ValueError, match="search must be one of"):
+    tune.get_config("search=window")
