@@ -251,6 +251,7 @@ def test_ltdd_window_is_uniform_and_datm_window_grows(tiny):
   config, _, _ = tiny
   config = config.copy_and_resolve_references()
   config.distill.max_start_epoch = 3
+  config.ltdd.grow_window = False  # LTDD's IF-100 choice (its IF-10 one grows, checked below)
   windows = {}
   for method in ("mtt", "datm", "ltdd"):
     config.method = method
@@ -286,4 +287,7 @@ def test_ed_classifier_term_unweighted_from_epoch_zero(tiny):
   assert weighted.loss(*args) != reweighted.loss(*args)  # the switch does reach the term
   both = objective.loss(*args)
   backbone = dataclasses.replace(objective, ed=methods.EDSpec(1.0, 0.0)).loss(*args)
-  np.testing.assert_allclose(both, 0.5 * backbone + 1.0 * head_only.loss(*args), rtol=1e-5)
+  weights = config.ltdd.backbone_weight, config.ltdd.classifier_weight
+  assert weights == (1.0, 0.2)  # digits is IF 10: LTDD's IF-10 weights
+  np.testing.assert_allclose(both, weights[0] * backbone + weights[1] * head_only.loss(*args),
+                             rtol=1e-5)
