@@ -119,9 +119,8 @@ def evaluate_two_stage(protocol: evaluate_lib.Protocol, spec: TwoStageSpec, data
   backbone = models.make_backbone(protocol.model)
   labels = np.asarray(train_set.labels)
   group_model = models.Classifier(backbone, models.make_head(protocol.model, grouping.num_groups))
-  everything = np.arange(len(train_set))
-  group_set = train_set.subset(everything, group_targets(train_set.targets, grouping),
-                               learned_lrs.get("groups", lr))
+  group_set = dataclasses.replace(train_set, targets=group_targets(train_set.targets, grouping),
+                                  lr=learned_lrs.get("groups", lr))
   group_params = evaluate_lib.train_networks(
       protocol, group_model, group_set, grouping.num_groups, seed, mesh,
       label=f"evaluate {method} groups", balance=balance)

@@ -50,7 +50,7 @@ def setup(config, workdir, data=None, check_resume: bool = True) -> context_lib.
   checks.check_config(config)
   workdir = resume.prepare_workdir(workdir)
   if check_resume:
-    resume.check_workdir(config, workdir, expert_root(config, workdir))
+    resume.check_workdir(config, workdir, context_lib.expert_root(config, workdir))
   parallel.initialize_distributed(config.mesh.distributed)
   parallel.use_compilation_cache(config.mesh.compilation_cache_dir)
   mesh = parallel.make_mesh(config.mesh.num_devices)
@@ -59,9 +59,6 @@ def setup(config, workdir, data=None, check_resume: bool = True) -> context_lib.
   checks.check_with_data(config, data.counts)
   reporting.write_config(workdir, config)
   return context_lib.RunContext(config, workdir, data, mesh)
-
-
-expert_root = context_lib.expert_root
 
 
 def stage_experts(ctx: context_lib.RunContext):
