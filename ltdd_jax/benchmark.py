@@ -15,7 +15,8 @@ from ltdd_jax.data import dataset as dataset_lib
 
 COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
            "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
-           "head_tail_gap", "pred_kl_uniform", "group_acc", "within_group_acc", "wall_seconds")
+           "head_tail_gap", "pred_kl_uniform", "group_acc", "within_group_acc", "learned_lr",
+           "wall_seconds")
 
 
 def cells(config) -> list[tuple[float, int | None, str]]:
@@ -105,9 +106,21 @@ def collect(workdir: pathlib.Path, grid) -> list[dict]:
     r = json.loads(path.read_text())
     row = {k: r.get(k) for k in COLUMNS}
     row.update(imbalance_factor=factor, ipc=ipc, method=method, images=r.get("num_images"),
-               per_class_acc=r.get("per_class_acc"))
+               per_class_acc=r.get("per_class_acc"), learned_lr=learned_lr(r, method))
     rows.append(row)
   return rows
+
+
+def learned_lr(report: dict, method: str) -> str | None:
+  """The student lr a distilled set carries, as the table shows it: one value for a flat set, one
+  per objective (`groups`, `group_0`, ...) for a hierarchical one; None for the baselines, whose
+  lr is the evaluation protocol's, not learned."""
+  base, _ = pipeline.parse_method(method)
+  if base in pipeline.BASELINES:
+    return None
+  if report.get("learned_lrs"):
+    return " / ".join(f"{k} {v:.3g}" for k, v in report["learned_lrs"].items())
+  return None if report.get("lr") is None else f"{report['lr']:.3g}"
 
 
 def _fmt(value, digits=1):
@@ -119,15 +132,15 @@ def _fmt(value, digits=1):
 def markdown_table(rows: list[dict]) -> str:
   """The results table: accuracy mean +- std, many/medium/few and the bias figures."""
   head = ("| IF | IPC | method | images | acc (%) | many | medium | few | per-class std | "
-          "head-tail gap | KL(pred||uniform) | group acc | within-group acc |")
-  lines = [head, "|" + "---|" * 13]
+          "head-tail gap | KL(pred||uniform) | group acc | within-group acc | learned lr |")
+  lines = [head, "|" + "---|" * 14]
   for r in rows:
     lines.append(
         f"| {r['imbalance_factor']:g} | {_fmt(r['ipc'])} | {r['method']} | {_fmt(r['images'])} | "
         f"{_fmt(r['test_acc_mean'])} +- {_fmt(r['test_acc_std'])} | {_fmt(r['many_acc'])} | "
         f"{_fmt(r['medium_acc'])} | {_fmt(r['few_acc'])} | {_fmt(r['per_class_acc_std'])} | "
         f"{_fmt(r['head_tail_gap'])} | {_fmt(r['pred_kl_uniform'], 3)} | "
-        f"{_fmt(r['group_acc'])} | {_fmt(r['within_group_acc'])} |")
+        f"{_fmt(r['group_acc'])} | {_fmt(r['within_group_acc'])} | {_fmt(r['learned_lr'])} |")
   return "\n".join(lines) + "\n"
 
 

@@ -56,3 +56,19 @@ def test_cells_take_their_factor_and_ipc_settings(tmp_path):
   assert (fifty.ltdd.backbone_weight, fifty.ltdd.grow_window) == (1.0, True)  # IF 10
   with pytest.raises(errors.InputError, match="no settings for if5"):
     benchmark.cell_config(config, 5.0, 10, "mtt", tmp_path)
+
+
+def test_table_shows_the_learned_lr_of_distilled_sets_only():
+  from ltdd_jax import benchmark  # pylint: disable=g-import-not-at-top
+  assert benchmark.learned_lr({"lr": 0.036084}, "mtt") == "0.0361"
+  assert benchmark.learned_lr({"lr": 0.01}, "random+two_stage") is None  # the protocol's lr
+  hierarchical = {"lr": 0.04, "learned_lrs": {"groups": 0.0413, "group_0": 0.0473}}
+  assert benchmark.learned_lr(hierarchical, "ltdd+hierarchical") == "groups 0.0413 / group_0 0.0473"
+  row = {"imbalance_factor": 100.0, "ipc": 10, "method": "mtt", "images": 100,
+         "test_acc_mean": 30.0, "test_acc_std": 1.0, "many_acc": 50.0, "medium_acc": 25.0,
+         "few_acc": 10.0, "per_class_acc_std": 20.0, "head_tail_gap": 40.0,
+         "pred_kl_uniform": 0.1, "group_acc": None, "within_group_acc": None,
+         "learned_lr": "0.0361"}
+  header, rule, line = benchmark.markdown_table([row]).splitlines()
+  assert header.endswith("| learned lr |") and rule.count("|") == line.count("|") == 15
+  assert line.endswith("| 0.0361 |")
