@@ -122,13 +122,15 @@ class MatchingObjective:
 
 def make_objective(config, expert_set: experts_lib.ExpertSet,
                    classifier_set: experts_lib.ExpertSet | None, label_map, num_outputs: int,
-                   counts, image_index=None, name: str = "flat") -> MatchingObjective:
+                   counts, sampling: str, image_index=None, name: str = "flat") -> MatchingObjective:
   """A matching objective against one expert set (and its classifier experts under ED).
 
   Args:
     label_map: [C] dataset class -> this objective's output (-1: not its class).
     num_outputs: outputs of the experts' networks.
     counts: [num_outputs] training images per output (DAM weights).
+    sampling: how the experts drew their images (`instance` or `class_balanced`): the DAM weights
+      follow the distribution the experts trained on (`matching.sampled_class_counts`).
     image_index: the synthetic images this objective trains on (None: all).
     name: the objective's name (see `MatchingObjective`).
   """
@@ -138,7 +140,8 @@ def make_objective(config, expert_set: experts_lib.ExpertSet,
       experts=experts_lib.TrajectoryReader(expert_set), apply_fn=training.make_apply(model),
       label_map=np.asarray(label_map), num_outputs=num_outputs, image_index=image_index,
       classifier_experts=experts_lib.TrajectoryReader(classifier_set) if options.ed else None,
-      class_weights=matching.class_frequency_weights(counts) if options.dam else None,
+      class_weights=(matching.class_frequency_weights(matching.sampled_class_counts(counts, sampling))
+                     if options.dam else None),
       ed=methods.ed_spec(config.ltdd), name=name)
 
 
@@ -146,7 +149,7 @@ def flat_objective(config, data, expert_set: experts_lib.ExpertSet,
                    classifier_set: experts_lib.ExpertSet | None) -> MatchingObjective:
   """The objective of flat (non-hierarchical) distillation against one expert set."""
   return make_objective(config, expert_set, classifier_set, np.arange(data.num_classes),
-                        data.num_classes, data.counts)
+                        data.num_classes, data.counts, config.experts.sampling)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -228,15 +228,17 @@ def hierarchical_objectives(config, data, grouping: grouping_lib.Grouping, exper
     group_counts = np.bincount(grouping.group_of, weights=data.counts,
                                minlength=grouping.num_groups)
     objectives.append(distill.make_objective(config, group_set, group_cls, grouping.group_of,
-                                             grouping.num_groups, group_counts, name="groups"))
+                                             grouping.num_groups, group_counts,
+                                             stage1_balance(config.grouping).sampling,
+                                             name="groups"))
     weights.append(lambda_1)
   if lambda_2 != 0:
     for g, (s, cls_set) in within.items():
       classes = list(grouping.groups[g])
       index = np.flatnonzero(np.isin(syn_labels, classes))
       objective = distill.make_objective(config, s, cls_set, grouping.within_label_map(g),
-                                         len(classes), data.counts[classes], index,
-                                         name=f"group_{g}")
+                                         len(classes), data.counts[classes],
+                                         config.experts.sampling, index, name=f"group_{g}")
       if config.grouping.step_matched_unroll:
         objective.syn_steps = matched_syn_steps(config, data.counts, classes)
       objectives.append(objective)

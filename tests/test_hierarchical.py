@@ -132,3 +132,22 @@ def test_group_balanced_stage1_sees_every_group_equally(tiny):
   spec = experts.expert_spec(config.experts, labels, 3,
                              balance=hierarchical.stage1_balance(config.grouping))
   assert spec.sampling == "instance"
+
+
+def test_stage1_dam_weights_follow_the_group_experts_sampling(tiny, tmp_path):
+  """DAM mimics the distribution the experts trained on: group-balanced group experts get uniform
+  weights over groups, instance-sampled ones the groups' image counts."""
+  config, data, _ = tiny
+  config = config.copy_and_resolve_references()
+  config.method, config.ltdd.ed, config.grouping.lambda_2 = "ltdd+hierarchical", False, 0.0
+  config.experts.num_experts, config.experts.epochs = 1, 1
+  two_groups = grouping.Grouping(((0, 1, 2), tuple(range(3, 10))), 10)
+  group_counts = np.array([data.counts[:3].sum(), data.counts[3:].sum()], np.float64)
+  assert abs(group_counts[0] / group_counts.sum() - 0.5) > 0.05  # the groups are imbalanced
+  for sampling, expected in (("class_balanced", [0.5, 0.5]),
+                             ("instance", group_counts / group_counts.sum())):
+    config.grouping.stage1_sampling = sampling
+    objectives, _ = hierarchical.hierarchical_objectives(config, data, two_groups, tmp_path,
+                                                         parallel.make_mesh(1))
+    assert [o.name for o in objectives] == ["groups"]
+    np.testing.assert_allclose(objectives[0].class_weights, expected, rtol=1e-6)

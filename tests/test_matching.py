@@ -92,6 +92,11 @@ def test_minibatches_cover_permutations():
 def test_dam_weights_and_bad_policy():
   w = matching.class_frequency_weights(np.array([100, 10, 10]))
   np.testing.assert_allclose(w, [100 / 120, 10 / 120, 10 / 120], rtol=1e-6)  # n_c / N
+  counts = np.array([100, 10, 10])
+  np.testing.assert_array_equal(matching.sampled_class_counts(counts, "instance"), counts)
+  np.testing.assert_array_equal(matching.sampled_class_counts(counts, "class_balanced"), [1, 1, 1])
+  with pytest.raises(ValueError, match="expert sampling"):
+    matching.sampled_class_counts(counts, "balanced")
   with pytest.raises(ValueError, match="remat_policy"):
     matching.InnerSpec(syn_steps=1, batch_syn=1, remat_policy="all")
   with pytest.raises(ValueError, match="dam_reduction"):
