@@ -186,4 +186,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Stage 2: each group's student unrolls syn_steps x (its experts' SGD steps per epoch / the flat
   # experts'), at least 1, so every objective's unroll spans a comparable number of expert steps.
   c.grouping.step_matched_unroll = True
+  # LTDD's expert decoupling (ED) per hierarchical objective: only where the objective's experts
+  # drew their classes at least this imbalanced (largest / smallest, as sampled). ED re-learns a
+  # classifier the imbalance biased; group-balanced stage-1 experts and groups of at most
+  # `max_imbalance` have little bias, their classifier experts barely move, and the classifier
+  # term's normalised distance then collapses the objective's lr (docs/protocol.md). 10 is the
+  # smallest imbalance factor LTDD's published configs apply ED at. Flat LTDD always uses ED.
+  c.grouping.ed_min_imbalance = 10.0
   return c

@@ -203,6 +203,7 @@ def check_config(config) -> None:
   p.one_of("grouping.stage1_loss", training.LOSSES)
   p.at_least("grouping.lambda_1", 0)
   p.at_least("grouping.lambda_2", 0)
+  p.at_least("grouping.ed_min_imbalance", 1)
   manual = tuple(config.grouping.manual)
   if config.grouping.strategy == "manual" and plugins and not manual:
     p.add("grouping.manual", "grouping.strategy=manual needs the groups, e.g. ((0, 1), (2, 3, 4))")

@@ -126,6 +126,8 @@ def make_objective(config, expert_set: experts_lib.ExpertSet,
   """A matching objective against one expert set (and its classifier experts under ED).
 
   Args:
+    classifier_set: the classifier experts of LTDD's ED; None leaves the objective without ED's
+      classifier term (plain matching of the whole network).
     label_map: [C] dataset class -> this objective's output (-1: not its class).
     num_outputs: outputs of the experts' networks.
     counts: [num_outputs] training images per output (DAM weights).
@@ -139,7 +141,8 @@ def make_objective(config, expert_set: experts_lib.ExpertSet,
   return MatchingObjective(
       experts=experts_lib.TrajectoryReader(expert_set), apply_fn=training.make_apply(model),
       label_map=np.asarray(label_map), num_outputs=num_outputs, image_index=image_index,
-      classifier_experts=experts_lib.TrajectoryReader(classifier_set) if options.ed else None,
+      classifier_experts=(experts_lib.TrajectoryReader(classifier_set)
+                          if options.ed and classifier_set is not None else None),
       class_weights=(matching.class_frequency_weights(matching.sampled_class_counts(counts, sampling))
                      if options.dam else None),
       ed=methods.ed_spec(config.ltdd), name=name)
@@ -148,6 +151,9 @@ def make_objective(config, expert_set: experts_lib.ExpertSet,
 def flat_objective(config, data, expert_set: experts_lib.ExpertSet,
                    classifier_set: experts_lib.ExpertSet | None) -> MatchingObjective:
   """The objective of flat (non-hierarchical) distillation against one expert set."""
+  if methods.method_options(config).ed and classifier_set is None:
+    raise errors.InputError("LTDD's expert decoupling (ltdd.ed) needs the classifier experts; "
+                            "none were given (train them with experts.classifier_epochs >= 1).")
   return make_objective(config, expert_set, classifier_set, np.arange(data.num_classes),
                         data.num_classes, data.counts, config.experts.sampling)
 

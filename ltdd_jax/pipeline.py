@@ -140,7 +140,8 @@ def stage_distill(ctx: context_lib.RunContext) -> dict:
     weights = [1.0]
   ctx.metrics.write_once(
       "objectives", 0, names=[o.name for o in objectives], weights=weights,
-      syn_steps=[o.syn_steps or config.distill.syn_steps for o in objectives])
+      syn_steps=[o.syn_steps or config.distill.syn_steps for o in objectives],
+      expert_decoupling=[o.classifier_experts is not None for o in objectives])
   resume.claim(config, workdir / "distill_ckpt", "distill")
   syn = distill.run_distillation(config, data, objectives, weights, init, workdir, ctx.mesh)
   synthetic.save_synthetic(workdir, syn, data, config, [o.name for o in objectives], label_record)

@@ -136,10 +136,11 @@ def test_group_balanced_stage1_sees_every_group_equally(tiny):
 
 def test_stage1_dam_weights_follow_the_group_experts_sampling(tiny, tmp_path):
   """DAM mimics the distribution the experts trained on: group-balanced group experts get uniform
-  weights over groups, instance-sampled ones the groups' image counts."""
+  weights over groups, instance-sampled ones the groups' image counts. Neither is imbalanced
+  enough for ED's classifier term (`grouping.ed_min_imbalance`)."""
   config, data, _ = tiny
   config = config.copy_and_resolve_references()
-  config.method, config.ltdd.ed, config.grouping.lambda_2 = "ltdd+hierarchical", False, 0.0
+  config.method, config.grouping.lambda_2 = "ltdd+hierarchical", 0.0
   config.experts.num_experts, config.experts.epochs = 1, 1
   two_groups = grouping.Grouping(((0, 1, 2), tuple(range(3, 10))), 10)
   group_counts = np.array([data.counts[:3].sum(), data.counts[3:].sum()], np.float64)
@@ -151,3 +152,24 @@ def test_stage1_dam_weights_follow_the_group_experts_sampling(tiny, tmp_path):
                                                          parallel.make_mesh(1))
     assert [o.name for o in objectives] == ["groups"]
     np.testing.assert_allclose(objectives[0].class_weights, expected, rtol=1e-6)
+    assert objectives[0].classifier_experts is None
+
+
+def test_expert_decoupling_only_where_the_experts_drew_imbalanced_classes(tiny, tmp_path):
+  config, data, _ = tiny
+  config = config.copy_and_resolve_references()
+  config.method = "ltdd+hierarchical"
+  counts = np.array([500, 100, 50])
+  assert hierarchical.decoupled(config, counts, "instance")  # 10x: ED as in flat LTDD
+  assert not hierarchical.decoupled(config, counts[1:], "instance")  # 2x
+  assert not hierarchical.decoupled(config, counts, "class_balanced")  # drawn balanced
+  config.grouping.ed_min_imbalance = 1.0  # ED on every objective
+  assert hierarchical.decoupled(config, counts, "class_balanced")
+  config.experts.num_experts, config.experts.epochs, config.experts.classifier_epochs = 1, 1, 1
+  config.grouping.lambda_2 = 0.0
+  two_groups = grouping.Grouping(((0, 1, 2), tuple(range(3, 10))), 10)
+  objectives, _ = hierarchical.hierarchical_objectives(config, data, two_groups, tmp_path,
+                                                       parallel.make_mesh(1))
+  assert objectives[0].classifier_experts is not None
+  config.method = "mtt+hierarchical"
+  assert not hierarchical.decoupled(config, counts, "instance")
