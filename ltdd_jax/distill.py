@@ -177,17 +177,21 @@ def make_optimizers(config, options: methods.MethodOptions) -> dict[str, optax.G
   return opts
 
 
+def inner_spec(config, objective: MatchingObjective | None = None) -> matching.InnerSpec:
+  """The student's inner training of the run (of `objective`, whose unroll may be its own)."""
+  cfg = config.distill
+  steps = objective.syn_steps if objective is not None and objective.syn_steps else cfg.syn_steps
+  return matching.InnerSpec(syn_steps=steps, batch_syn=cfg.batch_syn, remat=cfg.remat,
+                            remat_policy=cfg.remat_policy,
+                            weight_reduction=config.ltdd.dam_reduction, dsa=cfg.dsa)
+
+
 def make_update_fn(config, objectives: list[MatchingObjective], weights: list[float], mesh):
   """jit(update)(syn, opt_state, pairs, key) -> (syn, opt_state, loss, losses).
 
   The loss is sum_i weights[i] * objective_i.loss; gradients flow to every learnable leaf of syn.
   """
   options = methods.method_options(config)
-  spec = matching.InnerSpec(syn_steps=config.distill.syn_steps,
-                            batch_syn=config.distill.batch_syn, remat=config.distill.remat,
-                            remat_policy=config.distill.remat_policy,
-                            weight_reduction=config.ltdd.dam_reduction,
-                            dsa=config.distill.dsa)
   opts = make_optimizers(config, options)
   learnable = tuple(opts)
 
@@ -195,9 +199,7 @@ def make_update_fn(config, objectives: list[MatchingObjective], weights: list[fl
     syn = {**fixed, **learn}
     targets = synthetic.targets_of(syn)
     syn_lr = jnp.exp(syn["log_lr"])  # One lr, or one per objective (distill.lr_per_objective).
-    losses = [obj.loss(spec if obj.syn_steps is None else
-                       dataclasses.replace(spec, syn_steps=obj.syn_steps),
-                       config.dsa, syn["images"], targets,
+    losses = [obj.loss(inner_spec(config, obj), config.dsa, syn["images"], targets,
                        syn_lr[i] if syn_lr.ndim else syn_lr, pair, jax.random.fold_in(key, i),
                        mesh)
               for i, (obj, pair) in enumerate(zip(objectives, pairs))]
