@@ -89,6 +89,7 @@ def stage_values(config, stage: str, classifier: bool = False) -> dict:
   uses_classifiers = classifier or (stage == "distill" and base == "ltdd" and config.ltdd.ed)
   if not uses_classifiers:
     keep = {k: v for k, v in keep.items() if not k.startswith("experts.classifier_")}
+    keep.pop("grouping.ed_min_imbalance", None)  # Which objectives use ED: moot without it.
   keep["seed"] = config.seed
   if stage == "distill":  # +two_stage only changes evaluation; +hierarchical changes the objective.
     keep["method"] = config.method.split("+")[0] + ("+hierarchical" if hierarchical else "")

@@ -45,6 +45,11 @@ def test_values_that_do_not_change_results_are_not_recorded(tmp_path):
   other_method = config.copy_and_resolve_references()
   other_method.method, other_method.distill.ipc = "ltdd", 7  # experts are shared across methods
   assert resume.check(other_method, tmp_path / "e", "experts")
+  # Which hierarchical objectives use LTDD's ED matters to ltdd only.
+  for method, recorded in (("mtt+hierarchical", False), ("ltdd+hierarchical", True)):
+    hier = config.copy_and_resolve_references()
+    hier.method = method
+    assert ("grouping.ed_min_imbalance" in resume.stage_values(hier, "distill")) == recorded
 
 
 def test_pipeline_resume_with_other_values_fails_before_work(tmp_path):
