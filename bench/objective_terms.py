@@ -27,12 +27,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 def head_move(expert_set, start: int, epochs: int) -> float:
   """Mean over experts of the L2 distance their head parameters move from `start` over `epochs`."""
+  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  moves = []
-  for k in range(expert_set.num_experts):
-    a, b = expert_set.load_epoch(k, start)["head"], expert_set.load_epoch(k, start + epochs)["head"]
-    moves.append(np.sqrt(sum(float(((b[n] - a[n]) ** 2).sum()) for n in a)))
-  return float(np.mean(moves))
+  import optax  # pylint: disable=g-import-not-at-top
+  return float(np.mean([
+      optax.tree_utils.tree_l2_norm(jax.tree.map(
+          np.subtract, expert_set.load_epoch(k, start + epochs)["head"],
+          expert_set.load_epoch(k, start)["head"]))
+      for k in range(expert_set.num_experts)]))
 
 
 def main():
