@@ -169,6 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.archs = ("convnet",)
   c.evaluate.cross_arch_width = 64    # base width of resnet18 / vgg11 / alexnet
   c.evaluate.test_batch_size = 1000
+  c.evaluate.checkpoint_seconds = 300.0  # least time between saves of an evaluation (resume)
 
   c.grouping = ml_collections.ConfigDict()
   c.grouping.strategy = "frequency"   # frequency | similarity | manual

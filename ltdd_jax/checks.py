@@ -186,6 +186,7 @@ def check_config(config) -> None:
   p.at_least("evaluate.epochs", 1)
   p.at_least("evaluate.batch_size", 1)
   p.at_least("evaluate.test_batch_size", 1)
+  p.at_least("evaluate.checkpoint_seconds", 0)
   p.positive("evaluate.lr")
   for arch in config.evaluate.archs:
     if arch not in models.ARCHS:

@@ -4,20 +4,28 @@ balanced test split, with long-tail bias figures.
 T networks train as one vmapped program: SGD momentum 0.9, weight decay 5e-4, lr/10 at half the
 epochs, DSA on, soft-label cross-entropy when labels are soft. The reported accuracy is the final
 one (never the best over test evaluations).
+
+Long evaluations resume: given a folder, `train_networks` saves the ensemble's state at most every
+`evaluate.checkpoint_seconds` and continues from it; epoch e draws from `fold_in(key, e)`, so a
+resumed evaluation trains exactly the networks an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
+import shutil
 import time
 from typing import Any
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ltdd_jax import errors, models, parallel, reporting, training
+from ltdd_jax import checkpoints, errors, models, parallel, reporting, training
 from ltdd_jax import experts as experts_lib
 from ltdd_jax.data import longtail
 
@@ -121,6 +129,7 @@ class Protocol:
     cross_arch_width: base width of architectures other than `model.name`.
     test_batch_size: images per forward pass when testing.
     shot_rule: how classes split into many / medium / few.
+    checkpoint_seconds: least time between two saves of a resumable evaluation's state.
   """
   model: Any
   dsa: Any
@@ -133,6 +142,7 @@ class Protocol:
   cross_arch_width: int = 64
   test_batch_size: int = 1000
   shot_rule: str = "thirds"
+  checkpoint_seconds: float = 300.0
 
   @classmethod
   def from_config(cls, config) -> "Protocol":
@@ -141,7 +151,8 @@ class Protocol:
     return cls(model=config.model, dsa=config.dsa, num_models=ev.num_models,
                batch_size=ev.batch_size, momentum=ev.momentum, weight_decay=ev.weight_decay,
                augment=ev.dsa, archs=tuple(ev.archs), cross_arch_width=ev.cross_arch_width,
-               test_batch_size=ev.test_batch_size, shot_rule=config.data.shot_rule)
+               test_batch_size=ev.test_batch_size, shot_rule=config.data.shot_rule,
+               checkpoint_seconds=ev.checkpoint_seconds)
 
   def train_spec(self, num_images: int, balance: experts_lib.Balance) -> training.TrainSpec:
     """TrainSpec of an evaluation network (batch capped at the set size; an epoch draws as many
@@ -165,9 +176,60 @@ def hard_labels(targets: np.ndarray) -> np.ndarray:
   return targets.astype(np.int32) if targets.ndim == 1 else targets.argmax(-1).astype(np.int32)
 
 
+def subfolder(directory: pathlib.Path | None, name: str) -> pathlib.Path | None:
+  """`directory / name`, or None when there is no directory (an evaluation that does not save)."""
+  return None if directory is None else pathlib.Path(directory) / name
+
+
+def set_fingerprint(train_set: LabelledSet, seed: int, num_models: int) -> np.ndarray:
+  """[32] uint8 SHA-256 of what an evaluation trains on (images, targets, lr, epochs, seed, T): a
+  saved state whose fingerprint differs belongs to another set and is not resumed."""
+  digest = hashlib.sha256()
+  for array in (train_set.images, train_set.targets):
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype}{array.shape}".encode())
+    digest.update(array.tobytes())
+  digest.update(repr((float(train_set.lr), int(train_set.epochs), int(seed),
+                      int(num_models))).encode())
+  return np.frombuffer(digest.digest(), np.uint8).copy()
+
+
+def same_shapes(tree, like) -> bool:
+  """Whether two pytrees have one structure and the same leaf shapes (orbax restores a saved array
+  whatever shape it is asked for)."""
+  shapes = lambda t: jax.tree.map(np.shape, t)
+  return (jax.tree.structure(tree) == jax.tree.structure(like)
+          and shapes(tree) == shapes(like))
+
+
+def open_state(checkpoint_dir: pathlib.Path, state, fingerprint: np.ndarray):
+  """(store, epochs done, state): the latest save in `checkpoint_dir`, or 0 and `state` when there
+  is none. A save of another set (fingerprint) or one that cannot be read is deleted, not an error:
+  an evaluation's saved state is only ever a shortcut."""
+  store = checkpoints.Checkpoints(checkpoint_dir, max_to_keep=1)
+  step = store.latest_step()
+  if step is None:
+    return store, 0, state
+  try:
+    saved = store.restore(step, {"state": state, "fingerprint": fingerprint})
+    reason = "it was saved for another set"
+  except checkpoints.CheckpointError as e:
+    saved, reason = None, str(e)
+  if saved is not None and not same_shapes(saved["state"], state):
+    saved, reason = None, "its networks have other shapes"
+  if saved is not None and np.array_equal(saved["fingerprint"], fingerprint):
+    return store, step, saved["state"]
+  logging.warning("Evaluation state in %s not resumed (%s); training from epoch 0.",
+                  store.directory, reason)
+  store.close()
+  shutil.rmtree(store.directory)
+  return checkpoints.Checkpoints(checkpoint_dir, max_to_keep=1), 0, state
+
+
 def train_networks(protocol: Protocol, model, train_set: LabelledSet, num_classes: int, seed: int,
                    mesh, label: str = "evaluate",
-                   balance: experts_lib.Balance = experts_lib.Balance()):
+                   balance: experts_lib.Balance = experts_lib.Balance(),
+                   checkpoint_dir: pathlib.Path | None = None):
   """Trains `protocol.num_models` fresh networks on a labelled set; returns params [T, ...].
 
   Args:
@@ -179,6 +241,8 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, num_classe
     mesh: device mesh (the model axis is sharded over it).
     label: progress label.
     balance: sampling / loss overrides (the protocol's: instance, ce).
+    checkpoint_dir: where the ensemble's state is saved (at most every
+      `protocol.checkpoint_seconds`) and resumed from; None trains without saving.
   """
   images, targets = train_set.images, train_set.targets
   lr, epochs = train_set.lr, train_set.epochs
@@ -187,33 +251,46 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, num_classe
   epoch_fn = experts_lib.make_epoch_fn(training.make_apply(model), spec, protocol.dsa, num_classes,
                                        protocol.model.ensemble_impl)
   params = training.init_ensemble(model, jax.random.key(seed), num_models, images.shape[1:])
-  state = parallel.shard_leading((params, jax.tree.map(jnp.zeros_like, params)), mesh)
+  state = (params, jax.tree.map(jnp.zeros_like, params))
+  first_epoch, store = 0, None
+  if checkpoint_dir is not None:
+    fingerprint = set_fingerprint(train_set, seed, num_models)
+    store, first_epoch, state = open_state(checkpoint_dir, state, fingerprint)
+  state = parallel.shard_leading(state, mesh)
   images_d, targets_d, labels_d = parallel.replicate(
       (jnp.asarray(images), jnp.asarray(targets), jnp.asarray(hard_labels(targets))), mesh)
   base = jax.random.key(seed + 7919)
   progress = reporting.Progress(label, epochs)
-  for epoch in range(epochs):
+  last_save, loss = time.time(), None
+  for epoch in range(first_epoch, epochs):
     epoch_lr = lr if epoch < epochs // 2 else lr * 0.1
     keys = jax.random.split(jax.random.fold_in(base, epoch), num_models)
     params, velocity, loss = epoch_fn(*state, keys, jnp.float32(epoch_lr), images_d, targets_d,
                                       labels_d)
     state = (params, velocity)
     progress.update(epoch + 1, f"loss {float(np.mean(loss)):.3f}")
-  if not np.isfinite(np.asarray(loss)).all():
+    if (store is not None and epoch + 1 < epochs
+        and time.time() - last_save >= protocol.checkpoint_seconds):
+      store.save(epoch + 1, {"state": state, "fingerprint": fingerprint})
+      last_save = time.time()
+  if store is not None:
+    store.close()
+  if loss is not None and not np.isfinite(np.asarray(loss)).all():
     raise FloatingPointError(f"{label}: evaluation training diverged (loss {np.asarray(loss)}); the "
                              f"learning rate {lr} is too high for this set.")
   return state[0]
 
 
 def evaluate_set(protocol: Protocol, data, train_set: LabelledSet, *, seed: int, mesh,
-                 split: str = "test") -> dict:
+                 split: str = "test", checkpoint_dir: pathlib.Path | None = None) -> dict:
   """Trains on a labelled set with the protocol and tests on a balanced split.
 
   `split` is `test` for reported numbers and `validation` for model selection and tuning inside a
   run (DESIGN §1: never test).
 
   Every architecture in `protocol.archs` is evaluated; the top-level fields are the first one's,
-  and `archs` holds one row per architecture.
+  and `archs` holds one row per architecture. With `checkpoint_dir`, each architecture's training
+  resumes from `<checkpoint_dir>/<arch>`.
 
   Returns:
     A report dict with REPORT_FIELDS and more (see `classification_metrics`).
@@ -225,7 +302,8 @@ def evaluate_set(protocol: Protocol, data, train_set: LabelledSet, *, seed: int,
     width = None if arch == protocol.model.name else protocol.cross_arch_width
     model = models.make_classifier(protocol.model, data.num_classes, arch, width)
     params = train_networks(protocol, model, train_set, data.num_classes, seed, mesh,
-                            label=f"evaluate {train_set.method} {arch}")
+                            label=f"evaluate {train_set.method} {arch}",
+                            checkpoint_dir=subfolder(checkpoint_dir, arch))
     logits = protocol.logits(model, params, eval_images)
     rows[arch] = classification_metrics(logits.argmax(-1), eval_labels, data.counts,
                                         protocol.shot_rule)

@@ -97,7 +97,8 @@ def _probs(protocol: evaluate_lib.Protocol, model, params, images) -> np.ndarray
 
 def evaluate_two_stage(protocol: evaluate_lib.Protocol, spec: TwoStageSpec, data,
                        grouping: grouping_lib.Grouping, train_set: evaluate_lib.LabelledSet, *,
-                       seed: int, mesh, split: str = "test") -> dict:
+                       seed: int, mesh, split: str = "test",
+                       checkpoint_dir: pathlib.Path | None = None) -> dict:
   """Trains T group networks and T within-group networks per group on one labelled set and tests
   the two-stage prediction. Returns the usual report fields plus group_acc and within_group_acc
   (accuracy of the within-group networks on the images of their group), both in percent.
@@ -110,7 +111,8 @@ def evaluate_two_stage(protocol: evaluate_lib.Protocol, spec: TwoStageSpec, data
   `train_set.learned_lrs` (a hierarchical set's lr per objective: `groups`, `group_<g>`) gives each
   network its own lr; networks it does not name train with `train_set.lr`. A group network trained
   on real images (the `random`, `herding` and `full` baselines) counters the between-group
-  imbalance as `spec.stage1` says."""
+  imbalance as `spec.stage1` says. With `checkpoint_dir`, each training resumes from
+  `<checkpoint_dir>/groups` or `<checkpoint_dir>/group_<g>`."""
   learned_lrs, lr, method = train_set.learned_lrs, train_set.lr, train_set.method
   real = method.split("+")[0] in ("random", "herding", "full")
   balance = spec.stage1 if real else experts_lib.Balance()
@@ -123,7 +125,8 @@ def evaluate_two_stage(protocol: evaluate_lib.Protocol, spec: TwoStageSpec, data
                                   lr=learned_lrs.get("groups", lr))
   group_params = evaluate_lib.train_networks(
       protocol, group_model, group_set, grouping.num_groups, seed, mesh,
-      label=f"evaluate {method} groups", balance=balance)
+      label=f"evaluate {method} groups", balance=balance,
+      checkpoint_dir=evaluate_lib.subfolder(checkpoint_dir, "groups"))
   group_probs = _probs(protocol, group_model, group_params, eval_images)  # [T, N, G]
   within, within_correct = [], []
   true_group = grouping.group_of[eval_labels]
@@ -139,8 +142,10 @@ def evaluate_two_stage(protocol: evaluate_lib.Protocol, spec: TwoStageSpec, data
     model = models.Classifier(backbone, models.make_head(protocol.model, len(classes)))
     members = train_set.subset(index, within_targets(train_set.targets, grouping, g, index),
                                learned_lrs.get(f"group_{g}", lr))
-    params = evaluate_lib.train_networks(protocol, model, members, len(classes), seed + 1 + g,
-                                         mesh, label=f"evaluate {method} group {g}")
+    params = evaluate_lib.train_networks(
+        protocol, model, members, len(classes), seed + 1 + g, mesh,
+        label=f"evaluate {method} group {g}",
+        checkpoint_dir=evaluate_lib.subfolder(checkpoint_dir, f"group_{g}"))
     probs = _probs(protocol, model, params, eval_images)
     within.append(probs)
     local = grouping.within_label_map(g)[eval_labels[true_group == g]]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 
 import jax
@@ -229,19 +230,22 @@ def stage_evaluate(ctx: context_lib.RunContext, which: str = "synthetic",
   else:
     raise errors.InputError(f"--set={which!r}: accepted synthetic, synthetic:PATH, {', '.join(BASELINES)}.")
   protocol = evaluate_lib.Protocol.from_config(config)
+  name = report_name(config.method, which, split)
+  saved_state = ctx.workdir / "evaluate_ckpt" / name  # Resumes an interrupted evaluation.
   if two_stage:
     grouping = stage_grouping(ctx)
     report = hierarchical.evaluate_two_stage(
         protocol, hierarchical.TwoStageSpec.from_config(config.grouping), data, grouping,
         dataclasses.replace(train_set, method=config.method), seed=config.seed, mesh=ctx.mesh,
-        split=split)
+        split=split, checkpoint_dir=saved_state)
   else:
     report = evaluate_lib.evaluate_set(protocol, data, train_set, seed=config.seed, mesh=ctx.mesh,
-                                       split=split)
+                                       split=split, checkpoint_dir=saved_state)
   report["wall_seconds"] = time.time() - start
   if train_set.ipc is not None:  # Classes whose real images had to be repeated to reach the IPC.
     report["repeated_classes"] = checks.short_classes(data.counts, train_set.ipc)
-  evaluate_lib.write_report(ctx.workdir, report, data.counts, report_name(config.method, which, split))
+  evaluate_lib.write_report(ctx.workdir, report, data.counts, name)
+  shutil.rmtree(saved_state, ignore_errors=True)
   ctx.metrics.write("evaluate", 0, method=train_set.method, split=split,
                     test_acc_mean=report["test_acc_mean"], test_acc_std=report["test_acc_std"])
   return report

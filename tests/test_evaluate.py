@@ -3,11 +3,12 @@ import json
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
 from conftest import evaluate_arrays
-from ltdd_jax import evaluate, models, selection
+from ltdd_jax import evaluate, experts, models, parallel, selection
 
 
 def test_metrics_on_known_predictions():
@@ -68,6 +69,7 @@ def test_evaluate_cli_writes_report(tmp_path):
   assert report["method"] == "random" and report["ipc"] == 3 and report["num_images"] == 30
   assert len(report["per_class_acc"]) == 10 and len(report["test_acc_per_model"]) == 2
   assert (tmp_path / "report_random_per_class.png").exists()
+  assert not (tmp_path / "evaluate_ckpt" / "report_random").exists()  # removed once reported
   bad = subprocess.run(cmd[:-1] + ["--config.distill.ipc=500", "--config.distill.allow_duplicates=False"],
                        capture_output=True, text=True)
   assert bad.returncode != 0 and "allow_duplicates" in bad.stderr
@@ -106,6 +108,62 @@ def test_cross_architecture_rows(tiny, monkeypatch):
   assert report["test_acc_mean"] == report["archs"]["convnet"]["test_acc_mean"]
   assert "vgg11" in evaluate.format_report(report)
   assert ("vgg11", 4) in built  # the second row is a VGG-11 at the cross-architecture width
+
+
+def test_train_networks_resumes_exactly_and_never_from_another_set(tiny, tmp_path, monkeypatch):
+  config, data, _ = tiny
+  protocol = dataclasses.replace(evaluate.Protocol.from_config(config), checkpoint_seconds=0)
+  model = models.make_classifier(config.model, data.num_classes)
+  mesh = parallel.make_mesh(1)
+  images, labels = data.train_images[:30], data.train_labels[:30]
+  labelled = evaluate.LabelledSet(images, labels, labels, 0.01, 4, 3, "random")
+  epochs_run, make = [], experts.make_epoch_fn
+  def counting(*args, **kwargs):
+    epoch_fn = make(*args, **kwargs)
+    return lambda *a: epochs_run.append(1) or epoch_fn(*a)
+  monkeypatch.setattr(experts, "make_epoch_fn", counting)
+
+  def train(train_set, checkpoint_dir=None):
+    epochs_run.clear()
+    params = evaluate.train_networks(protocol, model, train_set, data.num_classes, 0, mesh,
+                                     checkpoint_dir=checkpoint_dir)
+    return params, len(epochs_run)
+
+  reference, _ = train(labelled)
+  saved = tmp_path / "state"
+  first, ran = train(labelled, saved)  # saves after epochs 1..3 (the last save is kept)
+  assert ran == 4
+  resumed, ran = train(labelled, saved)  # as if stopped during epoch 4: one epoch left
+  assert ran == 1
+  for params in (first, resumed):
+    chex.assert_trees_all_close(params, reference, rtol=1e-5, atol=1e-6)
+  # A save made for another set (here: another lr) is discarded, not resumed.
+  other = dataclasses.replace(labelled, lr=0.02)
+  fresh, _ = train(other)
+  again, ran = train(other, saved)
+  assert ran == 4
+  chex.assert_trees_all_close(again, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_evaluation_state_of_other_shapes_or_corrupt_is_discarded(tmp_path):
+  fingerprint = np.arange(32, dtype=np.uint8)
+  store, _, _ = evaluate.open_state(tmp_path, {"w": np.zeros(3, np.float32)}, fingerprint)
+  store.save(2, {"state": {"w": np.arange(3, dtype=np.float32)}, "fingerprint": fingerprint})
+  store.close()
+  store, done, state = evaluate.open_state(tmp_path, {"w": np.zeros(3, np.float32)}, fingerprint)
+  assert done == 2 and state["w"].tolist() == [0, 1, 2]
+  store.close()
+  # Another width: orbax would hand back the (3,) array; it must not be resumed.
+  store, done, state = evaluate.open_state(tmp_path, {"w": np.zeros(4, np.float32)}, fingerprint)
+  assert done == 0 and state["w"].shape == (4,) and store.latest_step() is None
+  store.save(1, {"state": {"w": np.ones(4, np.float32)}, "fingerprint": fingerprint})
+  store.close()
+  for path in (tmp_path / "1").rglob("*"):  # truncated by a crash mid-write
+    if path.is_file():
+      path.write_bytes(b"")
+  store, done, _ = evaluate.open_state(tmp_path, {"w": np.zeros(4, np.float32)}, fingerprint)
+  assert done == 0 and store.latest_step() is None
+  store.close()
 
 
 def test_readme_notebook_example_runs():
