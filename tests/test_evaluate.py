@@ -69,7 +69,7 @@ def test_evaluate_cli_writes_report(tmp_path):
   assert report["method"] == "random" and report["ipc"] == 3 and report["num_images"] == 30
   assert len(report["per_class_acc"]) == 10 and len(report["test_acc_per_model"]) == 2
   assert (tmp_path / "report_random_per_class.png").exists()
-  assert not (tmp_path / "evaluate_ckpt" / "report_random").exists()  # removed once reported
+  assert not (tmp_path / "evaluate_ckpt").exists()  # the saved state is removed once reported
   bad = subprocess.run(cmd[:-1] + ["--config.distill.ipc=500", "--config.distill.allow_duplicates=False"],
                        capture_output=True, text=True)
   assert bad.returncode != 0 and "allow_duplicates" in bad.stderr
