@@ -10,13 +10,17 @@ import time
 
 import numpy as np
 
-from ltdd_jax import errors, pipeline, reporting
+from ltdd_jax import distill, errors, evaluate, pipeline, reporting
 from ltdd_jax.data import dataset as dataset_lib
 
 COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
            "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
            "head_tail_gap", "pred_kl_uniform", "group_acc", "within_group_acc", "learned_lr",
            "wall_seconds")
+FAILED = "failed.txt"  # in a cell whose last attempt diverged: the error, one line
+# A cell's own failures: its distillation or its evaluation networks diverged. Experts are shared
+# by a factor's cells, so their divergence stops the grid like any other error.
+CELL_ERRORS = (distill.DivergenceError, evaluate.EvaluationDivergedError)
 
 
 def cells(config) -> list[tuple[float, int | None, str]]:
@@ -72,7 +76,12 @@ def reuse_distillation(workdir: pathlib.Path, factor: float, ipc: int | None, me
 
 
 def run_grid(config, workdir) -> list[dict]:
-  """Runs every unfinished cell, then writes results.csv, results.md and the figures."""
+  """Runs every unfinished cell, then writes results.csv, results.md and the figures.
+
+  A cell whose distillation or evaluation diverges (`CELL_ERRORS`: its settings' fault, not the
+  grid's) leaves its error in `<cell>/failed.txt` and the grid goes on; once the rest is
+  tabulated, one `DivergedError` names every such cell. Any other error stops the grid (it
+  resumes on rerun)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   reporting.write_config(workdir, config)
@@ -89,11 +98,30 @@ def run_grid(config, workdir) -> list[dict]:
     cell_cfg = cell_config(config, factor, ipc, method, workdir)
     if factor != data_factor:
       data_factor, data = factor, dataset_lib.load_dataset(cell_cfg.data, cell_cfg.seed)
-    pipeline.run_pipeline(cell_cfg, cell, data=data)
+    (cell / FAILED).unlink(missing_ok=True)
+    try:
+      pipeline.run_pipeline(cell_cfg, cell, data=data)
+    except CELL_ERRORS as e:  # This cell's settings, not the grid's: record it and go on.
+      cell.mkdir(parents=True, exist_ok=True)
+      (cell / FAILED).write_text(f"{type(e).__name__}: {e}\n")
+      print(f"[benchmark] cell {cell.name} failed: {e}", flush=True)
   rows = collect(workdir, grid)
-  write_tables(workdir, rows, len(grid))
+  failed = failed_cells(workdir, grid)
+  write_tables(workdir, rows, len(grid), failed)
   write_figures(workdir, rows, config)
+  if failed:
+    raise errors.DivergedError(
+        f"{len(failed)} cell(s) diverged: {', '.join(failed)} (each one's {FAILED} says how); "
+        f"the other {len(rows)} finished and are tabulated in {workdir / 'results.md'}. Change "
+        "those cells' settings and rerun: only unfinished cells run again.")
   return rows
+
+
+def failed_cells(workdir: pathlib.Path, grid) -> list[str]:
+  """Names of the cells whose last attempt diverged (a `failed.txt`, no report)."""
+  names = [cell_name(*cell) for cell in grid]
+  return [n for n in names
+          if (workdir / n / FAILED).exists() and not (workdir / n / "report.json").exists()]
 
 
 def collect(workdir: pathlib.Path, grid) -> list[dict]:
@@ -144,20 +172,26 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def time_summary(rows: list[dict], num_cells: int) -> str:
+def time_summary(rows: list[dict], num_cells: int, failed: list[str] = ()) -> str:
   """How many cells are done and the sum of their wall times: the grid's cost on this machine,
-  however many resumptions it took (experts are timed inside the first cell that needs them)."""
+  however many resumptions it took (experts are timed inside the first cell that needs them);
+  then the cells that diverged, if any."""
   seconds = sum(r["wall_seconds"] or 0.0 for r in rows)
-  return (f"{len(rows)} of {num_cells} cells finished; sum of cell wall times {seconds:.0f} s "
+  text = (f"{len(rows)} of {num_cells} cells finished; sum of cell wall times {seconds:.0f} s "
           f"({seconds / 3600:.2f} h).\n")
+  if failed:
+    text += f"Diverged (see each cell's {FAILED}): {', '.join(failed)}.\n"
+  return text
 
 
-def write_tables(workdir: pathlib.Path, rows: list[dict], num_cells: int) -> None:
+def write_tables(workdir: pathlib.Path, rows: list[dict], num_cells: int,
+                 failed: list[str] = ()) -> None:
   with (workdir / "results.csv").open("w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-  (workdir / "results.md").write_text(markdown_table(rows) + "\n" + time_summary(rows, num_cells))
+  (workdir / "results.md").write_text(markdown_table(rows) + "\n" +
+                                      time_summary(rows, num_cells, failed))
 
 
 def write_figures(workdir: pathlib.Path, rows: list[dict], config) -> None:

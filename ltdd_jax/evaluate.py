@@ -170,6 +170,10 @@ class Protocol:
                                  self.model.ensemble_impl)
 
 
+class EvaluationDivergedError(errors.DivergedError):
+  """The evaluation networks' loss stopped being finite (the set's lr is too high for them)."""
+
+
 def hard_labels(targets: np.ndarray) -> np.ndarray:
   """[N] int labels of hard ([N]) or soft ([N, C]) targets."""
   targets = np.asarray(targets)
@@ -276,7 +280,7 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, num_classe
   if store is not None:
     store.close()
   if loss is not None and not np.isfinite(np.asarray(loss)).all():
-    raise FloatingPointError(f"{label}: evaluation training diverged (loss {np.asarray(loss)}); the "
+    raise EvaluationDivergedError(f"{label}: evaluation training diverged (loss {np.asarray(loss)}); the "
                              f"learning rate {lr} is too high for this set.")
   return state[0]
 

@@ -2,6 +2,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from ltdd_jax import benchmark, distill, errors, pipeline
+
 
 def test_benchmark_grid_runs_resumes_and_tabulates(tmp_path):
   cmd = [sys.executable, "-m", "launch.benchmark", "--config=configs/benchmark.py:dataset=digits",
@@ -72,3 +76,42 @@ def test_table_shows_the_learned_lr_of_distilled_sets_only():
   header, rule, line = benchmark.markdown_table([row]).splitlines()
   assert header.endswith("| learned lr |") and rule.count("|") == line.count("|") == 15
   assert line.endswith("| 0.0361 |")
+
+
+def test_a_diverging_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config("dataset=digits")
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.benchmark.ipcs, config.benchmark.methods = (1, 2), ("random", "mtt")
+  ran = []
+  def fake_run(cell_config, workdir, data=None):
+    ran.append(workdir.name)
+    if workdir.name == "if10_ipc1_mtt" and diverge:
+      raise distill.DivergenceError("distillation loss became nan at iteration 7")
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = {"method": cell_config.method, "ipc": cell_config.distill.ipc, "test_acc_mean": 50.0,
+              "test_acc_std": 1.0, "wall_seconds": 2.0, "num_images": 10}
+    (workdir / "report.json").write_text(json.dumps(report))
+  monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+  diverge = True
+  with pytest.raises(errors.DivergedError, match="if10_ipc1_mtt"):
+    benchmark.run_grid(config, tmp_path)
+  assert ran == ["if10_full", "if10_ipc1_random", "if10_ipc1_mtt", "if10_ipc2_random",
+                 "if10_ipc2_mtt"]  # the cells after the failed one still ran
+  assert "nan at iteration 7" in (tmp_path / "if10_ipc1_mtt" / "failed.txt").read_text()
+  results = (tmp_path / "results.md").read_text()
+  assert "4 of 5 cells finished" in results and "Diverged (see each cell's failed.txt): if10_ipc1_mtt" in results
+  ran.clear()
+  diverge = False  # e.g. after lowering its image lr: only the failed cell runs again
+  benchmark.run_grid(config, tmp_path)
+  assert ran == ["if10_ipc1_mtt"] and not (tmp_path / "if10_ipc1_mtt" / "failed.txt").exists()
+  assert "5 of 5 cells finished" in (tmp_path / "results.md").read_text()
+  assert "Diverged" not in (tmp_path / "results.md").read_text()
+  # Experts are shared by a factor's cells: their divergence stops the grid at once.
+  def experts_diverge(cell_config, workdir, data=None):
+    raise errors.DivergedError("expert training loss became nan at epoch 3")
+  monkeypatch.setattr(pipeline, "run_pipeline", experts_diverge)
+  (tmp_path / "if10_ipc2_mtt" / "report.json").unlink()
+  with pytest.raises(errors.DivergedError, match="expert training"):
+    benchmark.run_grid(config, tmp_path)
+  assert not (tmp_path / "if10_ipc2_mtt" / "failed.txt").exists()
