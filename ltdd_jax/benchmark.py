@@ -7,6 +7,7 @@ import json
 import pathlib
 import shutil
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -21,6 +22,10 @@ FAILED = "failed.txt"  # in a cell whose last attempt diverged: the error, one l
 # A cell's own failures: its distillation or its evaluation networks diverged. Experts are shared
 # by a factor's cells, so their divergence stops the grid like any other error.
 CELL_ERRORS = (distill.DivergenceError, evaluate.EvaluationDivergedError)
+
+
+class CellsDivergedError(errors.DivergedError):
+  """Some cells diverged; the others finished and are tabulated."""
 
 
 def cells(config) -> list[tuple[float, int | None, str]]:
@@ -75,12 +80,29 @@ def reuse_distillation(workdir: pathlib.Path, factor: float, ipc: int | None, me
     shutil.copytree(source, cell / "distill_ckpt")
 
 
+def diverged_base(workdir: pathlib.Path, factor: float, ipc: int | None, method: str,
+                  cell: pathlib.Path) -> bool:
+  """Whether `X+two_stage`'s distillation (X's own) diverged at X's last attempt: then the cell is
+  marked failed without distilling again."""
+  base, plugins = pipeline.parse_method(method)
+  source = workdir / cell_name(factor, ipc, base)
+  if plugins != ("two_stage",) or not (source / FAILED).exists():
+    return False
+  if distill.DivergenceError.__name__ not in (source / FAILED).read_text():
+    return False
+  cell.mkdir(parents=True, exist_ok=True)
+  (cell / FAILED).write_text(f"DivergenceError: evaluates the set of {source.name}, whose "
+                             "distillation diverged.\n")
+  print(f"[benchmark] cell {cell.name} skipped: {source.name} diverged", flush=True)
+  return True
+
+
 def run_grid(config, workdir) -> list[dict]:
   """Runs every unfinished cell, then writes results.csv, results.md and the figures.
 
   A cell whose distillation or evaluation diverges (`CELL_ERRORS`: its settings' fault, not the
   grid's) leaves its error in `<cell>/failed.txt` and the grid goes on; once the rest is
-  tabulated, one `DivergedError` names every such cell. Any other error stops the grid (it
+  tabulated, one `CellsDivergedError` names every such cell. Any other error stops the grid (it
   resumes on rerun)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +116,8 @@ def run_grid(config, workdir) -> list[dict]:
       continue
     print(f"[benchmark] cell {i + 1}/{len(grid)}: IF {factor:g} IPC {ipc} {method} "
           f"(elapsed {time.time() - start:.0f}s)", flush=True)
+    if diverged_base(workdir, factor, ipc, method, cell):
+      continue
     reuse_distillation(workdir, factor, ipc, method, cell)
     cell_cfg = cell_config(config, factor, ipc, method, workdir)
     if factor != data_factor:
@@ -103,17 +127,19 @@ def run_grid(config, workdir) -> list[dict]:
       pipeline.run_pipeline(cell_cfg, cell, data=data)
     except CELL_ERRORS as e:  # This cell's settings, not the grid's: record it and go on.
       cell.mkdir(parents=True, exist_ok=True)
-      (cell / FAILED).write_text(f"{type(e).__name__}: {e}\n")
+      reason = " ".join(str(e).split())
+      (cell / FAILED).write_text(f"{type(e).__name__}: {reason}\n")
       print(f"[benchmark] cell {cell.name} failed: {e}", flush=True)
   rows = collect(workdir, grid)
   failed = failed_cells(workdir, grid)
   write_tables(workdir, rows, len(grid), failed)
   write_figures(workdir, rows, config)
   if failed:
-    raise errors.DivergedError(
+    raise CellsDivergedError(
         f"{len(failed)} cell(s) diverged: {', '.join(failed)} (each one's {FAILED} says how); "
-        f"the other {len(rows)} finished and are tabulated in {workdir / 'results.md'}. Change "
-        "those cells' settings and rerun: only unfinished cells run again.")
+        f"the {len(rows)} finished are tabulated in {workdir / 'results.md'}. Change the "
+        "diverging cells' settings and rerun with --config.discard_mismatched=distill: only "
+        "unfinished cells run again (finished ones keep the settings they ran with).")
   return rows
 
 
@@ -172,7 +198,7 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def time_summary(rows: list[dict], num_cells: int, failed: list[str] = ()) -> str:
+def time_summary(rows: list[dict], num_cells: int, failed: Sequence[str] = ()) -> str:
   """How many cells are done and the sum of their wall times: the grid's cost on this machine,
   however many resumptions it took (experts are timed inside the first cell that needs them);
   then the cells that diverged, if any."""
@@ -185,7 +211,7 @@ def time_summary(rows: list[dict], num_cells: int, failed: list[str] = ()) -> st
 
 
 def write_tables(workdir: pathlib.Path, rows: list[dict], num_cells: int,
-                 failed: list[str] = ()) -> None:
+                 failed: Sequence[str] = ()) -> None:
   with (workdir / "results.csv").open("w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()

@@ -61,6 +61,9 @@ class Checkpoints:
       raise CheckpointError(f"Checkpoint {self.directory}/{step} cannot be read ({e}); delete it.") from e
     return jax.tree.map(np.asarray, out)
 
+  def delete(self, step: int) -> None:
+    self._manager.delete(step)
+
   def close(self) -> None:
     self._manager.close()
 

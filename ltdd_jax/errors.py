@@ -27,4 +27,4 @@ class ResumeMismatchError(InputError):
 
 
 class DivergedError(Error, FloatingPointError):
-  """Training or distillation stopped being finite; the last good state is kept."""
+  """Training or distillation stopped being finite (distillation keeps its last good checkpoint)."""

@@ -6,16 +6,16 @@ epochs, DSA on, soft-label cross-entropy when labels are soft. The reported accu
 one (never the best over test evaluations).
 
 Long evaluations resume: given a folder, `train_networks` saves the ensemble's state at most every
-`evaluate.checkpoint_seconds` and continues from it; epoch e draws from `fold_in(key, e)`, so a
-resumed evaluation trains exactly the networks an uninterrupted one would.
+`evaluate.checkpoint_seconds` and once trained, and continues from it; epoch e draws from
+`fold_in(key, e)`, so a resumed evaluation trains exactly the networks an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -185,17 +185,24 @@ def subfolder(directory: pathlib.Path | None, name: str) -> pathlib.Path | None:
   return None if directory is None else pathlib.Path(directory) / name
 
 
-def set_fingerprint(train_set: LabelledSet, seed: int, num_models: int) -> np.ndarray:
-  """[32] uint8 SHA-256 of what an evaluation trains on (images, targets, lr, epochs, seed, T): a
-  saved state whose fingerprint differs belongs to another set and is not resumed."""
+def set_fingerprint(train_set: LabelledSet, seed: int, num_models: int, recipe: str) -> np.ndarray:
+  """[32] uint8 SHA-256 of what an evaluation trains on (images, targets, lr, epochs, seed, T) and
+  how (`recipe`: the model, the training spec, DSA): a saved state whose fingerprint differs was
+  made by another evaluation and is not resumed."""
   digest = hashlib.sha256()
   for array in (train_set.images, train_set.targets):
     array = np.ascontiguousarray(array)
     digest.update(f"{array.dtype}{array.shape}".encode())
     digest.update(array.tobytes())
-  digest.update(repr((float(train_set.lr), int(train_set.epochs), int(seed),
-                      int(num_models))).encode())
+  digest.update(repr((float(train_set.lr), int(train_set.epochs), int(seed), int(num_models),
+                      recipe)).encode())
   return np.frombuffer(digest.digest(), np.uint8).copy()
+
+
+def training_recipe(model, spec: training.TrainSpec, dsa) -> str:
+  """Everything besides the set that decides what evaluation networks become, as text."""
+  dsa = dsa.to_dict() if hasattr(dsa, "to_dict") else dsa
+  return f"{model!r}|{spec!r}|{json.dumps(dsa, sort_keys=True, default=str)}"
 
 
 def same_shapes(tree, like) -> bool:
@@ -208,26 +215,25 @@ def same_shapes(tree, like) -> bool:
 
 def open_state(checkpoint_dir: pathlib.Path, state, fingerprint: np.ndarray):
   """(store, epochs done, state): the latest save in `checkpoint_dir`, or 0 and `state` when there
-  is none. A save of another set (fingerprint) or one that cannot be read is deleted, not an error:
-  an evaluation's saved state is only ever a shortcut."""
+  is none. A save of another evaluation (fingerprint), of other shapes, or one that cannot be
+  read is deleted, not an error: an evaluation's saved state is only ever a shortcut."""
   store = checkpoints.Checkpoints(checkpoint_dir, max_to_keep=1)
   step = store.latest_step()
   if step is None:
     return store, 0, state
   try:
     saved = store.restore(step, {"state": state, "fingerprint": fingerprint})
-    reason = "it was saved for another set"
+    reason = "it was saved by another evaluation"
   except checkpoints.CheckpointError as e:
-    saved, reason = None, str(e)
+    saved, reason = None, f"unreadable: {type(e.__cause__).__name__}"
   if saved is not None and not same_shapes(saved["state"], state):
     saved, reason = None, "its networks have other shapes"
   if saved is not None and np.array_equal(saved["fingerprint"], fingerprint):
     return store, step, saved["state"]
   logging.warning("Evaluation state in %s not resumed (%s); training from epoch 0.",
                   store.directory, reason)
-  store.close()
-  shutil.rmtree(store.directory)
-  return checkpoints.Checkpoints(checkpoint_dir, max_to_keep=1), 0, state
+  store.delete(step)
+  return store, 0, state
 
 
 def train_networks(protocol: Protocol, model, train_set: LabelledSet, num_classes: int, seed: int,
@@ -246,7 +252,11 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, num_classe
     label: progress label.
     balance: sampling / loss overrides (the protocol's: instance, ce).
     checkpoint_dir: where the ensemble's state is saved (at most every
-      `protocol.checkpoint_seconds`) and resumed from; None trains without saving.
+      `protocol.checkpoint_seconds`, and when trained) and resumed from; None: no saves.
+
+  Raises:
+    EvaluationDivergedError: at the first epoch whose loss, or whose state where it is saved or
+      returned, is not finite (nothing non-finite is saved).
   """
   images, targets = train_set.images, train_set.targets
   lr, epochs = train_set.lr, train_set.epochs
@@ -258,31 +268,42 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, num_classe
   state = (params, jax.tree.map(jnp.zeros_like, params))
   first_epoch, store = 0, None
   if checkpoint_dir is not None:
-    fingerprint = set_fingerprint(train_set, seed, num_models)
+    fingerprint = set_fingerprint(train_set, seed, num_models,
+                                  training_recipe(model, spec, protocol.dsa))
     store, first_epoch, state = open_state(checkpoint_dir, state, fingerprint)
   state = parallel.shard_leading(state, mesh)
   images_d, targets_d, labels_d = parallel.replicate(
       (jnp.asarray(images), jnp.asarray(targets), jnp.asarray(hard_labels(targets))), mesh)
   base = jax.random.key(seed + 7919)
-  progress = reporting.Progress(label, epochs)
-  last_save, loss = time.time(), None
+  progress = reporting.Progress(label, epochs, start=first_epoch)
+  last_save = time.time()
   for epoch in range(first_epoch, epochs):
     epoch_lr = lr if epoch < epochs // 2 else lr * 0.1
     keys = jax.random.split(jax.random.fold_in(base, epoch), num_models)
     params, velocity, loss = epoch_fn(*state, keys, jnp.float32(epoch_lr), images_d, targets_d,
                                       labels_d)
     state = (params, velocity)
-    progress.update(epoch + 1, f"loss {float(np.mean(loss)):.3f}")
-    if (store is not None and epoch + 1 < epochs
-        and time.time() - last_save >= protocol.checkpoint_seconds):
+    loss = np.asarray(loss)
+    last = epoch + 1 == epochs
+    saving = store is not None and (last or time.time() - last_save >= protocol.checkpoint_seconds)
+    # The loss is taken before each step's update: the state is checked too, where it matters
+    # (before a save, and the networks returned).
+    if not np.isfinite(loss).all() or ((saving or last) and not all_finite(state)):
+      raise EvaluationDivergedError(
+          f"{label}: evaluation training diverged at epoch {epoch + 1} (loss per network "
+          f"{loss.tolist()}); the learning rate {lr} is too high for this set.")
+    progress.update(epoch + 1, f"loss {float(loss.mean()):.3f}")
+    if saving:
       store.save(epoch + 1, {"state": state, "fingerprint": fingerprint})
       last_save = time.time()
   if store is not None:
     store.close()
-  if loss is not None and not np.isfinite(np.asarray(loss)).all():
-    raise EvaluationDivergedError(f"{label}: evaluation training diverged (loss {np.asarray(loss)}); the "
-                             f"learning rate {lr} is too high for this set.")
   return state[0]
+
+
+def all_finite(tree) -> bool:
+  """Whether every leaf of a pytree is finite (one device-to-host transfer)."""
+  return bool(jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.isfinite(x).all(), tree)))
 
 
 def evaluate_set(protocol: Protocol, data, train_set: LabelledSet, *, seed: int, mesh,

@@ -246,9 +246,10 @@ def stage_evaluate(ctx: context_lib.RunContext, which: str = "synthetic",
   if train_set.ipc is not None:  # Classes whose real images had to be repeated to reach the IPC.
     report["repeated_classes"] = checks.short_classes(data.counts, train_set.ipc)
   evaluate_lib.write_report(ctx.workdir, report, data.counts, name)
-  shutil.rmtree(saved_state, ignore_errors=True)
-  with contextlib.suppress(OSError):  # evaluate_ckpt/ itself, once no evaluation is under way
-    saved_state.parent.rmdir()
+  if jax.process_index() == 0:  # One process removes what every process saved into.
+    shutil.rmtree(saved_state, ignore_errors=True)
+    with contextlib.suppress(OSError):  # evaluate_ckpt/ itself, once no evaluation is under way
+      saved_state.parent.rmdir()
   ctx.metrics.write("evaluate", 0, method=train_set.method, split=split,
                     test_acc_mean=report["test_acc_mean"], test_acc_std=report["test_acc_std"])
   return report

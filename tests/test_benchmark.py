@@ -78,35 +78,46 @@ def test_table_shows_the_learned_lr_of_distilled_sets_only():
   assert line.endswith("| 0.0361 |")
 
 
-def test_a_diverging_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", benchmark.CELL_ERRORS)
+def test_a_diverging_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch, error):
   from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
   config = benchmark_config.get_config("dataset=digits")
   config.data.cache_dir = str(tmp_path / "cache")
-  config.benchmark.ipcs, config.benchmark.methods = (1, 2), ("random", "mtt")
+  config.benchmark.ipcs = (1, 2)
+  config.benchmark.methods = ("random", "mtt", "mtt+two_stage")
   ran = []
   def fake_run(cell_config, workdir, data=None):
     ran.append(workdir.name)
-    if workdir.name == "if10_ipc1_mtt" and diverge:
-      raise distill.DivergenceError("distillation loss became nan at iteration 7")
     workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.name == "if10_ipc1_mtt" and diverge:
+      raise error("loss became nan at iteration 7")
     report = {"method": cell_config.method, "ipc": cell_config.distill.ipc, "test_acc_mean": 50.0,
               "test_acc_std": 1.0, "wall_seconds": 2.0, "num_images": 10}
     (workdir / "report.json").write_text(json.dumps(report))
   monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
   diverge = True
-  with pytest.raises(errors.DivergedError, match="if10_ipc1_mtt"):
+  with pytest.raises(benchmark.CellsDivergedError, match="if10_ipc1_mtt") as raised:
     benchmark.run_grid(config, tmp_path)
-  assert ran == ["if10_full", "if10_ipc1_random", "if10_ipc1_mtt", "if10_ipc2_random",
-                 "if10_ipc2_mtt"]  # the cells after the failed one still ran
+  # The cells after the failed one still ran; the two-stage cell evaluates the failed cell's
+  # distillation, so it is marked failed too when that diverged, and runs when only its
+  # evaluation did.
+  distill_failed = error is distill.DivergenceError
+  assert ran == ["if10_full", "if10_ipc1_random", "if10_ipc1_mtt"] + (
+      [] if distill_failed else ["if10_ipc1_mtt-two_stage"]) + [
+      "if10_ipc2_random", "if10_ipc2_mtt", "if10_ipc2_mtt-two_stage"]
   assert "nan at iteration 7" in (tmp_path / "if10_ipc1_mtt" / "failed.txt").read_text()
+  assert ("if10_ipc1_mtt-two_stage" in str(raised.value)) == distill_failed
   results = (tmp_path / "results.md").read_text()
-  assert "4 of 5 cells finished" in results and "Diverged (see each cell's failed.txt): if10_ipc1_mtt" in results
+  finished = 5 if distill_failed else 6
+  assert f"{finished} of 7 cells finished" in results
+  assert "Diverged (see each cell's failed.txt): if10_ipc1_mtt" in results
   ran.clear()
-  diverge = False  # e.g. after lowering its image lr: only the failed cell runs again
+  diverge = False  # e.g. after lowering its image lr: only the failed cells run again
   benchmark.run_grid(config, tmp_path)
-  assert ran == ["if10_ipc1_mtt"] and not (tmp_path / "if10_ipc1_mtt" / "failed.txt").exists()
-  assert "5 of 5 cells finished" in (tmp_path / "results.md").read_text()
-  assert "Diverged" not in (tmp_path / "results.md").read_text()
+  assert ran == ["if10_ipc1_mtt"] + (["if10_ipc1_mtt-two_stage"] if distill_failed else [])
+  assert not (tmp_path / "if10_ipc1_mtt" / "failed.txt").exists()
+  results = (tmp_path / "results.md").read_text()
+  assert "7 of 7 cells finished" in results and "Diverged" not in results
   # Experts are shared by a factor's cells: their divergence stops the grid at once.
   def experts_diverge(cell_config, workdir, data=None):
     raise errors.DivergedError("expert training loss became nan at epoch 3")

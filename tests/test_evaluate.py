@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import evaluate_arrays
-from ltdd_jax import evaluate, experts, models, parallel, selection
+from ltdd_jax import checkpoints, evaluate, experts, models, parallel, pipeline, selection
 
 
 def test_metrics_on_known_predictions():
@@ -110,39 +110,101 @@ def test_cross_architecture_rows(tiny, monkeypatch):
   assert ("vgg11", 4) in built  # the second row is a VGG-11 at the cross-architecture width
 
 
-def test_train_networks_resumes_exactly_and_never_from_another_set(tiny, tmp_path, monkeypatch):
+class Interrupted(Exception):
+  """Stands in for a run killed between two epochs."""
+
+
+@pytest.fixture
+def epoch_counter(monkeypatch):
+  """Counts evaluation epochs (list `ran`) and interrupts training after `stop_after[0]` of them."""
+  ran, stop_after, make = [], [None], experts.make_epoch_fn
+  def counting(*args, **kwargs):
+    epoch_fn = make(*args, **kwargs)
+    def counted(*a):
+      if stop_after[0] is not None and len(ran) == stop_after[0]:
+        raise Interrupted
+      ran.append(1)
+      return epoch_fn(*a)
+    return counted
+  monkeypatch.setattr(experts, "make_epoch_fn", counting)
+  return ran, stop_after
+
+
+def test_train_networks_resumes_exactly_and_never_another_evaluation(tiny, tmp_path,
+                                                                      epoch_counter):
   config, data, _ = tiny
+  ran, stop_after = epoch_counter
   protocol = dataclasses.replace(evaluate.Protocol.from_config(config), checkpoint_seconds=0)
   model = models.make_classifier(config.model, data.num_classes)
   mesh = parallel.make_mesh(1)
   images, labels = data.train_images[:30], data.train_labels[:30]
   labelled = evaluate.LabelledSet(images, labels, labels, 0.01, 4, 3, "random")
-  epochs_run, make = [], experts.make_epoch_fn
-  def counting(*args, **kwargs):
-    epoch_fn = make(*args, **kwargs)
-    return lambda *a: epochs_run.append(1) or epoch_fn(*a)
-  monkeypatch.setattr(experts, "make_epoch_fn", counting)
 
-  def train(train_set, checkpoint_dir=None):
-    epochs_run.clear()
+  def train(train_set, checkpoint_dir=None, stop=None, protocol=protocol):
+    ran.clear()
+    stop_after[0] = stop
     params = evaluate.train_networks(protocol, model, train_set, data.num_classes, 0, mesh,
                                      checkpoint_dir=checkpoint_dir)
-    return params, len(epochs_run)
+    return params, len(ran)
 
   reference, _ = train(labelled)
   saved = tmp_path / "state"
-  first, ran = train(labelled, saved)  # saves after epochs 1..3 (the last save is kept)
-  assert ran == 4
-  resumed, ran = train(labelled, saved)  # as if stopped during epoch 4: one epoch left
-  assert ran == 1
-  for params in (first, resumed):
-    chex.assert_trees_all_close(params, reference, rtol=1e-5, atol=1e-6)
-  # A save made for another set (here: another lr) is discarded, not resumed.
+  with pytest.raises(Interrupted):
+    train(labelled, saved, stop=2)  # killed after epoch 2 (saved then: checkpoint_seconds=0)
+  resumed, ran_after = train(labelled, saved)
+  assert ran_after == 2
+  chex.assert_trees_all_equal(resumed, reference)
+  finished, ran_after = train(labelled, saved)  # trained networks are saved too: nothing to run
+  assert ran_after == 0
+  chex.assert_trees_all_equal(finished, reference)
+  # Another set (here: another lr) or another recipe (weight decay) never resumes this save.
   other = dataclasses.replace(labelled, lr=0.02)
   fresh, _ = train(other)
-  again, ran = train(other, saved)
-  assert ran == 4
-  chex.assert_trees_all_close(again, fresh, rtol=1e-5, atol=1e-6)
+  again, ran_after = train(other, saved)
+  assert ran_after == 4
+  chex.assert_trees_all_equal(again, fresh)
+  _, ran_after = train(other, saved, protocol=dataclasses.replace(protocol, weight_decay=0.0))
+  assert ran_after == 4
+
+
+def test_diverging_evaluation_stops_at_once_and_saves_nothing_non_finite(tiny, tmp_path):
+  config, data, _ = tiny
+  protocol = dataclasses.replace(evaluate.Protocol.from_config(config), checkpoint_seconds=0)
+  model = models.make_classifier(config.model, data.num_classes)
+  images, labels = data.train_images[:30], data.train_labels[:30]
+  labelled = evaluate.LabelledSet(images, labels, labels, 1e9, 6, 3, "random")
+  # The loss is taken before each update: the state goes non-finite while the loss is finite.
+  with pytest.raises(evaluate.EvaluationDivergedError, match="diverged at epoch"):
+    evaluate.train_networks(protocol, model, labelled, data.num_classes, 0, parallel.make_mesh(1),
+                            checkpoint_dir=tmp_path)
+  store = checkpoints.Checkpoints(tmp_path)
+  saved = [] if store.latest_step() is None else [store.restore_any(store.latest_step())]
+  assert evaluate.all_finite(saved)
+
+
+def test_stage_evaluate_resumes_a_two_stage_evaluation(tiny, tmp_path, epoch_counter):
+  config, data, _ = tiny
+  ran, stop_after = epoch_counter
+  config = config.copy_and_resolve_references()
+  config.method, config.evaluate.checkpoint_seconds = "random+two_stage", 0.0
+
+  def evaluate_in(workdir, stop=None):
+    ran.clear()
+    stop_after[0] = stop
+    ctx = pipeline.setup(config, workdir, data)
+    return pipeline.stage_evaluate(ctx, "random", two_stage=True)
+
+  reference = evaluate_in(tmp_path / "whole")
+  total = len(ran)
+  assert total > 2 * config.evaluate.epochs  # the group networks, then each group's
+  with pytest.raises(Interrupted):
+    evaluate_in(tmp_path / "resumed", stop=config.evaluate.epochs + 2)
+  resumed = evaluate_in(tmp_path / "resumed")
+  # The group networks were trained and the next ones had 2 epochs: neither runs again.
+  assert len(ran) == total - config.evaluate.epochs - 2
+  assert resumed["per_class_acc"] == reference["per_class_acc"]
+  assert resumed["group_acc"] == reference["group_acc"]
+  assert not (tmp_path / "resumed" / "evaluate_ckpt").exists()
 
 
 def test_saved_evaluation_state_of_other_shapes_or_corrupt_is_discarded(tmp_path):
