@@ -68,33 +68,36 @@ def cell_config(config, factor: float, ipc: int | None, method: str, workdir: pa
   return c
 
 
+def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None,
+                    method: str) -> pathlib.Path | None:
+  """The cell whose set `X+two_stage` evaluates (X's, same factor and IPC); None for others."""
+  base, plugins = pipeline.parse_method(method)
+  return workdir / cell_name(factor, ipc, base) if plugins == ("two_stage",) else None
+
+
 def reuse_distillation(workdir: pathlib.Path, factor: float, ipc: int | None, method: str,
                        cell: pathlib.Path) -> None:
   """`X+two_stage` evaluates the set X distils: copy X's finished distillation checkpoints, so the
   cell's distillation resumes at its last iteration instead of running again."""
-  base, plugins = pipeline.parse_method(method)
-  source = workdir / cell_name(factor, ipc, base) / "distill_ckpt"
-  if plugins != ("two_stage",) or not (source.parent / "synthetic.npz").exists():
+  source = distilling_cell(workdir, factor, ipc, method)
+  if source is None or not (source / "synthetic.npz").exists():
     return
   if not (cell / "distill_ckpt").exists():
-    shutil.copytree(source, cell / "distill_ckpt")
+    shutil.copytree(source / "distill_ckpt", cell / "distill_ckpt")
 
 
-def diverged_base(workdir: pathlib.Path, factor: float, ipc: int | None, method: str,
-                  cell: pathlib.Path) -> bool:
-  """Whether `X+two_stage`'s distillation (X's own) diverged at X's last attempt: then the cell is
-  marked failed without distilling again."""
-  base, plugins = pipeline.parse_method(method)
-  source = workdir / cell_name(factor, ipc, base)
-  if plugins != ("two_stage",) or not (source / FAILED).exists():
-    return False
-  if distill.DivergenceError.__name__ not in (source / FAILED).read_text():
-    return False
+def diverged(source: pathlib.Path | None) -> bool:
+  """Whether the distillation of `source` (the cell `X+two_stage` takes its set from) diverged at
+  its last attempt: then the two-stage cell is failed without distilling again."""
+  return (source is not None and (source / FAILED).exists()
+          and distill.DivergenceError.__name__ in (source / FAILED).read_text())
+
+
+def record_failure(cell: pathlib.Path, error: str, reason: str) -> None:
+  """Writes `<cell>/failed.txt` (one line) and says so."""
   cell.mkdir(parents=True, exist_ok=True)
-  (cell / FAILED).write_text(f"DivergenceError: evaluates the set of {source.name}, whose "
-                             "distillation diverged.\n")
-  print(f"[benchmark] cell {cell.name} skipped: {source.name} diverged", flush=True)
-  return True
+  (cell / FAILED).write_text(f"{error}: {' '.join(reason.split())}\n")
+  print(f"[benchmark] cell {cell.name} failed: {reason}", flush=True)
 
 
 def run_grid(config, workdir) -> list[dict]:
@@ -116,7 +119,10 @@ def run_grid(config, workdir) -> list[dict]:
       continue
     print(f"[benchmark] cell {i + 1}/{len(grid)}: IF {factor:g} IPC {ipc} {method} "
           f"(elapsed {time.time() - start:.0f}s)", flush=True)
-    if diverged_base(workdir, factor, ipc, method, cell):
+    source = distilling_cell(workdir, factor, ipc, method)
+    if diverged(source):
+      record_failure(cell, distill.DivergenceError.__name__,
+                     f"evaluates the set of {source.name}, whose distillation diverged.")
       continue
     reuse_distillation(workdir, factor, ipc, method, cell)
     cell_cfg = cell_config(config, factor, ipc, method, workdir)
@@ -126,10 +132,7 @@ def run_grid(config, workdir) -> list[dict]:
     try:
       pipeline.run_pipeline(cell_cfg, cell, data=data)
     except CELL_ERRORS as e:  # This cell's settings, not the grid's: record it and go on.
-      cell.mkdir(parents=True, exist_ok=True)
-      reason = " ".join(str(e).split())
-      (cell / FAILED).write_text(f"{type(e).__name__}: {reason}\n")
-      print(f"[benchmark] cell {cell.name} failed: {e}", flush=True)
+      record_failure(cell, type(e).__name__, str(e))
   rows = collect(workdir, grid)
   failed = failed_cells(workdir, grid)
   write_tables(workdir, rows, len(grid), failed)

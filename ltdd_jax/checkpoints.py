@@ -43,15 +43,20 @@ class Checkpoints:
     self._manager.wait_until_finished()
 
   def restore(self, step: int, like: Any) -> Any:
-    """Restores `step` into the structure (shapes, dtypes) of `like`; numpy leaves."""
+    """Restores `step` into the structure (shapes, dtypes) of `like`; numpy leaves. Orbax hands
+    back a saved array whatever shape it is asked for, so other shapes are an error here."""
+    advice = ("It is corrupt or from a different config: delete that step folder to resume from "
+              "an earlier one, or use a fresh --workdir.")
     try:
       out = self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
     except Exception as e:  # orbax raises many types for truncated/corrupt/mismatched files.
-      raise CheckpointError(
-          f"Checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: {e}). It is "
-          "corrupt or from a different config: delete that step folder to resume from an earlier "
-          "one, or use a fresh --workdir.") from e
-    return jax.tree.map(np.asarray, out)
+      raise CheckpointError(f"Checkpoint {self.directory}/{step} cannot be restored "
+                            f"({type(e).__name__}: {e}). {advice}") from e
+    out = jax.tree.map(np.asarray, out)
+    if jax.tree.map(np.shape, out) != jax.tree.map(np.shape, like):
+      raise CheckpointError(f"Checkpoint {self.directory}/{step} holds arrays of other shapes "
+                            f"than this run's. {advice}")
+    return out
 
   def restore_any(self, step: int) -> Any:
     """Restores `step` with the structure stored in the checkpoint itself (numpy leaves)."""

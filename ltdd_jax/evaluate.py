@@ -201,16 +201,7 @@ def set_fingerprint(train_set: LabelledSet, seed: int, num_models: int, recipe: 
 
 def training_recipe(model, spec: training.TrainSpec, dsa) -> str:
   """Everything besides the set that decides what evaluation networks become, as text."""
-  dsa = dsa.to_dict() if hasattr(dsa, "to_dict") else dsa
-  return f"{model!r}|{spec!r}|{json.dumps(dsa, sort_keys=True, default=str)}"
-
-
-def same_shapes(tree, like) -> bool:
-  """Whether two pytrees have one structure and the same leaf shapes (orbax restores a saved array
-  whatever shape it is asked for)."""
-  shapes = lambda t: jax.tree.map(np.shape, t)
-  return (jax.tree.structure(tree) == jax.tree.structure(like)
-          and shapes(tree) == shapes(like))
+  return f"{model!r}|{spec!r}|{json.dumps(dsa.to_dict(), sort_keys=True, default=str)}"
 
 
 def open_state(checkpoint_dir: pathlib.Path, state, fingerprint: np.ndarray):
@@ -224,10 +215,8 @@ def open_state(checkpoint_dir: pathlib.Path, state, fingerprint: np.ndarray):
   try:
     saved = store.restore(step, {"state": state, "fingerprint": fingerprint})
     reason = "it was saved by another evaluation"
-  except checkpoints.CheckpointError as e:
-    saved, reason = None, f"unreadable: {type(e.__cause__).__name__}"
-  if saved is not None and not same_shapes(saved["state"], state):
-    saved, reason = None, "its networks have other shapes"
+  except checkpoints.CheckpointError as e:  # unreadable, or networks of other shapes
+    saved, reason = None, str(e).split(". ")[0]
   if saved is not None and np.array_equal(saved["fingerprint"], fingerprint):
     return store, step, saved["state"]
   logging.warning("Evaluation state in %s not resumed (%s); training from epoch 0.",
