@@ -75,11 +75,10 @@ def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None,
   return workdir / cell_name(factor, ipc, base) if plugins == ("two_stage",) else None
 
 
-def reuse_distillation(workdir: pathlib.Path, factor: float, ipc: int | None, method: str,
-                       cell: pathlib.Path) -> None:
-  """`X+two_stage` evaluates the set X distils: copy X's finished distillation checkpoints, so the
-  cell's distillation resumes at its last iteration instead of running again."""
-  source = distilling_cell(workdir, factor, ipc, method)
+def reuse_distillation(source: pathlib.Path | None, cell: pathlib.Path) -> None:
+  """`X+two_stage` evaluates the set X distils (`source`, from `distilling_cell`): copy X's finished
+  distillation checkpoints, so the cell's distillation resumes at its last iteration instead of
+  running again."""
   if source is None or not (source / "synthetic.npz").exists():
     return
   if not (cell / "distill_ckpt").exists():
@@ -124,7 +123,7 @@ def run_grid(config, workdir) -> list[dict]:
       record_failure(cell, distill.DivergenceError.__name__,
                      f"evaluates the set of {source.name}, whose distillation diverged.")
       continue
-    reuse_distillation(workdir, factor, ipc, method, cell)
+    reuse_distillation(source, cell)
     cell_cfg = cell_config(config, factor, ipc, method, workdir)
     if factor != data_factor:
       data_factor, data = factor, dataset_lib.load_dataset(cell_cfg.data, cell_cfg.seed)

@@ -215,8 +215,8 @@ def open_state(checkpoint_dir: pathlib.Path, state, fingerprint: np.ndarray):
   try:
     saved = store.restore(step, {"state": state, "fingerprint": fingerprint})
     reason = "it was saved by another evaluation"
-  except checkpoints.CheckpointError as e:  # unreadable, or networks of other shapes
-    saved, reason = None, str(e).split(". ")[0]
+  except checkpoints.CheckpointError as e:
+    saved, reason = None, f"unreadable or of other shapes: {e}"
   if saved is not None and np.array_equal(saved["fingerprint"], fingerprint):
     return store, step, saved["state"]
   logging.warning("Evaluation state in %s not resumed (%s); training from epoch 0.",

@@ -37,13 +37,16 @@ def test_two_stage_cell_reuses_the_base_distillation(tmp_path):
   base = tmp_path / benchmark.cell_name(10.0, 2, "mtt")
   (base / "distill_ckpt" / "200").mkdir(parents=True)
   cell = tmp_path / benchmark.cell_name(10.0, 2, "mtt+two_stage")
-  benchmark.reuse_distillation(tmp_path, 10.0, 2, "mtt+two_stage", cell)
+  benchmark.reuse_distillation(
+      benchmark.distilling_cell(tmp_path, 10.0, 2, "mtt+two_stage"), cell)
   assert not (cell / "distill_ckpt").exists(), "an unfinished base cell is not reused"
   (base / "synthetic.npz").write_bytes(b"")
-  benchmark.reuse_distillation(tmp_path, 10.0, 2, "mtt+two_stage", cell)
+  benchmark.reuse_distillation(
+      benchmark.distilling_cell(tmp_path, 10.0, 2, "mtt+two_stage"), cell)
   assert (cell / "distill_ckpt" / "200").is_dir()
   other = tmp_path / benchmark.cell_name(10.0, 2, "mtt+hierarchical")
-  benchmark.reuse_distillation(tmp_path, 10.0, 2, "mtt+hierarchical", other)
+  benchmark.reuse_distillation(
+      benchmark.distilling_cell(tmp_path, 10.0, 2, "mtt+hierarchical"), other)
   assert not other.exists()
 
 
