@@ -18,16 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import common
-from ltdd_jax import matching, models, training
+from ltdd_jax import models
+from ltdd_jax.core import ensemble, matching
+from timing import best_of
 
 
 def meta_grad_fn(impl, width, syn_steps, num_images):
-  cfg = common.base_config()
-  cfg.model.width, cfg.model.conv_impl = width, impl
-  model = models.make_classifier(cfg.model, 10)
-  apply_fn = training.make_apply(model)
-  spec = matching.InnerSpec(syn_steps=syn_steps, batch_syn=num_images, dsa=False)
+  model = models.make_classifier(models.ModelSpec(width=width, conv_impl=impl), 10)
+  student = matching.Student(ensemble.make_apply(model),
+                             matching.InnerSpec(syn_steps=syn_steps, batch_syn=num_images))
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   target = jax.tree.map(lambda p: p + 0.01, params)
   labels = jnp.arange(num_images) % 10
@@ -35,7 +34,8 @@ def meta_grad_fn(impl, width, syn_steps, num_images):
   @jax.jit
   def fn(images):
     return jax.grad(lambda x: matching.trajectory_matching_loss(
-        apply_fn, spec, cfg.dsa, x, labels, jnp.float32(0.01), params, target,
+        student, {"images": x, "targets": labels, "lr": jnp.float32(0.01)},
+        {"start": params, "target": target},
         jax.random.key(1)))(images)
   return fn
 
@@ -56,10 +56,8 @@ def measure(impl, args):
 
 def first_order_fns(impl, width, batch):
   """(one SGD-gradient step, one forward pass) of a ConvNet-3 on `batch` images, jitted."""
-  cfg = common.base_config()
-  cfg.model.width, cfg.model.conv_impl = width, impl
-  model = models.make_classifier(cfg.model, 10)
-  apply_fn = training.make_apply(model)
+  model = models.make_classifier(models.ModelSpec(width=width, conv_impl=impl), 10)
+  apply_fn = ensemble.make_apply(model)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   labels = jnp.arange(batch) % 10
 
@@ -70,16 +68,6 @@ def first_order_fns(impl, width, batch):
   train = jax.jit(lambda x: jax.grad(loss)(params, x))
   forward = jax.jit(lambda x: apply_fn(params, x))
   return train, forward
-
-
-def best_seconds(fn, x, repeats):
-  jax.block_until_ready(fn(x))  # compile
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    times.append(time.perf_counter() - t)
-  return min(times)
 
 
 def main():
@@ -100,8 +88,8 @@ def main():
   print(f"max |grad_im2col - grad_xla| = {diff:.3e} (max |grad| {scale:.3e})")
   print(f"ratio={results['xla'][1] / results['im2col'][1]:.2f}")
   x = jax.random.normal(jax.random.key(3), (args.batch, 32, 32, 3))
-  first = {impl: [best_seconds(fn, x, args.repeats) for fn in first_order_fns(impl, args.width,
-                                                                              args.batch)]
+  first = {impl: [best_of(lambda fn=fn: jax.block_until_ready(fn(x)), args.repeats)
+                  for fn in first_order_fns(impl, args.width, args.batch)]
            for impl in ("im2col", "xla")}
   for impl, (train_s, forward_s) in first.items():
     print(f"{impl:7s} batch {args.batch}: training step {train_s:7.3f}s  forward {forward_s:7.3f}s")

@@ -26,7 +26,8 @@ def main():
   parser.add_argument("--workdir", default="/tmp/ltdd_expert_probe")
   args = parser.parse_args()
   from configs import cifar10_lt  # pylint: disable=g-import-not-at-top
-  from ltdd_jax import experts, models, pipeline, training  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.methods import analysis  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
   c = cifar10_lt.get_config(f"profile=cpu,source=folder,imbalance_factor={args.imbalance_factor}")
   c.experts.num_experts, c.experts.epochs, c.experts.lr = args.experts, args.epochs, args.lr
   c.model.width = args.width
@@ -36,18 +37,14 @@ def main():
   ctx = pipeline.setup(c, workdir)
   workdir, data = ctx.workdir, ctx.data
   start = time.time()
-  expert_set = experts.train_experts(c, data, workdir / "experts" / "flat", ctx.mesh)
+  expert_set, _ = pipeline.stage_experts(ctx)
   seconds = time.time() - start
-  model = models.make_classifier(c.model, data.num_classes)
   out = {}
   for epoch in sorted(set(range(0, args.epochs + 1, 5)) | {args.epochs}):
-    logits = training.model_logits(model, expert_set.at_epoch(epoch), data.val_images,
-                                   c.evaluate.test_batch_size, c.model.ensemble_impl)
-    pred = logits.argmax(-1)
-    per_class = [float(100 * (pred[:, data.val_labels == k] == k).mean())
-                 for k in range(data.num_classes)]
-    out[epoch] = {"val_acc": float(100 * (pred == data.val_labels[None]).mean()),
-                  "per_class": per_class}
+    per_class = analysis.expert_per_class_accuracy(
+        expert_set, data.val_images, data.val_labels, epoch, c.evaluate.test_batch_size).mean(0)
+    # The validation split is balanced: the mean of per-class accuracy is the accuracy.
+    out[epoch] = {"val_acc": float(per_class.mean()), "per_class": per_class.tolist()}
     print(f"epoch {epoch:3d}: {out[epoch]['val_acc']:.1f}%  per class "
           f"{[round(x) for x in per_class]}", flush=True)
   print(f"training {args.experts} experts x {args.epochs} epochs took {seconds:.0f}s")

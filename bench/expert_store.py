@@ -26,50 +26,62 @@ def write_store(path, experts, epochs, width):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import common  # pylint: disable=g-import-not-at-top
-  from ltdd_jax import checkpoints, models, reporting  # pylint: disable=g-import-not-at-top
+  from ltdd_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.methods import experts as experts_lib  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(path, "meta.json")):
     return
-  cfg = common.base_config().model
-  cfg.width = width
-  model = models.make_classifier(cfg, 10)
+  model = models.make_classifier(models.ModelSpec(width=width), 10)
   params = jax.tree.map(np.asarray, model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
   rng = np.random.default_rng(0)
   for k in range(experts):
     for e in range(epochs + 1):
       step = jax.tree.map(lambda x: (x + 0.01 * e * rng.standard_normal(x.shape)).astype(x.dtype),
                           params)
-      checkpoints.save_tree(os.path.join(path, "trajectories", f"expert_{k:03d}",
-                                         f"epoch_{e:04d}"), step)
-  reporting.write_json(os.path.join(path, "meta.json"), {
-      "num_experts": experts, "epochs": epochs, "classes": [], "num_classes": 10,
-      "layout": "per_epoch", "label_map": None})
+      checkpoints.save_tree(experts_lib.trajectory_path(path, k, e), step)
+  experts_lib.write_meta(path, experts_lib.Labelling(10), experts, epochs)
+
+
+class InMemory:
+  """The eager baseline: every (expert, epoch) read into memory up front."""
+
+  def __init__(self, expert_set):
+    self.num_experts, self.num_epochs = expert_set.num_experts, expert_set.epochs
+    self.trees = {(k, e): expert_set.load_epoch(k, e) for k in range(self.num_experts)
+                  for e in range(self.num_epochs + 1)}
+
+  def get(self, k, epoch):
+    return self.trees[(k, epoch)]
 
 
 def child(mode, path, width, iterations):
+  import dataclasses  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
-  from ltdd_jax import distill, experts, models, parallel, training  # pylint: disable=g-import-not-at-top
+  from ltdd_jax import models, parallel, reporting  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.methods import distill, experts  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import specs  # pylint: disable=g-import-not-at-top
   config = common.base_config()
   config.model.width = width
   config.distill.syn_steps, config.distill.batch_syn = 10, 100
-  expert_set = experts.ExpertSet.open(path)
+  expert_set = experts.ExpertSet.open(path, models.make_classifier(specs.model(config), 10))
+  config.distill.iterations, config.distill.log_every = iterations + 1, 1
+  config.distill.max_start_epoch, config.distill.expert_epochs = expert_set.epochs - 2, 2
+  method = specs.method(config)
+  source = distill.ExpertSource(expert_set, None, np.arange(10), np.ones(10))
+  objective = distill.make_objective(source, specs.matching_options(config, method))
   t0 = time.perf_counter()
-  trajectories = (experts.StackedTrajectories(expert_set.load_all()) if mode == "eager"
-                  else experts.TrajectoryReader(expert_set))
+  trajectories = InMemory(expert_set) if mode == "eager" else experts.TrajectoryReader(expert_set)
   load_seconds = time.perf_counter() - t0
-  model = models.make_classifier(config.model, 10)
-  objective = distill.MatchingObjective(trajectories, training.make_apply(model),
-                                        np.arange(10), 10)
+  objective = dataclasses.replace(objective, experts=trajectories)
   syn = {"images": np.random.default_rng(0).normal(size=(100, 32, 32, 3)).astype(np.float32),
          "labels": np.repeat(np.arange(10), 10).astype(np.int32),
          "log_lr": np.float32(np.log(0.01))}
-  config.distill.iterations, config.distill.log_every = iterations + 1, 1
-  config.distill.max_start_epoch, config.distill.expert_epochs = expert_set.epochs - 2, 2
   workdir = tempfile.mkdtemp()
-  distill.run_distillation(config, None, [objective], [1.0], syn, workdir,
-                           parallel.make_mesh(config.mesh.num_devices))
-  seconds = [json.loads(line)["seconds"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  metrics = reporting.MetricsWriter(workdir)
+  distill.run_distillation(specs.distill_spec(config, method), [objective], syn,
+                           os.path.join(workdir, "distill_ckpt"),
+                           parallel.make_mesh(config.mesh.num_devices), metrics=metrics)
+  seconds = [line["seconds"] for line in metrics.lines()]
   times = np.diff(seconds)  # iteration 0 compiles
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
   print(json.dumps({"mode": mode, "peak_rss_gib": rss, "load_seconds": load_seconds,

@@ -3,12 +3,13 @@
   python bench/experts.py [--experts 8 --epochs 2 --images 2048 --width 32]
 
 Same data (random CIFAR-shaped images), same epochs and per-expert keys; compile time is excluded
-(every program is warmed up first). Then the ensemble's test-time logits (`training.predict`) with
+(every program is warmed up first). Then the ensemble's test-time logits (`ensemble.predict`) with
 vmap vs lax.map. The last lines are `speedup=<sequential/vmap>`, `speedup_map=<sequential/map>` and
 `predict_map_speedup=<vmap/map>`: what `model.ensemble_impl=auto` picks per backend rests on them.
 """
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -16,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar10_lt
-from ltdd_jax import experts, models, training
+from ltdd_jax.core import ensemble
+from ltdd_jax.methods import experts
+from ltdd_jax.run import specs
 
 
 def main():
@@ -31,38 +34,35 @@ def main():
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(args.images, 32, 32, 3)).astype(np.float32))
   labels = jnp.asarray(rng.integers(0, 10, args.images).astype(np.int32))
-  model = models.make_classifier(config.model, 10)
-  spec = experts.expert_spec(config.experts, np.asarray(labels), 10)
-  fns = {impl: experts.make_epoch_fn(training.make_apply(model), spec, config.dsa, 10, impl)
-         for impl in ("vmap", "map")}
+  recipe = experts.recipe(specs.expert_spec(config), np.asarray(labels), 10)
+  recipe = dataclasses.replace(recipe, num_models=args.experts)
+  model, spec = recipe.model, recipe.train
+  fns = {impl: ensemble.epoch_program(model, spec, impl) for impl in ("vmap", "map")}
   fn = fns["vmap"]
-  params = training.init_ensemble(model, jax.random.key(0), args.experts, (32, 32, 3))
-  velocity = jax.tree.map(jnp.zeros_like, params)
+  states = ensemble.init_states(recipe, (32, 32, 3))
+  data = {"images": images, "targets": labels, "labels": labels}
   lr = jnp.float32(config.experts.lr)
   keys = lambda e: jax.random.split(jax.random.key(e), args.experts)
 
   def together(impl):
-    p, v = params, velocity
+    s = states
     for e in range(args.epochs):
-      p, v, loss = fns[impl](p, v, keys(e), lr, images, labels, labels)
-    return jax.block_until_ready(p)
+      s, loss = fns[impl](s, keys(e), lr, data)
+    return jax.block_until_ready(s["params"])
 
   def sequential():
     out = []
     for k in range(args.experts):
-      p = jax.tree.map(lambda x: x[k:k + 1], params)
-      v = jax.tree.map(lambda x: x[k:k + 1], velocity)
+      s = jax.tree.map(lambda x: x[k:k + 1], states)
       for e in range(args.epochs):
-        p, v, loss = fn(p, v, keys(e)[k:k + 1], lr, images, labels, labels)
-      out.append(p)
+        s, loss = fn(s, keys(e)[k:k + 1], lr, data)
+      out.append(s["params"])
     return jax.block_until_ready(out)
 
   # Warm-up: compile both shapes (K and 1) on one epoch.
   for f in fns.values():
-    jax.block_until_ready(f(params, velocity, keys(0), lr, images, labels, labels))
-  one = lambda x: x[:1]
-  jax.block_until_ready(fn(jax.tree.map(one, params), jax.tree.map(one, velocity), keys(0)[:1],
-                           lr, images, labels, labels))
+    jax.block_until_ready(f(states, keys(0), lr, data))
+  jax.block_until_ready(fn(jax.tree.map(lambda x: x[:1], states), keys(0)[:1], lr, data))
   t = time.perf_counter()
   batched = together("vmap")
   t_vmapped = time.perf_counter() - t
@@ -81,9 +81,9 @@ def main():
                  for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(mapped)))
   predict_seconds = {}
   for impl in ("vmap", "map"):
-    training.predict(model, batched, np.asarray(images[:1000]), 1000, impl)  # compile
+    ensemble.predict(model, batched, np.asarray(images[:1000]), 1000, impl)  # compile
     t = time.perf_counter()
-    training.predict(model, batched, np.asarray(images), 1000, impl)
+    ensemble.predict(model, batched, np.asarray(images), 1000, impl)
     predict_seconds[impl] = time.perf_counter() - t
   print(f"vmap {t_vmapped:.2f}s  map {t_mapped:.2f}s  sequential {t_sequential:.2f}s  "
         f"max param diff {diff:.2e} (map vs vmap {map_diff:.2e})")

@@ -13,7 +13,7 @@ for f in 100 10; do
   for init in torch flax; do
     experts=()
     if [ "$init" = torch ]; then experts=(--config.experts.directory="$W/grid/if${f}_experts"); fi
-    python -m launch.buffer --config="$CFG,imbalance_factor=$f" --config.model.init=$init \
+    python -m launch.experts --config="$CFG,imbalance_factor=$f" --config.model.init=$init \
       "${experts[@]}" --workdir="$W/experts_${init}_if$f" | tail -2
   done
 done

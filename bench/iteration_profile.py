@@ -21,23 +21,16 @@ peak (`--peak_gflops`, 157 for the 2-core Zen 3 development machine).
 """
 
 import argparse
+import dataclasses
 import os
-import pathlib
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
-
-def best_of(fn, repeats: int) -> float:
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
+from timing import best_of  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main():
@@ -53,43 +46,49 @@ def main():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import cifar10_lt  # pylint: disable=g-import-not-at-top
-  from ltdd_jax import checkpoints, experts, matching, models, training  # pylint: disable=g-import-not-at-top
-  from ltdd_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from ltdd_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.core import augment, ensemble, matching  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.methods import experts  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import specs  # pylint: disable=g-import-not-at-top
 
   c = cifar10_lt.get_config(f"profile={args.profile},source=folder,ipc=10")
   d = c.distill
-  model = models.make_classifier(c.model, 10)
-  apply_fn = training.make_apply(model)
+  inner = specs.inner(c)  # the profile's student: syn_steps, batch_syn, remat, DSA
+  dsa = specs.dsa(c, True)
+  model = models.make_classifier(specs.model(c), 10)
+  apply_fn = ensemble.make_apply(model)
   n = 10 * d.ipc
   images = jax.random.normal(jax.random.key(1), (n, 32, 32, 3))
   labels = jnp.arange(n) % 10
   lr = jnp.float32(d.syn_lr_init)
-  if args.experts:
-    store = experts.ExpertSet.open(args.experts)
-  else:  # A small synthetic store with the profile's parameter shapes.
-    root = tempfile.mkdtemp()
+  if not args.experts:  # A small synthetic store with the profile's parameter shapes.
+    args.experts = tempfile.mkdtemp()
     params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     for e in range(4):
-      checkpoints.save_tree(f"{root}/trajectories/expert_000/epoch_{e:04d}",
+      checkpoints.save_tree(experts.trajectory_path(args.experts, 0, e),
                             jax.tree.map(lambda p, e=e: np.asarray(p) + 0.01 * e, params))
-    store = experts.ExpertSet(pathlib.Path(root), 1, 3, (), 10)
+    experts.write_meta(args.experts, experts.Labelling(10), 1, 3)
+  store = experts.ExpertSet.open(args.experts, model)
   start = store.load_epoch(0, 0)
   target = store.load_epoch(0, min(store.epochs, d.expert_epochs))
 
-  def grad_fn(dsa: bool, syn_steps: int = d.syn_steps, remat: bool = d.remat,
-              policy: str = d.remat_policy):
-    spec = matching.InnerSpec(syn_steps, d.batch_syn, remat=remat, remat_policy=policy, dsa=dsa)
-    return jax.jit(jax.grad(lambda x, l: matching.trajectory_matching_loss(
-        apply_fn, spec, c.dsa, x, labels, l, start, target, jax.random.key(2)), argnums=(0, 1)))
+  def loss(spec, x, l):
+    return matching.trajectory_matching_loss(matching.Student(apply_fn, spec),
+                                             {"images": x, "targets": labels, "lr": l},
+                                             {"start": start, "target": target}, jax.random.key(2))
 
-  spec = matching.InnerSpec(d.syn_steps, d.batch_syn, dsa=d.dsa)
-  forward = jax.jit(lambda x, l: matching.trajectory_matching_loss(
-      apply_fn, spec, c.dsa, x, labels, l, start, target, jax.random.key(2)))
+  def grad_fn(with_dsa: bool, syn_steps: int = d.syn_steps, remat: bool = d.remat,
+              policy: str = d.remat_policy):
+    spec = dataclasses.replace(inner, syn_steps=syn_steps, remat=remat, remat_policy=policy,
+                               augment=inner.augment if with_dsa else None)
+    return jax.jit(jax.grad(lambda x, l: loss(spec, x, l), argnums=(0, 1)))
+
+  forward = jax.jit(lambda x, l: loss(inner, x, l))
   update = grad_fn(d.dsa)
   no_dsa = grad_fn(False)
   batch = min(d.batch_syn, n)
   dsa_alone = jax.jit(lambda x, k: jax.lax.map(
-      lambda kk: augment.augment(kk, x[:batch], c.dsa).sum(), jax.random.split(k, d.syn_steps)))
+      lambda kk: augment.augment(kk, x[:batch], dsa).sum(), jax.random.split(k, d.syn_steps)))
 
   # XLA counts a loop body once, whatever its trip count: count one inner step (a one-step scan,
   # which XLA unrolls) and multiply.

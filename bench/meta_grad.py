@@ -58,22 +58,22 @@ def _timed(fn, repeats, prepare_s=0.0):
 def worker_jax(args):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from configs import common  # pylint: disable=g-import-not-at-top
-  from ltdd_jax import matching, models, training  # pylint: disable=g-import-not-at-top
-  cfg = common.base_config()
-  cfg.model.width, cfg.model.depth = args.width, 3
-  model = models.make_classifier(cfg.model, 10)
-  apply_fn = training.make_apply(model)
-  spec = matching.InnerSpec(syn_steps=args.syn_steps, batch_syn=args.batch_syn, dsa=False,
+  from ltdd_jax import models  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.core import ensemble, matching  # pylint: disable=g-import-not-at-top
+  model = models.make_classifier(models.ModelSpec(width=args.width, depth=3), 10)
+  spec = matching.InnerSpec(syn_steps=args.syn_steps, batch_syn=args.batch_syn,
                             remat=args.remat_policy != "none",
                             remat_policy=("nothing_saveable" if args.remat_policy == "none"
                                           else args.remat_policy))
+  student = matching.Student(ensemble.make_apply(model), spec)
   start = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   target = jax.tree.map(lambda p: p + 0.01, start)
   images = jax.random.normal(jax.random.key(1), (args.images, 32, 32, 3))
   labels = jnp.arange(args.images) % 10
   grad = jax.jit(jax.grad(lambda x, lr: matching.trajectory_matching_loss(
-      apply_fn, spec, cfg.dsa, x, labels, lr, start, target, jax.random.key(2)), argnums=(0, 1)))
+      student, {"images": x, "targets": labels, "lr": lr}, {"start": start, "target": target},
+      jax.random.key(2)),
+      argnums=(0, 1)))
   lr = jnp.float32(0.01)
   t = time.perf_counter()
   compiled = grad.lower(images, lr).compile()

@@ -53,7 +53,8 @@ def main():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import cifar10_lt  # pylint: disable=g-import-not-at-top
-  from ltdd_jax import distill, hierarchical, pipeline, synthetic  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.methods import synthetic  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
   c = cifar10_lt.get_config(f"profile={args.profile},source=folder,"
                             f"imbalance_factor={args.imbalance_factor},method={args.method},"
@@ -67,20 +68,17 @@ def main():
   with tempfile.TemporaryDirectory() as workdir:
     ctx = pipeline.setup(c, workdir)
     expert_set, classifier_set = pipeline.stage_experts(ctx)
-    init, _ = synthetic.initial_synthetic(c, ctx.data, expert_set, classifier_set)
-    if "hierarchical" in args.method:
-      objectives, _ = hierarchical.hierarchical_objectives(
-          c, ctx.data, pipeline.stage_grouping(ctx), ctx.expert_root, ctx.mesh)
+    init, _ = synthetic.initial_synthetic(ctx.specs.init, ctx.data, expert_set, classifier_set)
+    if ctx.method.hierarchical:
+      objectives = pipeline.hierarchical_objectives(ctx, pipeline.stage_grouping(ctx))
     else:
-      objectives = [distill.flat_objective(c, ctx.data, expert_set, classifier_set)]
-  targets = (jax.nn.softmax(init["label_logits"]) if "label_logits" in init
-             else jnp.asarray(init["labels"]))
+      objectives = [pipeline.flat_objective(ctx, expert_set, classifier_set)]
+  targets = synthetic.targets_of({k: jnp.asarray(v) for k, v in init.items()})
   rng = np.random.default_rng(0)
   log_lr = jnp.log(d.syn_lr_init)
   print(f"{args.method}, IF {args.imbalance_factor:g}, IPC {args.ipc}, syn_lr {d.syn_lr_init}, "
         f"{args.pairs} pairs; per term: distance, d distance / d log(syn_lr)")
   for o in objectives:
-    spec = distill.inner_spec(c, o)
     terms = ("backbone", "classifier") if o.classifier_experts is not None else ("whole",)
     values = {t: [] for t in terms}
     for p in range(args.pairs):
@@ -90,7 +88,8 @@ def main():
             o.ed, backbone_weight=float(term == "backbone"),
             classifier_weight=float(term == "classifier")))
         fn = lambda lr, only=only, pair=pair, p=p: only.loss(
-            spec, c.dsa, init["images"], targets, jnp.exp(lr), pair, jax.random.key(p))
+            {"images": init["images"], "targets": targets, "lr": jnp.exp(lr)}, pair,
+            jax.random.key(p))
         values[term].append([float(x) for x in jax.value_and_grad(fn)(log_lr)])
     line = "  ".join(f"{t} {np.mean(values[t], 0)[0]:.3f} / {np.mean(values[t], 0)[1]:+.3f}"
                      for t in terms)
@@ -98,7 +97,7 @@ def main():
     if o.classifier_experts is not None:
       move = (f"  head move: classifier experts {head_move(o.classifier_experts.expert_set, 0, d.expert_epochs):.3f}"
               f", experts {head_move(o.experts.expert_set, 0, d.expert_epochs):.3f}")
-    print(f"{o.name:9s} syn_steps {spec.syn_steps:2d}  {line}{move}", flush=True)
+    print(f"{o.name:9s} syn_steps {o.syn_steps:2d}  {line}{move}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.profile = "cpu"
-  # mtt | datm | ltdd, or a baseline: random | herding | full. Suffixes (+two_stage, +hierarchical)
-  # are read by launch/pipeline.py.
+  # mtt | datm | ltdd, or a baseline: random | herding | full, with optional plugins
+  # (+two_stage, +hierarchical): ltdd_jax/methods/registry.py.
   c.method = "mtt"
   # Stages (experts, distill, or all) whose outputs in the workdir are discarded and redone when
   # they were made with other config values; by default such a resume fails and names the keys.
@@ -96,7 +96,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.experts.sampling = "instance"     # instance | class_balanced
   c.experts.loss = "ce"               # ce | balanced_softmax
   c.experts.dsa = True
-  c.experts.classes = ()              # a class subset (relabelled 0..k-1); () = all classes
   # Classifier-only re-training (LTDD's classifier experts), run after the main trajectories.
   c.experts.classifier_epochs = 10    # classifier-only re-training epochs (LTDD ED only)
   c.experts.classifier_from_epoch = -1  # -1: the last epoch

@@ -8,7 +8,8 @@ import json
 
 
 from launch import _common
-from ltdd_jax import analysis, evaluate, hierarchical, pipeline
+from ltdd_jax.methods import analysis
+from ltdd_jax.run import pipeline
 
 
 def main(argv):
@@ -18,10 +19,10 @@ def main(argv):
   ctx = pipeline.setup(config, workdir)
   flat, _ = pipeline.stage_experts(ctx)
   grouping = pipeline.stage_grouping(ctx)
-  _, _, within = hierarchical.group_expert_sets(config, ctx.data, grouping, ctx.expert_root,
-                                                ctx.mesh, stage1=False)
-  report = analysis.analyze(evaluate.Protocol.from_config(config), ctx.data, grouping, flat,
-                            {g: s for g, (s, _) in within.items()}, ctx.workdir)
+  sets = pipeline.stage_group_experts(ctx, grouping, stage1=False)
+  within = {g: sets[f"group_{g}"][0] for g in range(grouping.num_groups) if f"group_{g}" in sets}
+  report = analysis.analyze(ctx.data, grouping, flat, within, ctx.workdir,
+                            ctx.specs.protocol.test_batch_size)
   print("groups:", grouping.groups)
   print("flat experts, accuracy vs count:", json.dumps(report["flat"]["pearson_log_count"]))
   for g, r in report["group_experts"].items():

@@ -7,7 +7,7 @@ import pathlib
 
 
 from launch import _common
-from ltdd_jax import benchmark
+from ltdd_jax.run import benchmark
 
 
 def main(argv):

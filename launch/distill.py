@@ -5,7 +5,7 @@
 
 
 from launch import _common
-from ltdd_jax import pipeline
+from ltdd_jax.run import pipeline
 
 
 def main(argv):

@@ -10,7 +10,8 @@ A `+two_stage` (or `+hierarchical`) suffix on --config.method evaluates with the
 from absl import flags
 
 from launch import _common
-from ltdd_jax import evaluate, pipeline
+from ltdd_jax.evaluation import report
+from ltdd_jax.run import pipeline
 
 _SET = flags.DEFINE_string("set", "synthetic", "synthetic[:PATH] | random | herding | full")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation"],
@@ -20,11 +21,9 @@ _SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation"],
 def main(argv):
   del argv
   _common.quiet_libraries()
-  config = _common.CONFIG.value
-  _, plugins = pipeline.parse_method(config.method)
-  ctx = pipeline.setup(config, _common.WORKDIR.value, check_resume=False)
-  report = pipeline.stage_evaluate(ctx, _SET.value, two_stage=bool(plugins), split=_SPLIT.value)
-  print(evaluate.format_report(report))
+  ctx = pipeline.setup(_common.CONFIG.value, _common.WORKDIR.value, check_resume=False)
+  result = pipeline.stage_evaluate(ctx, _SET.value, ctx.method.two_stage, _SPLIT.value)
+  print(report.format_report(result))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 
 from launch import _common
-from ltdd_jax import data_summary
+from ltdd_jax.run import data_summary
 
 
 def main(argv):

@@ -6,14 +6,15 @@
 
 
 from launch import _common
-from ltdd_jax import evaluate, pipeline
+from ltdd_jax.evaluation import report as report_lib
+from ltdd_jax.run import pipeline
 
 
 def main(argv):
   del argv
   _common.quiet_libraries()
   report = pipeline.run_pipeline(_common.CONFIG.value, _common.WORKDIR.value)
-  print(evaluate.format_report(report))
+  print(report_lib.format_report(report))
   print(f"wall time {report['wall_seconds']:.0f}s; outputs in {_common.WORKDIR.value}")
 
 

@@ -6,7 +6,7 @@
 import pathlib
 
 from launch import _common
-from ltdd_jax import tuning
+from ltdd_jax.run import tuning
 
 
 def main(argv):

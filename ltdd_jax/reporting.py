@@ -37,11 +37,6 @@ def write_json(path: str | os.PathLike, value) -> None:
   os.replace(tmp, path)
 
 
-def write_config(workdir: str, config) -> None:
-  """Saves the resolved config as `config.json` in the workdir."""
-  write_json(pathlib.Path(workdir) / "config.json", config.to_dict())
-
-
 class MetricsWriter:
   """Appends one JSON object per line to `metrics.jsonl`."""
 

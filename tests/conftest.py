@@ -40,24 +40,35 @@ def tiny_config(tmp_dir):
   return c
 
 
+def train_flat_experts(config, data, directory, mesh):
+  """The flat expert set of `config` on `data` (what `pipeline.stage_experts` trains), without a
+  run around it."""
+  from ltdd_jax.methods import experts  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import specs  # pylint: disable=g-import-not-at-top
+  recipe = experts.recipe(specs.expert_spec(config), data.train_labels, data.num_classes)
+  return experts.train_experts(recipe, experts.Labelling(data.num_classes), data.train_images,
+                               data.train_labels, directory, mesh)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
   """(config, dataset, expert set) shared by the tests that need trained experts."""
-  from ltdd_jax import experts  # pylint: disable=g-import-not-at-top
-  from ltdd_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  from ltdd_jax import parallel  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("tiny")
   config = tiny_config(root)
-  data = dataset.load_dataset(config.data, config.seed)
-  from ltdd_jax import parallel  # pylint: disable=g-import-not-at-top
-  expert_set = experts.train_experts(config, data, root / "experts" / "flat", parallel.make_mesh(1))
+  data = pipeline.load_dataset(config)
+  expert_set = train_flat_experts(config, data, root / "experts" / "flat", parallel.make_mesh(1))
   return config, data, expert_set
 
 
 def evaluate_arrays(config, data, images, targets, lr, epochs, method="random", ipc=None,
                     split="test"):
-  """`evaluate.evaluate_set` on arrays: the protocol of `config`, one device."""
-  from ltdd_jax import evaluate, parallel  # pylint: disable=g-import-not-at-top
-  labelled = evaluate.LabelledSet(images, evaluate.hard_labels(targets), targets, lr, epochs, ipc,
+  """`protocol.evaluate_set` on arrays: the protocol of `config`, one device."""
+  from ltdd_jax import parallel  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import specs  # pylint: disable=g-import-not-at-top
+  labelled = protocol.LabelledSet(images, protocol.hard_labels(targets), targets, lr, epochs, ipc,
                                   method)
-  return evaluate.evaluate_set(evaluate.Protocol.from_config(config), data, labelled,
-                               seed=config.seed, mesh=parallel.make_mesh(1), split=split)
+  return protocol.evaluate_set(specs.protocol(config), labelled, protocol.HeldOut.of(data, split),
+                               parallel.make_mesh(1))

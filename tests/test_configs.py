@@ -35,7 +35,7 @@ def test_cifar10_cpu_profile_matches_design():
 @pytest.mark.parametrize("name", ["cifar10_lt", "cifar100_lt"])
 @pytest.mark.parametrize("ipc", [1, 10])
 def test_evidence_profile_passes_the_checks(name, ipc):
-  from ltdd_jax import checks  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import checks  # pylint: disable=g-import-not-at-top
   for method in ("mtt", "datm", "ltdd", "ltdd+hierarchical"):
     c = importlib.import_module(f"configs.{name}").get_config(
         f"profile=evidence,source=folder,ipc={ipc},method={method}")
@@ -48,7 +48,7 @@ def test_evidence_profile_passes_the_checks(name, ipc):
 
 
 def test_evidence_grid_has_the_methods_and_full_rows():
-  from ltdd_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import benchmark  # pylint: disable=g-import-not-at-top
   c = importlib.import_module("configs.benchmark").get_config("profile=evidence")
   cells = benchmark.cells(c)
   assert cells[0] == (100.0, None, "full") and cells[1][:2] == (100.0, 10)

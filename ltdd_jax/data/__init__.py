@@ -1,0 +1,1 @@
+"""Long-tailed data: sources, the deterministic LT splits, preprocessing and the assembled Dataset."""

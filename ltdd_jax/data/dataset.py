@@ -11,6 +11,43 @@ from ltdd_jax.data import longtail, preprocess, sources
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Which images a run works on and how they are prepared (`config.data`, DESIGN §1).
+
+  Attributes:
+    dataset: the name reports use.
+    train_source, test_source: `digits | tfds | folder | listfile`; the test source may also be
+      `holdout:K` (K images per class set aside from the training pool).
+    tfds_name: the tfds dataset (tfds sources).
+    train_path, test_path: a folder, .tar.gz or list file (folder and listfile sources).
+    image_root: the folder a list file's paths are relative to ('' : the list's own folder).
+    image_size: folder and listfile images are resized to this.
+    cache_dir: where decoded images and fitted preprocessing are cached.
+    imbalance_factor, imbalance_profile, n_max: the long-tailed profile (`longtail`).
+    validation_per_class: balanced validation images per class, set aside first.
+    normalize, zca, zca_eps: preprocessing (`preprocess`).
+    shot_rule: how classes split into many / medium / few (`longtail.shot_groups`).
+  """
+  dataset: str = "digits"
+  train_source: str = "digits"
+  test_source: str = "digits"
+  tfds_name: str = "cifar10"
+  train_path: str = ""
+  test_path: str = ""
+  image_root: str = ""
+  image_size: int = 32
+  cache_dir: str = "~/.cache/ltdd_jax"
+  imbalance_factor: float = 10.0
+  imbalance_profile: str = "exp"
+  n_max: int = 0
+  validation_per_class: int = 0
+  normalize: bool = True
+  zca: bool = False
+  zca_eps: float = 0.1
+  shot_rule: str = "thirds"
+
+
+@dataclasses.dataclass(frozen=True)
 class Dataset:
   """Model-space arrays of every split plus what is needed to report and to draw.
 
@@ -57,35 +94,35 @@ def parse_holdout(test_source: str) -> int:
   return int(k)
 
 
-def load_dataset(data_config, seed: int) -> Dataset:
-  """Loads, splits and preprocesses the dataset a config names (DESIGN §1).
+def load_dataset(spec: DataSpec, seed: int) -> Dataset:
+  """Loads, splits and preprocesses the dataset a spec names (DESIGN §1).
 
   Args:
-    data_config: `config.data`.
+    spec: the `DataSpec`.
     seed: `config.seed`; fixes which images every split takes.
 
   Returns:
     A `Dataset`.
   """
-  pool = sources.load_pool(data_config.train_source, "train", data_config)
-  holdout = parse_holdout(data_config.test_source)
+  pool = sources.load_pool(spec.train_source, "train", spec)
+  holdout = parse_holdout(spec.test_source)
   split = longtail.split_pool(
-      pool.labels, pool.num_classes, data_config.imbalance_factor,
-      profile=data_config.imbalance_profile, validation_per_class=data_config.validation_per_class,
-      holdout_per_class=holdout, n_max=data_config.n_max, seed=seed)
+      pool.labels, pool.num_classes, spec.imbalance_factor,
+      profile=spec.imbalance_profile, validation_per_class=spec.validation_per_class,
+      holdout_per_class=holdout, n_max=spec.n_max, seed=seed)
   pixels = lambda idx: pool.images[idx].astype(np.float32) / 255.0
   if holdout:
     test_pixels, test_labels = pixels(split.holdout), pool.labels[split.holdout]
   else:
-    test_pool = sources.load_pool(data_config.test_source, "test", data_config)
+    test_pool = sources.load_pool(spec.test_source, "test", spec)
     if test_pool.num_classes != pool.num_classes or test_pool.images.shape[1:] != pool.images.shape[1:]:
       raise errors.InputError(
           f"Train source has {pool.num_classes} classes of {pool.images.shape[1:]} images but the "
           f"test source has {test_pool.num_classes} of {test_pool.images.shape[1:]}; they must match.")
     test_pixels, test_labels = test_pool.images.astype(np.float32) / 255.0, test_pool.labels
-  pre = preprocess.cached_fit(pool.images[split.train], data_config.cache_dir,
-                              normalize=data_config.normalize, zca=data_config.zca,
-                              zca_eps=data_config.zca_eps)
+  pre = preprocess.cached_fit(pool.images[split.train], spec.cache_dir,
+                              normalize=spec.normalize, zca=spec.zca,
+                              zca_eps=spec.zca_eps)
   as_int = lambda x: np.asarray(x, np.int32)
   return Dataset(
       train_images=pre.apply(pixels(split.train)), train_labels=as_int(pool.labels[split.train]),
@@ -93,4 +130,4 @@ def load_dataset(data_config, seed: int) -> Dataset:
       val_labels=as_int(pool.labels[split.validation]),
       test_images=pre.apply(test_pixels), test_labels=as_int(test_labels),
       counts=split.counts, class_names=pool.class_names, preprocessor=pre,
-      name=data_config.dataset, imbalance_factor=float(data_config.imbalance_factor))
+      name=spec.dataset, imbalance_factor=float(spec.imbalance_factor))

@@ -44,13 +44,13 @@ class Pool:
     return len(self.class_names)
 
 
-def load_pool(source: str, split: str, data_config) -> Pool:
+def load_pool(source: str, split: str, spec) -> Pool:
   """Loads one split ("train" or "test") of a source named in the data config.
 
   Args:
     source: one of SOURCES.
     split: "train" or "test"; `folder`/`listfile` read `data.train_path` / `data.test_path`.
-    data_config: the `config.data` ConfigDict.
+    spec: the `dataset.DataSpec` (paths, image size, cache folder).
 
   Returns:
     A `Pool`.
@@ -58,8 +58,8 @@ def load_pool(source: str, split: str, data_config) -> Pool:
   if source == "digits":
     return _digits(split)
   if source == "tfds":
-    return _tfds(data_config.tfds_name, split)
-  path = data_config.train_path if split == "train" else data_config.test_path
+    return _tfds(spec.tfds_name, split)
+  path = spec.train_path if split == "train" else spec.test_path
   if not path:
     raise errors.InputError(f"data.{split}_source={source!r} needs data.{split}_path (a folder, a .tar.gz "
                      "or a list file); it is empty.")
@@ -68,10 +68,10 @@ def load_pool(source: str, split: str, data_config) -> Pool:
     raise errors.MissingError(f"data.{split}_path={path!r} does not exist. Point it at a folder of "
                             "<class>/<image> files, a .tar.gz of such a tree, or a list file.")
   if source == "folder":
-    return _cached(lambda: _folder(path, data_config.image_size), path, data_config, "folder")
+    return _cached(lambda: _folder(path, spec.image_size), path, spec, "folder")
   if source == "listfile":
-    root = os.path.expanduser(data_config.image_root or os.path.dirname(path))
-    return _cached(lambda: _listfile(path, root, data_config.image_size), path, data_config,
+    root = os.path.expanduser(spec.image_root or os.path.dirname(path))
+    return _cached(lambda: _listfile(path, root, spec.image_size), path, spec,
                    "listfile")
   raise errors.InputError(f"Unknown data source {source!r}; accepted: {SOURCES} (and 'holdout:K' for "
                    "data.test_source).")
@@ -207,13 +207,13 @@ def _listfile(path: str, root: str, image_size: int) -> Pool:
   return Pool(np.stack(images), labels, tuple(str(c) for c in range(num_classes)))
 
 
-def _cached(load, path: str, data_config, kind: str) -> Pool:
+def _cached(load, path: str, spec, kind: str) -> Pool:
   """Returns `load()`, caching its arrays as .npy keyed by the source's identity."""
   stat = os.stat(path)
   key = json.dumps([kind, os.path.abspath(path), stat.st_size, stat.st_mtime_ns,
-                    data_config.image_size, data_config.image_root])
+                    spec.image_size, spec.image_root])
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-  cache = pathlib.Path(os.path.expanduser(data_config.cache_dir)) / f"{kind}-{digest}"
+  cache = pathlib.Path(os.path.expanduser(spec.cache_dir)) / f"{kind}-{digest}"
   files = [cache / "images.npy", cache / "labels.npy", cache / "class_names.json"]
   if all(f.exists() for f in files):
     try:

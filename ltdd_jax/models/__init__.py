@@ -6,6 +6,8 @@ batch norm on current-batch statistics), so a student can be unrolled and differ
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 
 from ltdd_jax import errors
@@ -18,6 +20,27 @@ from ltdd_jax.models.vgg import VGG11
 ARCHS = ("convnet", "resnet18", "vgg11", "alexnet")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The architecture a run trains (`config.model`, DESIGN §2).
+
+  Attributes:
+    name: one of ARCHS.
+    depth, width: ConvNet depth; base width of every architecture.
+    norm: `instance`, `batch` (current-batch statistics) or `none`.
+    init: `torch` (PyTorch's default initialisation) or `flax`.
+    conv_impl: `auto`, `xla` or `im2col` (`layers.resolve_conv_impl`).
+    ensemble_impl: how K networks run in one program (`core.ensemble.over_ensemble`).
+  """
+  name: str = "convnet"
+  depth: int = 3
+  width: int = 128
+  norm: str = "instance"
+  init: str = "torch"
+  conv_impl: str = "auto"
+  ensemble_impl: str = "auto"
+
+
 class Classifier(nn.Module):
   """backbone(images) -> head(features). images [N, H, W, C] -> logits (or a tuple of them)."""
   backbone: nn.Module
@@ -27,32 +50,37 @@ class Classifier(nn.Module):
     return self.head(self.backbone(images))
 
 
-def make_backbone(model_config, arch: str | None = None, width: int | None = None) -> nn.Module:
-  """The backbone named by `arch` (default `model.name`) with the config's norm and conv impl."""
-  arch = arch or model_config.name
-  width = width or model_config.width
-  impl, init = model_config.conv_impl, model_config.init
+def make_backbone(spec: ModelSpec, arch: str | None = None, width: int | None = None) -> nn.Module:
+  """The backbone named by `arch` (default `spec.name`) with the spec's norm and conv impl."""
+  arch = arch or spec.name
+  width = width or spec.width
+  impl, init = spec.conv_impl, spec.init
   if arch == "convnet":
-    return ConvNet(depth=model_config.depth, width=width, norm=model_config.norm, conv_impl=impl,
+    return ConvNet(depth=spec.depth, width=width, norm=spec.norm, conv_impl=impl,
                    init=init)
   if arch == "resnet18":
-    return ResNet18(width=width, norm=model_config.norm, conv_impl=impl, init=init)
+    return ResNet18(width=width, norm=spec.norm, conv_impl=impl, init=init)
   if arch == "vgg11":
-    return VGG11(width=width, norm=model_config.norm, conv_impl=impl, init=init)
+    return VGG11(width=width, norm=spec.norm, conv_impl=impl, init=init)
   if arch == "alexnet":
     return AlexNet(width=width, conv_impl=impl, init=init)
   raise errors.InputError(f"Unknown architecture {arch!r}; accepted: {ARCHS}.")
 
 
-def make_head(model_config, num_outputs: int) -> nn.Module:
+def make_head(spec: ModelSpec, num_outputs: int) -> nn.Module:
   """A linear head with `num_outputs` outputs (classes, groups, or a group's classes)."""
-  return Dense(num_outputs, init=model_config.init)
+  return Dense(num_outputs, init=spec.init)
 
 
-def make_classifier(model_config, num_classes: int, arch: str | None = None,
+def make_classifier(spec: ModelSpec, num_classes: int, arch: str | None = None,
                     width: int | None = None) -> Classifier:
   """Backbone plus a linear head with `num_classes` outputs."""
-  return Classifier(make_backbone(model_config, arch, width), make_head(model_config, num_classes))
+  return Classifier(make_backbone(spec, arch, width), make_head(spec, num_classes))
+
+
+def num_outputs(model: Classifier) -> int:
+  """The outputs of a classifier's linear head."""
+  return model.head.features
 
 
 def for_inference(model: Classifier) -> Classifier:
@@ -64,6 +92,6 @@ def for_inference(model: Classifier) -> Classifier:
   return model.clone(backbone=backbone)
 
 
-__all__ = ["ARCHS", "INITS", "AlexNet", "Classifier", "ConvNet", "Dense", "ResNet18", "VGG11",
-           "for_inference", "make_backbone", "make_classifier", "make_head",
+__all__ = ["ARCHS", "INITS", "AlexNet", "Classifier", "ConvNet", "Dense", "ModelSpec", "ResNet18",
+           "VGG11", "for_inference", "make_backbone", "make_classifier", "make_head", "num_outputs",
            "resolve_conv_impl"]

@@ -1,7 +1,6 @@
 import tarfile
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,14 +8,11 @@ from PIL import Image
 from conftest import SHARED_CIFAR
 from ltdd_jax import errors
 from ltdd_jax.data import dataset, sources
+from ltdd_jax.run import pipeline
 
 
 def _data_config(tmp_path, **kw):
-  c = ml_collections.ConfigDict(dict(
-      tfds_name="cifar10", train_path="", test_path="", image_root="", image_size=8,
-      cache_dir=str(tmp_path / "cache")))
-  c.update(kw)
-  return c
+  return dataset.DataSpec(**{"image_size": 8, "cache_dir": str(tmp_path / "cache"), **kw})
 
 
 def _write_tree(root, counts, size=8, suffix=".png"):
@@ -105,7 +101,7 @@ def test_tfds_source_offline(monkeypatch):
   checked = []
   monkeypatch.setattr(sources, "check_tfds_reachable", checked.append)  # mock data: no download
   with tfds.testing.mock_data(num_examples=20):
-    pool = sources.load_pool("tfds", "train", ml_collections.ConfigDict({"tfds_name": "cifar10"}))
+    pool = sources.load_pool("tfds", "train", dataset.DataSpec(tfds_name="cifar10"))
   assert pool.images.shape == (20, 32, 32, 3) and pool.images.dtype == np.uint8
   assert pool.num_classes == 10 and pool.labels.max() < 10
   assert [b.name for b in checked] == ["cifar10"], "an unprepared dataset is checked before download"
@@ -128,7 +124,7 @@ def test_tfds_without_network_fails_fast(monkeypatch):
 
 def test_load_dataset_with_holdout(tmp_path, digits_config):
   digits_config.data.test_source = "holdout:20"
-  data = dataset.load_dataset(digits_config.data, seed=0)
+  data = pipeline.load_dataset(digits_config)
   np.testing.assert_array_equal(np.bincount(data.test_labels), [20] * 10)
   np.testing.assert_array_equal(np.bincount(data.val_labels), [10] * 10)
   np.testing.assert_array_equal(np.bincount(data.train_labels, minlength=10), data.counts)

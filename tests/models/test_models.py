@@ -1,10 +1,11 @@
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
 from ltdd_jax import models
 from ltdd_jax.models import layers
 
@@ -12,8 +13,7 @@ from ltdd_jax.models import layers
 @pytest.mark.parametrize("arch", models.ARCHS)
 @pytest.mark.parametrize("shape", [(2, 32, 32, 3), (2, 8, 8, 1)])
 def test_output_shapes(arch, shape):
-  cfg = common.base_config().model
-  cfg.width = 8
+  cfg = models.ModelSpec(width=8)
   net = models.make_classifier(cfg, 7, arch, width=4)
   params = net.init(jax.random.key(0), jnp.zeros(shape))
   chex.assert_shape(net.apply(params, jnp.ones(shape)), (2, 7))
@@ -24,7 +24,7 @@ def test_output_shapes(arch, shape):
 def test_torch_init_matches_pytorch_defaults(arch):
   """model.init=torch: every kernel and bias uniform in +-1/sqrt(fan_in) (std 1/sqrt(3 fan_in)),
   PyTorch's Conv2d / Linear default; model.init=flax keeps Flax's larger kernels and zero biases."""
-  cfg = common.base_config().model
+  cfg = models.ModelSpec()
   x = jnp.zeros((1, 8, 8, 3))  # kernel shapes do not depend on the image size
   params = models.make_classifier(cfg, 10, arch, width=32).init(jax.random.key(0), x)["params"]
   leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -39,13 +39,13 @@ def test_torch_init_matches_pytorch_defaults(arch):
   head = params["head"]
   fan_in = head["kernel"].shape[0]
   assert 0 < np.abs(head["bias"]).max() <= 1 / np.sqrt(fan_in)
-  cfg.init = "flax"
+  cfg = dataclasses.replace(cfg, init="flax")
   flax_params = models.make_classifier(cfg, 10, arch, width=32).init(jax.random.key(0), x)["params"]
   conv = [v for p, v in jax.tree_util.tree_leaves_with_path(flax_params["backbone"])
           if p[-1].key == "kernel" and v.size >= 5_000][0]
   np.testing.assert_allclose(conv.std(), np.sqrt(2 / np.prod(conv.shape[:-1])), rtol=0.05)
   assert not np.any(flax_params["head"]["bias"])
-  cfg.init = "xavier"
+  cfg = dataclasses.replace(cfg, init="xavier")
   with pytest.raises(ValueError, match="model.init 'xavier'"):
     models.make_classifier(cfg, 10, arch, width=4).init(jax.random.key(0), x)
 
@@ -85,7 +85,7 @@ def test_conv_impl_selection():
 
 @pytest.mark.parametrize("arch", ["convnet", "resnet18"])
 def test_for_inference_same_function_faster_conv(arch):
-  cfg = common.base_config().model
+  cfg = models.ModelSpec()
   net = models.make_classifier(cfg, 5, arch, width=4)
   fast = models.for_inference(net)
   assert fast.backbone.conv_impl == "xla"  # CPU: XLA's convolution for forward passes
@@ -93,6 +93,6 @@ def test_for_inference_same_function_faster_conv(arch):
   x = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
   params = net.init(jax.random.key(1), x)
   np.testing.assert_allclose(fast.apply(params, x), net.apply(params, x), rtol=1e-4, atol=1e-4)
-  cfg.conv_impl = "im2col"  # an explicit choice is kept
+  cfg = dataclasses.replace(cfg, conv_impl="im2col")  # an explicit choice is kept
   explicit = models.make_classifier(cfg, 5, arch, width=4)
   assert models.for_inference(explicit).backbone.conv_impl == "im2col"

@@ -1,0 +1,204 @@
+"""The supervised-training kernel every ensemble trains with: losses, batch sampling, one epoch.
+
+Everything here is pure and written for one network; `core.ensemble` runs it for every network of an
+ensemble (K experts, T evaluation networks) inside one compiled program. The optimiser is PyTorch's
+SGD (weight decay added to the gradient, momentum without dampening), the one every published
+dataset-distillation result uses, built from optax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ltdd_jax import errors
+from ltdd_jax.core import augment
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+SAMPLINGS = ("instance", "class_balanced")
+LOSSES = ("ce", "balanced_softmax")
+
+
+WEIGHT_REDUCTIONS = ("batch", "weighted_mean")
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None,
+                  weight_reduction: str = "batch") -> jax.Array:
+  """Mean cross-entropy, optionally class-weighted.
+
+  Args:
+    logits: [N, C].
+    targets: [N] int labels, or [N, C] target probabilities (soft labels).
+    weights: optional [C] per-class weights (hard labels: of the true class; soft: each class's
+      term of the soft cross-entropy).
+    weight_reduction: with weights, `batch` sums the weighted terms and divides by N (LTDD's DAM:
+      the weights set the step size), `weighted_mean` divides by the summed weights of the targets
+      instead (a weighted average, whose normaliser also depends on soft targets).
+
+  Returns:
+    Scalar loss.
+  """
+  log_p = jax.nn.log_softmax(logits)
+  if weights is None:
+    if targets.ndim == 1:
+      return -jnp.take_along_axis(log_p, targets[:, None], axis=1)[:, 0].mean()
+    return -(targets * log_p).sum(-1).mean()
+  soft = targets if targets.ndim == 2 else jax.nn.one_hot(targets, logits.shape[-1])
+  weighted = soft * weights
+  if weight_reduction == "batch":
+    return -(weighted * log_p).sum() / logits.shape[0]
+  if weight_reduction == "weighted_mean":
+    return -(weighted * log_p).sum() / weighted.sum()
+  raise errors.InputError(f"Unknown weight reduction {weight_reduction!r}; accepted: {WEIGHT_REDUCTIONS}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """How one network trains (hashable, so it can be closed over by jitted functions).
+
+  Attributes:
+    batch_size: images per step.
+    steps_per_epoch: steps in one epoch.
+    momentum: SGD momentum.
+    weight_decay: L2 added to the gradient.
+    num_classes: C of the labels (class-balanced sampling and the balanced-softmax prior count them).
+    sampling: `instance` (shuffle) or `class_balanced` (every class equally likely).
+    loss: `ce` or `balanced_softmax` (logits + log prior, Ren et al. 2020).
+    augment: DSA applied to every batch (None: no augmentation).
+    head_only: update only params['head'] (classifier re-training); the rest stays bit-identical.
+  """
+  batch_size: int
+  steps_per_epoch: int
+  momentum: float
+  weight_decay: float
+  num_classes: int
+  sampling: str = "instance"
+  loss: str = "ce"
+  augment: augment.DSASpec | None = None
+  head_only: bool = False
+
+  def __post_init__(self):
+    if self.sampling not in SAMPLINGS:
+      raise errors.InputError(f"Unknown sampling {self.sampling!r}; accepted: {SAMPLINGS}.")
+    if self.loss not in LOSSES:
+      raise errors.InputError(f"Unknown loss {self.loss!r}; accepted: {LOSSES}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Balance:
+  """How a set of networks counters imbalance: `sampling` (instance | class_balanced), `loss`
+  (ce | balanced_softmax) and, for class-balanced sampling, the epoch length (`balanced_epoch`:
+  max_class | dataset). None keeps the default of whoever trains (the experts' config values; the
+  evaluation protocol's instance sampling and plain CE)."""
+  sampling: str | None = None
+  loss: str | None = None
+  balanced_epoch: str | None = None
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+  """ceil(N / B): every image is seen once per epoch (the last batch wraps around)."""
+  return max(1, -(-num_images // batch_size))
+
+
+BALANCED_EPOCHS = ("max_class", "dataset")
+
+
+def epoch_size(labels: np.ndarray, num_classes: int, sampling: str, balanced_epoch: str) -> int:
+  """Images one epoch draws: N for `instance` sampling; for `class_balanced`, max_c n_c x C
+  (`max_class`: what the class-aware sampler of LTDD's classifier experts counts, so every class
+  is drawn as often as the largest one has images) or N (`dataset`)."""
+  if sampling == "class_balanced" and balanced_epoch == "max_class":
+    return int(np.bincount(np.asarray(labels), minlength=num_classes).max()) * num_classes
+  if balanced_epoch not in BALANCED_EPOCHS:
+    raise errors.InputError(f"Unknown experts.balanced_epoch {balanced_epoch!r}; accepted: "
+                     f"{BALANCED_EPOCHS}.")
+  return len(labels)
+
+
+def epoch_indices(key: jax.Array, labels: jax.Array, spec: TrainSpec) -> jax.Array:
+  """Indices of the images each step of one epoch trains on, [steps, batch].
+
+  `instance`: one random permutation, tiled if the epoch needs more indices than images.
+  `class_balanced`: a class uniformly at random, then an image of it (with replacement).
+  """
+  n = labels.shape[0]
+  total = spec.steps_per_epoch * spec.batch_size
+  if spec.sampling == "instance":
+    perm = jax.random.permutation(key, n)
+    idx = jnp.tile(perm, -(-total // n))[:total]
+  else:
+    counts = jnp.bincount(labels, length=spec.num_classes)
+    p = 1.0 / (spec.num_classes * counts[labels].astype(jnp.float32))
+    idx = jax.random.choice(key, n, (total,), p=p)
+  return idx.reshape(spec.steps_per_epoch, spec.batch_size)
+
+
+def sgd(spec: TrainSpec, lr: jax.Array | float) -> optax.GradientTransformation:
+  """PyTorch's SGD as optax: g += weight_decay * p; v = momentum * v + g; p -= lr * v.
+
+  `lr` may be a traced scalar: the transformation's state (the momentum buffer) does not depend on
+  it, so one state serves an lr that changes between epochs."""
+  return optax.chain(optax.add_decayed_weights(spec.weight_decay),
+                     optax.sgd(lr, momentum=spec.momentum))
+
+
+def init_state(spec: TrainSpec, params: PyTree) -> PyTree:
+  """One network's training state {params, opt_state} (the momentum buffer of what it trains:
+  the head alone under `head_only`)."""
+  trained = params["head"] if spec.head_only else params
+  return {"params": params, "opt_state": sgd(spec, 0.0).init(trained)}
+
+
+def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Array, lr: jax.Array,
+                data: dict) -> tuple[PyTree, jax.Array]:
+  """One epoch of SGD for one network (`core.ensemble` maps it over an ensemble).
+
+  Args:
+    apply_fn: (params, images [B, H, W, C]) -> logits [B, C].
+    spec: the `TrainSpec`.
+    state: {params, opt_state} (`init_state`).
+    key: PRNG key for this network and epoch.
+    lr: learning rate (scalar).
+    data: {images [N, H, W, C], targets [N] ints or [N, C] soft targets, labels [N] ints (class-
+      balanced sampling and the balanced-softmax prior)}.
+
+  Returns:
+    (state, mean training loss of the epoch).
+  """
+  images, targets, labels = (jnp.asarray(data[k]) for k in ("images", "targets", "labels"))
+  order_key, aug_key = jax.random.split(key)
+  batches = epoch_indices(order_key, labels, spec)
+  log_prior = jnp.log(jnp.bincount(labels, length=spec.num_classes).astype(jnp.float32) + 1e-12)
+  tx = sgd(spec, lr)
+
+  def loss_fn(p, x, t):
+    logits = apply_fn(p, x)
+    if spec.loss == "balanced_softmax":
+      logits = logits + log_prior
+    return cross_entropy(logits, t)
+
+  def step(carry, inputs):
+    p, opt_state = carry
+    idx, k = inputs
+    x = images[idx]
+    if spec.augment is not None:
+      x = augment.augment(k, x, spec.augment)
+    t = targets[idx]
+    if spec.head_only:  # Differentiate w.r.t. the head alone; the backbone is a constant.
+      loss, grads = jax.value_and_grad(lambda h: loss_fn({**p, "head": h}, x, t))(p["head"])
+      updates, opt_state = tx.update(grads, opt_state, p["head"])
+      return ({**p, "head": optax.apply_updates(p["head"], updates)}, opt_state), loss
+    loss, grads = jax.value_and_grad(loss_fn)(p, x, t)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), loss
+
+  keys = jax.random.split(aug_key, spec.steps_per_epoch)
+  (params, opt_state), losses = jax.lax.scan(step, (state["params"], state["opt_state"]),
+                                             (batches, keys))
+  return {"params": params, "opt_state": opt_state}, losses.mean()

@@ -1,0 +1,278 @@
+"""The evaluation protocol (DESIGN §5): T fresh networks trained on a labelled set, tested on a
+balanced held-out split, with long-tail bias figures.
+
+T networks train as one ensemble (`core.ensemble.train`): SGD momentum 0.9, weight decay 5e-4,
+lr/10 at half the epochs, DSA on, soft-label cross-entropy when labels are soft. The reported
+accuracy is the final one (never the best over test evaluations).
+
+Long evaluations resume: given a folder, the ensemble's state is saved at most every
+`checkpoint_seconds` and once trained, and continued from; epoch e draws from `fold_in(key, e)`, so
+a resumed evaluation trains exactly the networks an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+import time
+
+import numpy as np
+from absl import logging
+
+from ltdd_jax import checkpoints, errors, models, seeds
+from ltdd_jax.core import augment, ensemble, training
+from ltdd_jax.evaluation import metrics, report as report_lib
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LabelledSet:
+  """A labelled training set evaluation consumes: a distilled set or a baseline's selection.
+
+  Attributes:
+    images: [N, H, W, C] model-space images.
+    labels: [N] the class each image stands for (decides, e.g., which group's networks train on it).
+    targets: [N] int labels or [N, C] target probabilities (what the networks fit).
+    lr: learning rate the networks train with (a distilled set's learned lr).
+    epochs: training epochs.
+    ipc: images per class (None for the full long-tailed set).
+    method: what made the set (`mtt`, `random`, ...), for reports.
+    learned_lrs: a set distilled against several objectives: lr per objective (`groups`,
+      `group_<g>`), which the two-stage classifier's networks train with.
+    real: the images are real training images (a baseline's), not distilled.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  targets: np.ndarray
+  lr: float
+  epochs: int
+  ipc: int | None
+  method: str
+  learned_lrs: dict = dataclasses.field(default_factory=dict)
+  real: bool = False
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def subset(self, index: np.ndarray, targets: np.ndarray, lr: float) -> "LabelledSet":
+    """The images `index` ([M] ints) with other targets ([M] or [M, K]) and lr: what one network
+    of a two-stage classifier trains on."""
+    return dataclasses.replace(self, images=self.images[index], labels=self.labels[index],
+                               targets=targets, lr=lr)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeldOut:
+  """A balanced split networks are tested on, and what a report says of its dataset.
+
+  Attributes:
+    images: [M, H, W, C] model-space images.
+    labels: [M] their classes.
+    split: `test` (reported numbers) or `validation` (model selection; never test).
+    counts: [C] training images per class (many / medium / few).
+    dataset: the dataset's name.
+    imbalance_factor: its long-tail profile's IF.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  split: str
+  counts: np.ndarray
+  dataset: str
+  imbalance_factor: float
+
+  @classmethod
+  def of(cls, data, split: str) -> "HeldOut":
+    """The `test` or `validation` split of a `dataset.Dataset`."""
+    if split == "test":
+      images, labels = data.test_images, data.test_labels
+    elif split == "validation":
+      if not len(data.val_labels):
+        raise errors.InputError("Validation requested but data.validation_per_class is 0; set it > 0.")
+      images, labels = data.val_images, data.val_labels
+    else:
+      raise errors.InputError(f"split must be 'test' or 'validation', got {split!r}.")
+    return cls(images, labels, split, np.asarray(data.counts), data.name, data.imbalance_factor)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """How evaluation networks train and test (DESIGN §5).
+
+  Attributes:
+    model: the `models.ModelSpec` evaluated (and the base of the cross-architecture rows).
+    augment: DSA on every training batch (`evaluate.dsa`; None: off).
+    seed: initialisation (seed) and batch-order (`seeds.EVALUATION_DATA`) seed.
+    num_models: T networks per set.
+    batch_size, momentum, weight_decay: their SGD.
+    archs: architectures evaluated (the first one's figures are the report's top level).
+    cross_arch_width: base width of architectures other than `model.name`.
+    test_batch_size: images per forward pass when testing.
+    shot_rule: how classes split into many / medium / few.
+    checkpoint_seconds: least time between two saves of a resumable evaluation's state.
+  """
+  model: models.ModelSpec
+  augment: augment.DSASpec | None
+  seed: int = 0
+  num_models: int = 3
+  batch_size: int = 256
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  archs: tuple[str, ...] = ("convnet",)
+  cross_arch_width: int = 64
+  test_batch_size: int = 1000
+  shot_rule: str = "thirds"
+  checkpoint_seconds: float = 300.0
+
+  def recipe(self, model, train_set: LabelledSet, balance: training.Balance = training.Balance()) -> ensemble.Recipe:
+    """The `Recipe` of the networks evaluating `train_set`: batch capped at the set size, an epoch
+    of as many images as the set has (whatever the sampling), lr / 10 at half the epochs."""
+    batch = min(self.batch_size, len(train_set))
+    spec = training.TrainSpec(batch_size=batch,
+                              steps_per_epoch=training.steps_per_epoch(len(train_set), batch),
+                              momentum=self.momentum, weight_decay=self.weight_decay,
+                              num_classes=models.num_outputs(model),
+                              sampling=balance.sampling or "instance", loss=balance.loss or "ce",
+                              augment=self.augment)
+    return ensemble.Recipe(
+        model, spec, train_set.lr, train_set.epochs, self.num_models, init_seed=self.seed,
+        keys=seeds.EpochKeys(seeds.offset(self.seed, seeds.EVALUATION_DATA)),
+        decay_epoch=train_set.epochs // 2, ensemble_impl=self.model.ensemble_impl)
+
+  def logits(self, model, params, images: np.ndarray) -> np.ndarray:
+    """[T, N, C] logits of the T trained networks on `images`."""
+    return ensemble.logits(model, params, images, self.test_batch_size, self.model.ensemble_impl)
+
+
+class EvaluationDivergedError(errors.DivergedError):
+  """The evaluation networks' loss stopped being finite (the set's lr is too high for them)."""
+
+
+def hard_labels(targets: np.ndarray) -> np.ndarray:
+  """[N] int labels of hard ([N]) or soft ([N, C]) targets."""
+  targets = np.asarray(targets)
+  return targets.astype(np.int32) if targets.ndim == 1 else targets.argmax(-1).astype(np.int32)
+
+
+def subfolder(directory: pathlib.Path | None, name: str) -> pathlib.Path | None:
+  """`directory / name`, or None when there is no directory (an evaluation that does not save)."""
+  return None if directory is None else pathlib.Path(directory) / name
+
+
+def set_fingerprint(train_set: LabelledSet, recipe: ensemble.Recipe, num_models: int) -> np.ndarray:
+  """[32] uint8 SHA-256 of what an evaluation trains on (images, targets, lr, epochs, T) and how
+  (the recipe: model, training spec with DSA, keys): a saved state whose fingerprint differs was
+  made by another evaluation and is not resumed."""
+  digest = hashlib.sha256()
+  for array in (train_set.images, train_set.targets):
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype}{array.shape}".encode())
+    digest.update(array.tobytes())
+  digest.update(repr((float(train_set.lr), int(train_set.epochs), int(num_models),
+                      repr(recipe))).encode())
+  return np.frombuffer(digest.digest(), np.uint8).copy()
+
+
+class TimedStore:
+  """An evaluation's resumable state: saved at most every `seconds` and once trained, in
+  `directory`, beside the fingerprint of what it trains (`set_fingerprint`). A save of another
+  evaluation, of other shapes, or one that cannot be read is deleted, not an error: an
+  evaluation's saved state is only ever a shortcut."""
+
+  def __init__(self, directory: pathlib.Path, fingerprint: np.ndarray, seconds: float):
+    self.store = checkpoints.Checkpoints(directory, max_to_keep=1)
+    self.fingerprint = fingerprint
+    self.seconds = seconds
+    self.last_save = time.time()
+
+  def restore(self, states):
+    step = self.store.latest_step()
+    if step is None:
+      return 0, states
+    try:
+      saved = self.store.restore(step, {"state": states, "fingerprint": self.fingerprint})
+      reason = "it was saved by another evaluation"
+    except checkpoints.CheckpointError as e:
+      saved, reason = None, f"unreadable or of other shapes: {e}"
+    if saved is not None and np.array_equal(saved["fingerprint"], self.fingerprint):
+      return step, saved["state"]
+    logging.warning("Evaluation state in %s not resumed (%s); training from epoch 0.",
+                    self.store.directory, reason)
+    self.store.delete(step)
+    return 0, states
+
+  def wants(self, done: int, last: bool) -> bool:
+    return last or time.time() - self.last_save >= self.seconds
+
+  def save(self, done: int, states) -> None:
+    self.store.save(done, {"state": states, "fingerprint": self.fingerprint})
+    self.last_save = time.time()
+
+  def finish(self, states) -> None:
+    self.store.close()
+
+
+def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
+                   balance: training.Balance = training.Balance(), checkpoint_dir: pathlib.Path | None = None,
+                   label: str = "evaluate"):
+  """Trains `protocol.num_models` fresh networks of `model` on a labelled set; params [T, ...].
+
+  Args:
+    protocol: the evaluation `Protocol` (its seed initialises the networks).
+    model: a Flax classifier with as many outputs as `train_set.targets` has classes.
+    train_set: what they fit (`targets`), with its lr (divided by 10 at half the epochs) and epochs.
+    mesh: device mesh (the network axis is sharded over it).
+    balance: sampling / loss overrides (the protocol's: instance, ce).
+    checkpoint_dir: where the ensemble's state is saved (at most every
+      `protocol.checkpoint_seconds`, and when trained) and resumed from; None: no saves.
+    label: progress label.
+
+  Raises:
+    EvaluationDivergedError: at the first epoch whose loss, or whose state where it is saved or
+      returned, is not finite (nothing non-finite is saved).
+  """
+  recipe = protocol.recipe(model, train_set, balance)
+  store = None
+  if checkpoint_dir is not None:
+    fingerprint = set_fingerprint(train_set, recipe, protocol.num_models)
+    store = TimedStore(checkpoint_dir, fingerprint, protocol.checkpoint_seconds)
+
+  def diverged(done, losses):
+    return EvaluationDivergedError(
+        f"{label}: evaluation training diverged at epoch {done} (loss per network "
+        f"{losses.tolist()}); the learning rate {train_set.lr} is too high for this set.")
+
+  data = {"images": train_set.images, "targets": train_set.targets,
+          "labels": hard_labels(train_set.targets)}
+  states = ensemble.train(recipe, ensemble.init_states(recipe, train_set.images.shape[1:]), data,
+                          mesh, store=store, diverged=diverged, label=label)
+  return states["params"]
+
+
+def evaluate_set(protocol: Protocol, train_set: LabelledSet, held_out: HeldOut, mesh,
+                 checkpoint_dir: pathlib.Path | None = None) -> dict:
+  """Trains on a labelled set with the protocol and tests on a balanced held-out split (`test` for
+  reported numbers, `validation` for model selection and tuning: DESIGN §1, never test).
+
+  Every architecture in `protocol.archs` is evaluated; the top-level fields are the first one's,
+  and `archs` holds one row per architecture. With `checkpoint_dir`, each architecture's training
+  resumes from `<checkpoint_dir>/<arch>`.
+
+  Returns:
+    A report dict with `report.REPORT_FIELDS` and more (see `metrics.classification_metrics`).
+  """
+  start = time.time()
+  rows = {}
+  for arch in protocol.archs:
+    width = None if arch == protocol.model.name else protocol.cross_arch_width
+    model = models.make_classifier(protocol.model, held_out.num_classes, arch, width)
+    params = train_networks(protocol, model, train_set, mesh,
+                            checkpoint_dir=subfolder(checkpoint_dir, arch),
+                            label=f"evaluate {train_set.method} {arch}")
+    logits = protocol.logits(model, params, held_out.images)
+    rows[arch] = metrics.classification_metrics(logits.argmax(-1), held_out.labels,
+                                                held_out.counts, protocol.shot_rule)
+  return report_lib.assemble_report(train_set, held_out, rows, protocol.num_models, start)

@@ -1,0 +1,1 @@
+"""What makes a set: the method registry, experts, distillation, selection and the grouping plugins."""

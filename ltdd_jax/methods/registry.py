@@ -1,0 +1,152 @@
+"""Every method and plugin by name: `config.method` (e.g. 'ltdd+hierarchical') parsed once.
+
+A base method makes the set: a trajectory-matching method (`mtt`, `datm`, `ltdd`: DESIGN §4), a
+selection of real images (`random`, `herding`) or the whole long-tailed set (`full`). Plugins
+change how a set is made or evaluated: `+two_stage` evaluates it with the two-stage classifier,
+`+hierarchical` distils against group and within-group experts (and is evaluated two-stage).
+Adding a method is one entry in BASES (and its code); adding a plugin, one in PLUGINS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ltdd_jax import errors
+
+MATCHING, SELECTION, WHOLE_SET = "matching", "selection", "whole_set"
+
+
+@dataclasses.dataclass(frozen=True)
+class Base:
+  """A base method.
+
+  Attributes:
+    name: its name in `config.method`.
+    kind: `matching` (distils against experts), `selection` (picks real images) or `whole_set`.
+    soft_labels: learns DATM-style soft labels initialised from expert logits.
+    grow_window: DATM's growing start-epoch window (`ltdd`: only with `ltdd.grow_window`).
+    ltdd: LTDD's options (DAM, ED) apply, as `config.ltdd` sets them.
+    needs_experts: reads the flat experts (matching, and herding's features).
+    config_sections: the config sections besides `distill` whose values its sets depend on.
+  """
+  name: str
+  kind: str
+  soft_labels: bool = False
+  grow_window: bool = False
+  ltdd: bool = False
+  needs_experts: bool = False
+  config_sections: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plugin:
+  """A plugin: `distils` (changes the distillation objective, so it needs a matching base) and
+  `two_stage` (the set is evaluated with the two-stage classifier)."""
+  name: str
+  distils: bool
+  two_stage: bool
+
+
+BASES = {b.name: b for b in (
+    Base("mtt", MATCHING, needs_experts=True),
+    Base("datm", MATCHING, soft_labels=True, grow_window=True, needs_experts=True,
+         config_sections=("datm",)),
+    Base("ltdd", MATCHING, soft_labels=True, ltdd=True, needs_experts=True,
+         config_sections=("datm", "ltdd")),
+    Base("random", SELECTION),
+    Base("herding", SELECTION, needs_experts=True),
+    Base("full", WHOLE_SET),
+)}
+PLUGINS = {p.name: p for p in (
+    Plugin("two_stage", distils=False, two_stage=True),
+    Plugin("hierarchical", distils=True, two_stage=True),
+)}
+MATCHING_METHODS = tuple(n for n, b in BASES.items() if b.kind == MATCHING)
+BASELINES = tuple(n for n, b in BASES.items() if b.kind != MATCHING)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The option groups a method turns on (their hyperparameters live in the specs).
+
+  Attributes:
+    soft_labels: DATM-style learned soft labels.
+    grow_window: DATM's growing start-epoch window.
+    dam: LTDD's class-frequency-weighted inner loss.
+    ed: LTDD's backbone / classifier decoupled matching against classifier experts.
+  """
+  soft_labels: bool = False
+  grow_window: bool = False
+  dam: bool = False
+  ed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A parsed `config.method`: its base, its plugins (in the order given) and its options."""
+  base: Base
+  plugins: tuple[Plugin, ...] = ()
+  options: Options = Options()
+
+  @property
+  def name(self) -> str:
+    return "+".join((self.base.name, *(p.name for p in self.plugins)))
+
+  def has(self, plugin: str) -> bool:
+    return any(p.name == plugin for p in self.plugins)
+
+  @property
+  def distils(self) -> bool:
+    """Makes its set by trajectory matching."""
+    return self.base.kind == MATCHING
+
+  @property
+  def hierarchical(self) -> bool:
+    return self.has("hierarchical")
+
+  @property
+  def two_stage(self) -> bool:
+    """Evaluated with the two-stage classifier."""
+    return any(p.two_stage for p in self.plugins)
+
+  @property
+  def distillation(self) -> str:
+    """What its distillation is, as resume records it: the base, and the plugins that change the
+    objective (`+two_stage` changes only the evaluation)."""
+    return "+".join((self.base.name, *(p.name for p in self.plugins if p.distils)))
+
+  @property
+  def distills_with(self) -> tuple[str, ...]:
+    """The config sections its distillation depends on besides data, model and experts."""
+    if not self.distils:
+      return ()
+    return ("distill", *self.base.config_sections) + (("grouping",) if self.hierarchical else ())
+
+
+def parse(method: str, *, dam: bool = True, ed: bool = True,
+          ltdd_grow_window: bool = False) -> Method:
+  """'ltdd+hierarchical' -> Method, validating every part. `dam`, `ed` and `ltdd_grow_window`
+  are `config.ltdd`'s switches (they matter for `ltdd` only)."""
+  base_name, *plugin_names = method.split("+")
+  accepted = ", ".join(BASES)
+  if base_name not in BASES:
+    raise errors.InputError(f"Unknown method {base_name!r}; accepted: {accepted}, optionally "
+                            f"with {', '.join('+' + p for p in PLUGINS)}.")
+  plugins = []
+  for name in plugin_names:
+    if name not in PLUGINS:
+      raise errors.InputError(f"Unknown method suffix {name!r} in {method!r}; accepted: "
+                              f"{', '.join('+' + p for p in PLUGINS)}.")
+    if PLUGINS[name] in plugins:
+      raise errors.InputError(f"{method}: +{name} is given twice.")
+    plugins.append(PLUGINS[name])
+  base = BASES[base_name]
+  for plugin in plugins:
+    if plugin.distils and base.kind != MATCHING:
+      raise errors.InputError(
+          f"{method}: +{plugin.name} distils, so it needs {', '.join(MATCHING_METHODS)}; use "
+          f"{base_name}+two_stage to evaluate a baseline with the two-stage classifier.")
+  options = Options(soft_labels=base.soft_labels,
+                    grow_window=base.grow_window or (base.ltdd and ltdd_grow_window),
+                    dam=base.ltdd and dam, ed=base.ltdd and ed)
+  return Method(base, tuple(plugins), options)

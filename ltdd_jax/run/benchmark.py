@@ -1,0 +1,275 @@
+"""A resumable grid of pipeline runs and the tables and figures made from their reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import shutil
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ltdd_jax import errors, reporting
+from ltdd_jax.evaluation import protocol as protocol_lib
+from ltdd_jax.methods import distill, registry
+from ltdd_jax.run import pipeline
+
+COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
+           "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
+           "head_tail_gap", "pred_kl_uniform", "group_acc", "within_group_acc", "learned_lr",
+           "wall_seconds")
+FAILED = "failed.txt"  # in a cell whose last attempt diverged: the error, one line
+# A cell's own failures: its distillation or its evaluation networks diverged. Experts are shared
+# by a factor's cells, so their divergence stops the grid like any other error.
+CELL_ERRORS = (distill.DivergenceError, protocol_lib.EvaluationDivergedError)
+
+
+class CellsDivergedError(errors.DivergedError):
+  """Some cells diverged; the others finished and are tabulated."""
+
+
+def cells(config) -> list[tuple[float, int | None, str]]:
+  """(imbalance factor, ipc, method) of every cell; `full` once per factor with ipc None."""
+  out = []
+  for factor in config.benchmark.imbalance_factors:
+    if config.benchmark.include_full:
+      out.append((float(factor), None, "full"))
+    for ipc in config.benchmark.ipcs:
+      out.extend((float(factor), int(ipc), m) for m in config.benchmark.methods)
+  return out
+
+
+def cell_name(factor: float, ipc: int | None, method: str) -> str:
+  """A cell's folder name, e.g. `if100_ipc10_mtt-two_stage` (`if10_full` for the full set)."""
+  return f"if{factor:g}_" + ("" if ipc is None else f"ipc{ipc}_") + method.replace("+", "-")
+
+
+def _settings(table, key: str) -> dict:
+  """The per-factor or per-IPC settings of a cell; a grid overridden to a value the config gives
+  no settings for fails rather than silently running with another value's (unless the config
+  sets nothing per value, e.g. digits or the `cpu` profile's IPCs)."""
+  if key not in table:
+    if not any(len(v) for v in table.values()):
+      return {}
+    raise errors.InputError(f"The benchmark config has no settings for {key} (it has "
+                            f"{sorted(table)}); add benchmark.*_settings.{key} or use listed values.")
+  return table[key].to_dict() if hasattr(table[key], "to_dict") else dict(table[key])
+
+
+def cell_config(config, factor: float, ipc: int | None, method: str, workdir: pathlib.Path):
+  """The pipeline config of one cell; experts are shared by every cell of an imbalance factor."""
+  c = config.copy_and_resolve_references()
+  c.data.imbalance_factor = factor
+  c.update(_settings(config.benchmark.factor_settings, f"if{factor:g}"))
+  if ipc is not None:
+    c.distill.ipc = ipc
+    c.update(_settings(config.benchmark.ipc_settings, f"ipc{ipc}"))
+  c.method = method
+  c.experts.directory = str(workdir / f"if{factor:g}_experts")
+  return c
+
+
+def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None,
+                    method: str) -> pathlib.Path | None:
+  """The cell whose set `X+two_stage` evaluates (X's, same factor and IPC); None for others."""
+  parsed = registry.parse(method)
+  two_stage_only = [p.name for p in parsed.plugins] == ["two_stage"]
+  return workdir / cell_name(factor, ipc, parsed.base.name) if two_stage_only else None
+
+
+def reuse_distillation(source: pathlib.Path | None, cell: pathlib.Path) -> None:
+  """`X+two_stage` evaluates the set X distils (`source`, from `distilling_cell`): copy X's finished
+  distillation checkpoints, so the cell's distillation resumes at its last iteration instead of
+  running again."""
+  if source is None or not (source / "synthetic.npz").exists():
+    return
+  if not (cell / "distill_ckpt").exists():
+    shutil.copytree(source / "distill_ckpt", cell / "distill_ckpt")
+
+
+def diverged(source: pathlib.Path | None) -> bool:
+  """Whether the distillation of `source` (the cell `X+two_stage` takes its set from) diverged at
+  its last attempt: then the two-stage cell is failed without distilling again."""
+  return (source is not None and (source / FAILED).exists()
+          and distill.DivergenceError.__name__ in (source / FAILED).read_text())
+
+
+def record_failure(cell: pathlib.Path, error: str, reason: str) -> None:
+  """Writes `<cell>/failed.txt` (one line) and says so."""
+  cell.mkdir(parents=True, exist_ok=True)
+  (cell / FAILED).write_text(f"{error}: {' '.join(reason.split())}\n")
+  print(f"[benchmark] cell {cell.name} failed: {reason}", flush=True)
+
+
+def run_grid(config, workdir) -> list[dict]:
+  """Runs every unfinished cell, then writes results.csv, results.md and the figures.
+
+  A cell whose distillation or evaluation diverges (`CELL_ERRORS`: its settings' fault, not the
+  grid's) leaves its error in `<cell>/failed.txt` and the grid goes on; once the rest is
+  tabulated, one `CellsDivergedError` names every such cell. Any other error stops the grid (it
+  resumes on rerun)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  reporting.write_json(workdir / "config.json", config.to_dict())
+  grid = cells(config)
+  start = time.time()
+  data_factor, data = None, None  # The current factor's dataset, loaded once for all its cells.
+  for i, (factor, ipc, method) in enumerate(grid):
+    cell = workdir / cell_name(factor, ipc, method)
+    if (cell / "report.json").exists():
+      continue
+    print(f"[benchmark] cell {i + 1}/{len(grid)}: IF {factor:g} IPC {ipc} {method} "
+          f"(elapsed {time.time() - start:.0f}s)", flush=True)
+    source = distilling_cell(workdir, factor, ipc, method)
+    if diverged(source):
+      record_failure(cell, distill.DivergenceError.__name__,
+                     f"evaluates the set of {source.name}, whose distillation diverged.")
+      continue
+    reuse_distillation(source, cell)
+    cell_cfg = cell_config(config, factor, ipc, method, workdir)
+    if factor != data_factor:
+      data_factor, data = factor, pipeline.load_dataset(cell_cfg)
+    (cell / FAILED).unlink(missing_ok=True)
+    try:
+      pipeline.run_pipeline(cell_cfg, cell, data=data)
+    except CELL_ERRORS as e:  # This cell's settings, not the grid's: record it and go on.
+      record_failure(cell, type(e).__name__, str(e))
+  rows = collect(workdir, grid)
+  failed = failed_cells(workdir, grid)
+  write_tables(workdir, rows, len(grid), failed)
+  write_figures(workdir, rows, config)
+  if failed:
+    raise CellsDivergedError(
+        f"{len(failed)} cell(s) diverged: {', '.join(failed)} (each one's {FAILED} says how); "
+        f"the {len(rows)} finished are tabulated in {workdir / 'results.md'}. Change the "
+        "diverging cells' settings and rerun with --config.discard_mismatched=distill: only "
+        "unfinished cells run again (finished ones keep the settings they ran with).")
+  return rows
+
+
+def failed_cells(workdir: pathlib.Path, grid) -> list[str]:
+  """Names of the cells whose last attempt diverged (a `failed.txt`, no report)."""
+  names = [cell_name(*cell) for cell in grid]
+  return [n for n in names
+          if (workdir / n / FAILED).exists() and not (workdir / n / "report.json").exists()]
+
+
+def collect(workdir: pathlib.Path, grid) -> list[dict]:
+  """One row per finished cell, read from its report.json."""
+  rows = []
+  for factor, ipc, method in grid:
+    path = workdir / cell_name(factor, ipc, method) / "report.json"
+    if not path.exists():
+      continue
+    r = json.loads(path.read_text())
+    row = {k: r.get(k) for k in COLUMNS}
+    row.update(imbalance_factor=factor, ipc=ipc, method=method, images=r.get("num_images"),
+               per_class_acc=r.get("per_class_acc"), learned_lr=learned_lr(r, method))
+    rows.append(row)
+  return rows
+
+
+def learned_lr(report: dict, method: str) -> str | None:
+  """The student lr a distilled set carries, as the table shows it: one value for a flat set, one
+  per objective (`groups`, `group_0`, ...) for a hierarchical one; None for the baselines, whose
+  lr is the evaluation protocol's, not learned."""
+  if not registry.parse(method).distils:
+    return None
+  if report.get("learned_lrs"):
+    return " / ".join(f"{k} {v:.3g}" for k, v in report["learned_lrs"].items())
+  return None if report.get("lr") is None else f"{report['lr']:.3g}"
+
+
+def _fmt(value, digits=1):
+  if value is None or (isinstance(value, float) and not np.isfinite(value)):
+    return "-"
+  return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """The results table: accuracy mean +- std, many/medium/few and the bias figures."""
+  head = ("| IF | IPC | method | images | acc (%) | many | medium | few | per-class std | "
+          "head-tail gap | KL(pred||uniform) | group acc | within-group acc | learned lr |")
+  lines = [head, "|" + "---|" * 14]
+  for r in rows:
+    lines.append(
+        f"| {r['imbalance_factor']:g} | {_fmt(r['ipc'])} | {r['method']} | {_fmt(r['images'])} | "
+        f"{_fmt(r['test_acc_mean'])} +- {_fmt(r['test_acc_std'])} | {_fmt(r['many_acc'])} | "
+        f"{_fmt(r['medium_acc'])} | {_fmt(r['few_acc'])} | {_fmt(r['per_class_acc_std'])} | "
+        f"{_fmt(r['head_tail_gap'])} | {_fmt(r['pred_kl_uniform'], 3)} | "
+        f"{_fmt(r['group_acc'])} | {_fmt(r['within_group_acc'])} | {_fmt(r['learned_lr'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def time_summary(rows: list[dict], num_cells: int, failed: Sequence[str] = ()) -> str:
+  """How many cells are done and the sum of their wall times: the grid's cost on this machine,
+  however many resumptions it took (experts are timed inside the first cell that needs them);
+  then the cells that diverged, if any."""
+  seconds = sum(r["wall_seconds"] or 0.0 for r in rows)
+  text = (f"{len(rows)} of {num_cells} cells finished; sum of cell wall times {seconds:.0f} s "
+          f"({seconds / 3600:.2f} h).\n")
+  if failed:
+    text += f"Diverged (see each cell's {FAILED}): {', '.join(failed)}.\n"
+  return text
+
+
+def write_tables(workdir: pathlib.Path, rows: list[dict], num_cells: int,
+                 failed: Sequence[str] = ()) -> None:
+  """results.csv (one row per finished cell) and results.md (the table and the time summary)."""
+  with (workdir / "results.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+  (workdir / "results.md").write_text(markdown_table(rows) + "\n" +
+                                      time_summary(rows, num_cells, failed))
+
+
+def write_figures(workdir: pathlib.Path, rows: list[dict], config) -> None:
+  """accuracy_heatmap.png (method x (IF, IPC)) and per_class_if<IF>.png."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  distilled = [r for r in rows if r["ipc"] is not None]
+  if distilled:
+    methods = list(dict.fromkeys(r["method"] for r in distilled))
+    columns = list(dict.fromkeys((r["imbalance_factor"], r["ipc"]) for r in distilled))
+    grid = np.full((len(methods), len(columns)), np.nan)
+    for r in distilled:
+      grid[methods.index(r["method"]), columns.index((r["imbalance_factor"], r["ipc"]))] = (
+          r["test_acc_mean"])
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.4 * len(methods) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), [f"IF {f:g}\nIPC {i}" for f, i in columns], fontsize=7)
+    ax.set_yticks(range(len(methods)), methods, fontsize=7)
+    for (i, j), v in np.ndenumerate(grid):
+      if np.isfinite(v):
+        ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=ax, label="test accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(workdir / "accuracy_heatmap.png", dpi=100)
+    plt.close(fig)
+  target = config.benchmark.per_class_if
+  chosen = [r for r in rows if r["imbalance_factor"] == target and r.get("per_class_acc")]
+  if chosen:
+    # One panel per IPC; a base method keeps its colour, its plug-ins change the line style.
+    ipcs = list(dict.fromkeys(r["ipc"] for r in chosen if r["ipc"] is not None)) or [None]
+    parsed = {r["method"]: registry.parse(r["method"]) for r in chosen}
+    bases = list(dict.fromkeys(m.base.name for m in parsed.values()))
+    styles = {(): "-", ("two_stage",): "--", ("hierarchical",): ":"}
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.5), sharey=True,
+                             squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+      for r in chosen:
+        if r["ipc"] not in (ipc, None):  # the full set (ipc None) shows in every panel
+          continue
+        m = parsed[r["method"]]
+        ax.plot(r["per_class_acc"], marker=".",
+                linestyle=styles.get(tuple(p.name for p in m.plugins), "-."),
+                color=f"C{bases.index(m.base.name) % 10}", label=r["method"])
+      ax.set_title(f"IF {target:g}, IPC {_fmt(ipc)}", fontsize=9)
+      ax.set_xlabel("class (decreasing training count)")
+    axes[0, 0].set_ylabel("test accuracy (%)")
+    axes[0, -1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(workdir / f"per_class_if{target:g}.png", dpi=100)
+    plt.close(fig)

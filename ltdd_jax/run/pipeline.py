@@ -1,0 +1,342 @@
+"""Stages a run is made of, each resumable, and the end-to-end pipeline the launchers call.
+
+  experts   -> <expert root>/flat (and flat_classifier for LTDD's ED; the groups' for the plugin)
+  distill   -> <workdir>/synthetic.npz, synthetic.png, distill_ckpt/
+  evaluate  -> <workdir>/report.json, report_per_class.png
+`setup` checks everything it can, builds the specs and writes the resolved config; every stage
+appends to <workdir>/metrics.jsonl. The stages (with the benchmark and tuning drivers) are the
+only readers of the config: below them every function takes a spec (`run.specs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from ltdd_jax import errors, parallel, reporting
+from ltdd_jax.core import training
+from ltdd_jax.data import dataset as dataset_lib
+from ltdd_jax.evaluation import metrics as metrics_lib
+from ltdd_jax.evaluation import protocol as protocol_lib
+from ltdd_jax.evaluation import report as report_lib
+from ltdd_jax.methods import distill, experts, hierarchical, registry, selection, synthetic
+from ltdd_jax.methods import grouping as grouping_lib
+from ltdd_jax.methods import two_stage as two_stage_lib
+from ltdd_jax.run import checks, resume
+from ltdd_jax.run import context as context_lib
+from ltdd_jax.run import specs as specs_lib
+
+
+def setup(config, workdir, data=None, check_resume: bool = True) -> context_lib.RunContext:
+  """Common start of every run: checks, specs, multi-host init, compilation cache, dataset, mesh.
+
+  Everything that can be checked before work starts is checked here, in this order: the config
+  alone, the workdir (a folder we can write to, with room), the stage outputs already in it
+  (made with the same config values, `resume.check_workdir`), then what needs the data (IPC against
+  class sizes, manual groups). `config.json` is written only after every check passed.
+
+  `data` (from `load_dataset`) skips loading when a caller running many cells on the same data
+  (the benchmark grid) already holds it. `check_resume=False` skips the early check of stage
+  records, for commands that resume nothing (evaluating a set); a stage that opens an expert set
+  still checks its record.
+
+  Returns:
+    The `RunContext` every stage takes.
+  """
+  checks.check_config(config)
+  specs = specs_lib.Specs.from_config(config)
+  workdir = resume.prepare_workdir(workdir)
+  if check_resume:
+    resume.check_workdir(config, workdir, context_lib.expert_root(config, workdir))
+  parallel.initialize_distributed(config.mesh.distributed)
+  parallel.use_compilation_cache(config.mesh.compilation_cache_dir)
+  mesh = parallel.make_mesh(config.mesh.num_devices)
+  if data is None:
+    data = load_dataset(config)
+  checks.check_with_data(config, data.counts)
+  reporting.write_json(workdir / "config.json", config.to_dict())
+  return context_lib.RunContext(config, specs, workdir, data, mesh)
+
+
+def load_dataset(config) -> dataset_lib.Dataset:
+  """The dataset `config.data` names (DESIGN §1)."""
+  return dataset_lib.load_dataset(specs_lib.data(config), config.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Experts.
+
+
+def train_expert_set(ctx: context_lib.RunContext, directory, labelling: experts.Labelling,
+                     balance: training.Balance = training.Balance()) -> experts.ExpertSet:
+  """Trains (or resumes, or opens) the expert set of `labelling` in `directory`, after checking
+  its record against the config."""
+  resume.claim(ctx.config, directory, "experts")
+  images, labels = labelling.apply(ctx.data.train_images, ctx.data.train_labels)
+  recipe = experts.recipe(ctx.specs.experts, labels, labelling.num_classes, balance)
+  return experts.train_experts(recipe, labelling, images, labels, directory, ctx.mesh)
+
+
+def train_classifier_set(ctx: context_lib.RunContext,
+                         expert_set: experts.ExpertSet) -> experts.ExpertSet:
+  """LTDD's classifier experts of an expert set (trained, resumed or opened)."""
+  resume.claim(ctx.config, experts.classifier_directory(expert_set), "experts", classifier=True)
+  return experts.train_classifier_experts(ctx.specs.experts, expert_set, ctx.data.train_images,
+                                          ctx.data.train_labels, ctx.mesh)
+
+
+def stage_experts(ctx: context_lib.RunContext):
+  """Trains (or resumes) the flat expert set, plus classifier experts when the method needs them.
+
+  Returns:
+    (expert set, classifier expert set or None).
+  """
+  start = time.time()
+  directory = ctx.expert_root / "flat"
+  trained = not (directory / "meta.json").exists()
+  expert_set = train_expert_set(ctx, directory, experts.Labelling(ctx.data.num_classes))
+  classifier_set = train_classifier_set(ctx, expert_set) if ctx.method.options.ed else None
+  if trained:  # One line per training, not per resume that finds the set finished.
+    ctx.metrics.write("experts", expert_set.epochs, seconds=time.time() - start)
+  return expert_set, classifier_set
+
+
+def expert_validation_accuracy(ctx: context_lib.RunContext, expert_set: experts.ExpertSet) -> dict:
+  """Validation accuracy (%) of every expert at its last epoch: {mean, std, per_expert}."""
+  data = ctx.data
+  if not len(data.val_labels):
+    return {}
+  logits = expert_set.logits(data.val_images, batch_size=ctx.specs.protocol.test_batch_size)
+  acc = 100.0 * (logits.argmax(-1) == data.val_labels[None]).mean(axis=1)
+  return {"mean": float(acc.mean()), "std": float(acc.std()), "per_expert": acc.tolist()}
+
+
+def class_mean_features(data, expert_set: experts.ExpertSet) -> np.ndarray:
+  """[C, F] mean backbone features of every class under expert 0's last epoch."""
+  feats = expert_set.features(data.train_images)
+  return np.stack([feats[data.train_labels == c].mean(0) for c in range(data.num_classes)])
+
+
+def stage_grouping(ctx: context_lib.RunContext) -> grouping_lib.Grouping:
+  """The run's class grouping (saved as grouping.json; similarity uses the flat experts)."""
+  config, data = ctx.config, ctx.data
+  features = None
+  if config.grouping.strategy == "similarity":
+    expert_set, _ = stage_experts(ctx)
+    features = class_mean_features(data, expert_set)
+  grouping = grouping_lib.make_grouping(ctx.specs.grouping, data.counts, config.seed, features)
+  grouping.save(ctx.workdir / "grouping.json")
+  return grouping
+
+
+def stage_group_experts(ctx: context_lib.RunContext, grouping: grouping_lib.Grouping,
+                        stage1: bool = True) -> dict:
+  """The hierarchical plugin's expert sets (`hierarchical.expert_requests`), trained or opened
+  under `<expert root>/grouping_<fingerprint>/`: request name -> (set, classifier set or None)."""
+  root = hierarchical.experts_root(ctx.expert_root, grouping)
+  out = {}
+  for request in hierarchical.expert_requests(ctx.specs.hierarchical, grouping, ctx.data.counts,
+                                              stage1):
+    expert_set = train_expert_set(ctx, root / request.folder, request.labelling, request.balance)
+    out[request.name] = (expert_set,
+                         train_classifier_set(ctx, expert_set) if request.decoupled else None)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation.
+
+
+def flat_objective(ctx: context_lib.RunContext, expert_set: experts.ExpertSet,
+                   classifier_set: experts.ExpertSet | None) -> distill.MatchingObjective:
+  """The objective of flat distillation: the flat experts (and their classifier experts under
+  LTDD's ED)."""
+  if ctx.method.options.ed and classifier_set is None:
+    raise errors.InputError("LTDD's expert decoupling (ltdd.ed) needs the classifier experts; "
+                            "none were given (train them with experts.classifier_epochs >= 1).")
+  data = ctx.data
+  source = distill.ExpertSource(expert_set, classifier_set, np.arange(data.num_classes),
+                                data.counts, ctx.specs.experts.sampling)
+  return distill.make_objective(source, ctx.specs.matching, ctx.mesh)
+
+
+def hierarchical_objectives(ctx: context_lib.RunContext,
+                            grouping: grouping_lib.Grouping) -> list[distill.MatchingObjective]:
+  """The plugin's stage-1 and stage-2 objectives for a grouping (training their experts first)."""
+  specs = ctx.specs
+  sets = stage_group_experts(ctx, grouping, hierarchical.stage1_used(specs.hierarchical, grouping))
+  planned = hierarchical.sources(specs.hierarchical, grouping, ctx.data.counts, sets,
+                                 specs.distill.inner.syn_steps)
+  return [distill.make_objective(source, specs.matching, ctx.mesh, weight, syn_steps)
+          for source, weight, syn_steps in planned]
+
+
+def stage_distill(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
+  """Experts (if missing), then distillation (flat, or hierarchical for `+hierarchical`); writes
+  synthetic.npz and the PNG grid, and returns the set."""
+  config, workdir, specs = ctx.config, ctx.workdir, ctx.specs
+  expert_set, classifier_set = stage_experts(ctx)
+  start = time.time()
+  init, label_record = synthetic.initial_synthetic(specs.init, ctx.data, expert_set,
+                                                   classifier_set)
+  log_label_init(ctx.metrics, label_record)
+  if ctx.method.hierarchical:
+    objectives = hierarchical_objectives(ctx, stage_grouping(ctx))
+  else:
+    objectives = [flat_objective(ctx, expert_set, classifier_set)]
+  names = [o.name for o in objectives]
+  ctx.metrics.write_once(
+      "objectives", 0, names=names, weights=[o.weight for o in objectives],
+      syn_steps=[o.syn_steps for o in objectives],
+      expert_decoupling=[o.classifier_experts is not None for o in objectives])
+  resume.claim(config, workdir / "distill_ckpt", "distill")
+
+  def validate(state):  # Evaluated as the final set will be, on the validation split.
+    syn = synthetic.DistilledSet.from_state(state, names)
+    return evaluate_labelled(ctx, synthetic_set(ctx, syn), ctx.method.two_stage, "validation")
+
+  state = distill.run_distillation(specs.distill, objectives, init, workdir / "distill_ckpt",
+                                   ctx.mesh, metrics=ctx.metrics, validate=validate)
+  syn = synthetic.DistilledSet.from_state(state, names, label_record)
+  ipc = specs.init.ipc
+  syn.save(workdir, ctx.data.preprocessor, f"{config.method} synthetic set, IPC {ipc}",
+           per_class=min(ipc, 10))
+  ctx.metrics.write_once("distill_done", specs.distill.iterations, seconds=time.time() - start)
+  return syn
+
+
+def log_label_init(metrics: reporting.MetricsWriter, record: dict) -> None:
+  """Writes the soft labels' initial per-class record to metrics.jsonl, and warns about classes
+  whose images no labelling expert classifies correctly (their labels start class-correct)."""
+  if not record:
+    return
+  metrics.write_once("label_init", 0, **{k: np.asarray(v).tolist() for k, v in record.items()})
+  short = np.flatnonzero(record["init_expert_correct"] < 1)
+  if len(short):
+    logging.warning("Soft-label init: classes %s have images that no labelling expert classifies "
+                    "correctly (share with expert labels: %s); those start from a class-correct "
+                    "target instead.", short.tolist(),
+                    np.round(record["init_expert_correct"][short], 2).tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def baseline_set(ctx: context_lib.RunContext, base: str) -> protocol_lib.LabelledSet:
+  """A baseline's labelled set: the full LT set, or a random or herding selection."""
+  config, data = ctx.config, ctx.data
+  ev = config.evaluate
+  if base == "full":
+    return protocol_lib.LabelledSet(data.train_images, data.train_labels, data.train_labels,
+                                    ev.full_lr, ev.full_epochs, None, base, real=True)
+  ipc = config.distill.ipc
+  if base == "random":
+    idx = selection.random_selection(data.train_labels, data.num_classes, ipc, config.seed,
+                                     config.distill.allow_duplicates)
+  elif base == "herding":
+    expert_set, _ = stage_experts(ctx)
+    feats = expert_set.features(data.train_images)
+    idx = selection.herding_selection(feats, data.train_labels, data.num_classes, ipc,
+                                      config.distill.allow_duplicates)
+  else:
+    raise errors.InputError(f"Unknown baseline {base!r}; accepted: {registry.BASELINES}.")
+  labels = data.train_labels[idx]
+  return protocol_lib.LabelledSet(data.train_images[idx], labels, labels, ev.lr, ev.epochs, ipc,
+                                  base, real=True)
+
+
+def synthetic_set(ctx: context_lib.RunContext,
+                  syn: synthetic.DistilledSet) -> protocol_lib.LabelledSet:
+  """A distilled set as evaluation consumes it (`DistilledSet.labelled`) under `config.evaluate`."""
+  ev = ctx.config.evaluate
+  return syn.labelled(ctx.config.method, ev.epochs, ctx.data.num_classes,
+                      None if ev.use_learned_lr else ev.lr)
+
+
+def evaluate_labelled(ctx: context_lib.RunContext, train_set: protocol_lib.LabelledSet,
+                      two_stage: bool, split: str, checkpoint_dir=None) -> dict:
+  """Evaluates a labelled set with one network per run (flat) or the two-stage classifier."""
+  held_out = protocol_lib.HeldOut.of(ctx.data, split)
+  protocol = ctx.specs.protocol
+  if two_stage:
+    spec = specs_lib.two_stage_spec(ctx.config, stage_grouping(ctx))
+    return two_stage_lib.evaluate_two_stage(
+        protocol, spec, dataclasses.replace(train_set, method=ctx.config.method), held_out,
+        ctx.mesh, checkpoint_dir)
+  return protocol_lib.evaluate_set(protocol, train_set, held_out, ctx.mesh, checkpoint_dir)
+
+
+def report_name(method: registry.Method, which: str, split: str) -> str:
+  """`report` for the run's own set (the synthetic set, or the baseline the method names), else
+  `report_<set>`, so evaluating random, herding and full in one workdir keeps every report;
+  `validation_` in front for the validation split."""
+  own = which.startswith("synthetic") or which == method.base.name
+  name = "report" if own else f"report_{which}"
+  return name if split == "test" else f"validation_{name}"
+
+
+def stage_evaluate(ctx: context_lib.RunContext, which: str = "synthetic", two_stage: bool = False,
+                   split: str = "test", *, syn: synthetic.DistilledSet | None = None,
+                   started: float | None = None, **extra) -> dict:
+  """Evaluates a set and writes report.json + report_per_class.png (validation_report.* when
+  `split` is `validation`).
+
+  Args:
+    ctx: the run.
+    which: `synthetic` (<workdir>/synthetic.npz), `synthetic:PATH`, `random`, `herding` or `full`.
+    two_stage: evaluate with the two-stage classifier (grouping from the config).
+    split: `test` (reported numbers) or `validation` (model selection and tuning).
+    syn: the distilled set in memory (the run's own, just distilled): not read back from its file.
+    started: when the run started (`wall_seconds` counts from it; default: this stage's start).
+    extra: more report fields.
+  """
+  data = ctx.data
+  start = time.time() if started is None else started
+  if which.startswith("synthetic"):
+    if syn is None:
+      _, _, path = which.partition(":")
+      syn = synthetic.DistilledSet.load(path or ctx.workdir / "synthetic.npz", data.num_classes,
+                                        data.image_shape)
+    train_set = synthetic_set(ctx, syn)
+  elif which in registry.BASELINES:
+    train_set = baseline_set(ctx, which)
+  else:
+    raise errors.InputError(f"--set={which!r}: accepted synthetic, synthetic:PATH, "
+                            f"{', '.join(registry.BASELINES)}.")
+  name = report_name(ctx.method, which, split)
+  saved_state = ctx.workdir / "evaluate_ckpt" / name  # Resumes an interrupted evaluation.
+  report = evaluate_labelled(ctx, train_set, two_stage, split, saved_state)
+  report["wall_seconds"] = time.time() - start
+  report.update(extra)
+  if train_set.ipc is not None:  # Classes whose real images had to be repeated to reach the IPC.
+    report["repeated_classes"] = checks.short_classes(data.counts, train_set.ipc)
+  report_lib.write_report(ctx.workdir, report, data.counts, name)
+  if jax.process_index() == 0:  # One process removes what every process saved into.
+    shutil.rmtree(saved_state, ignore_errors=True)
+    with contextlib.suppress(OSError):  # evaluate_ckpt/ itself, once no evaluation is under way
+      saved_state.parent.rmdir()
+  prefix = metrics_lib.SPLIT_PREFIX[split]
+  ctx.metrics.write("evaluate", 0, method=train_set.method, split=split,
+                    **{f"{prefix}_acc_{k}": report[f"{prefix}_acc_{k}"] for k in ("mean", "std")})
+  return report
+
+
+def run_pipeline(config, workdir, data=None) -> dict:
+  """The main job: experts -> distillation -> evaluation -> report (or a baseline's evaluation).
+
+  `data`: the loaded dataset of `config.data` when the caller already has it (see `setup`)."""
+  start = time.time()
+  ctx = setup(config, workdir, data)
+  method = ctx.method
+  # Every plugin is evaluated with the two-stage classifier.
+  if method.distils:
+    return stage_evaluate(ctx, "synthetic", method.two_stage, syn=stage_distill(ctx),
+                          started=start, stage="pipeline")
+  return stage_evaluate(ctx, method.base.name, method.two_stage, started=start, stage="pipeline")

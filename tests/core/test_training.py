@@ -1,0 +1,85 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ltdd_jax.core import training
+
+
+def _spec(**kw):
+  return training.TrainSpec(**{"batch_size": 4, "steps_per_epoch": 2, "momentum": 0.9,
+                               "weight_decay": 5e-4, "num_classes": 3, **kw})
+
+
+def _pytorch_sgd(params, velocity, grads, lr, momentum, weight_decay):
+  """torch.optim.SGD's step (no dampening, no Nesterov): the reference the optax form must equal."""
+  grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+  velocity = jax.tree.map(lambda v, g: momentum * v + g, velocity, grads)
+  return jax.tree.map(lambda p, v: p - lr * v, params, velocity), velocity
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.0, 0.0), (0.5, 5e-3)])
+def test_optax_sgd_is_pytorch_sgd_bitwise(momentum, weight_decay):
+  """training.sgd (optax) reproduces PyTorch's SGD bit for bit, with an lr that changes between
+  steps, inside jit as the epoch kernel runs it."""
+  spec = _spec(momentum=momentum, weight_decay=weight_decay)
+  rng = np.random.default_rng(0)
+  params = {"a": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+  grads = [jax.tree.map(lambda x, i=i: jnp.asarray(rng.normal(size=x.shape), jnp.float32) * (i + 1),
+                        params) for i in range(4)]
+  lrs = [0.1, 0.1, 0.01, 0.37]
+
+  @jax.jit
+  def optax_step(p, opt_state, g, lr):
+    updates, opt_state = training.sgd(spec, lr).update(g, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state
+
+  @jax.jit
+  def torch_step(p, v, g, lr):
+    return _pytorch_sgd(p, v, g, lr, momentum, weight_decay)
+
+  p_optax, opt_state = params, training.init_state(spec, params)["opt_state"]
+  p_torch, velocity = params, jax.tree.map(jnp.zeros_like, params)
+  for g, lr in zip(grads, lrs):
+    p_optax, opt_state = optax_step(p_optax, opt_state, g, jnp.float32(lr))
+    p_torch, velocity = torch_step(p_torch, velocity, g, jnp.float32(lr))
+  chex.assert_trees_all_equal(p_optax, p_torch)
+  assert not np.array_equal(p_optax["a"], params["a"])
+
+
+def test_head_only_state_and_epoch_leave_the_backbone_bitwise():
+  spec = _spec(head_only=True, batch_size=6, steps_per_epoch=3)
+  params = {"backbone": {"w": jnp.ones((4, 4))}, "head": {"w": jnp.full((4, 3), 0.1)}}
+  state = training.init_state(spec, params)
+  chex.assert_trees_all_equal_structs(state["opt_state"],
+                                      training.sgd(spec, 0.0).init(params["head"]))
+  apply_fn = lambda p, x: jnp.tanh(x.reshape(len(x), -1)[:, :4] @ p["backbone"]["w"]) @ p["head"]["w"]
+  rng = np.random.default_rng(1)
+  data = {"images": jnp.asarray(rng.normal(size=(12, 2, 2, 1)), jnp.float32),
+          "targets": jnp.asarray(rng.integers(0, 3, 12), jnp.int32)}
+  data["labels"] = data["targets"]
+  new, loss = jax.jit(lambda s, k: training.train_epoch(apply_fn, spec, s, k, jnp.float32(0.1),
+                                                        data))(state, jax.random.key(0))
+  chex.assert_trees_all_equal(new["params"]["backbone"], params["backbone"])
+  assert not np.array_equal(new["params"]["head"]["w"], params["head"]["w"])
+  assert np.isfinite(float(loss))
+
+
+def test_balanced_sampling_is_balanced():
+  labels = jnp.asarray(np.array([0] * 90 + [1] * 10))
+  spec = training.TrainSpec(batch_size=100, steps_per_epoch=20, momentum=0, weight_decay=0,
+                            num_classes=2, sampling="class_balanced")
+  idx = np.asarray(training.epoch_indices(jax.random.key(0), labels, spec))
+  chex.assert_shape(idx, (20, 100))
+  share = (np.asarray(labels)[idx] == 1).mean()
+  assert 0.45 < share < 0.55
+
+
+def test_unknown_sampling_and_loss_are_named():
+  with pytest.raises(ValueError, match="Unknown sampling 'balanced'"):
+    _spec(sampling="balanced")
+  with pytest.raises(ValueError, match="Unknown loss 'focal'"):
+    _spec(loss="focal")

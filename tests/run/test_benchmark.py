@@ -1,0 +1,134 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ltdd_jax import errors
+from ltdd_jax.methods import distill
+from ltdd_jax.run import benchmark, pipeline
+
+
+def test_benchmark_grid_runs_resumes_and_tabulates(tmp_path):
+  cmd = [sys.executable, "-m", "launch.benchmark", "--config=configs/benchmark.py:dataset=digits",
+         f"--workdir={tmp_path}", f"--config.data.cache_dir={tmp_path}/cache",
+         "--config.model.width=8", "--config.benchmark.ipcs=(2,)",
+         "--config.benchmark.methods=('random','random+two_stage')",
+         "--config.evaluate.epochs=2", "--config.evaluate.full_epochs=1",
+         "--config.evaluate.num_models=2"]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table, summary = (tmp_path / "results.md").read_text().split("\n\n")
+  table = table.splitlines()
+  assert len(table) == 2 + 3  # header, rule, full + 2 methods
+  assert "random+two_stage" in table[-1]
+  assert summary.startswith("3 of 3 cells finished; sum of cell wall times")
+  two_stage = json.loads((tmp_path / "if10_ipc2_random-two_stage" / "report.json").read_text())
+  assert "group_acc" in two_stage and "within_group_acc" in two_stage
+  assert (tmp_path / "accuracy_heatmap.png").exists() and (tmp_path / "per_class_if10.png").exists()
+  report = tmp_path / "if10_ipc2_random" / "report.json"
+  before = report.stat().st_mtime_ns
+  again = subprocess.run(cmd, capture_output=True, text=True)
+  assert again.returncode == 0
+  assert report.stat().st_mtime_ns == before, "a finished cell must not run again"
+  assert "[benchmark] cell" not in again.stdout
+
+
+def test_two_stage_cell_reuses_the_base_distillation(tmp_path):
+  from ltdd_jax.run import benchmark  # pylint: disable=g-import-not-at-top
+  base = tmp_path / benchmark.cell_name(10.0, 2, "mtt")
+  (base / "distill_ckpt" / "200").mkdir(parents=True)
+  cell = tmp_path / benchmark.cell_name(10.0, 2, "mtt+two_stage")
+  benchmark.reuse_distillation(
+      benchmark.distilling_cell(tmp_path, 10.0, 2, "mtt+two_stage"), cell)
+  assert not (cell / "distill_ckpt").exists(), "an unfinished base cell is not reused"
+  (base / "synthetic.npz").write_bytes(b"")
+  benchmark.reuse_distillation(
+      benchmark.distilling_cell(tmp_path, 10.0, 2, "mtt+two_stage"), cell)
+  assert (cell / "distill_ckpt" / "200").is_dir()
+  other = tmp_path / benchmark.cell_name(10.0, 2, "mtt+hierarchical")
+  benchmark.reuse_distillation(
+      benchmark.distilling_cell(tmp_path, 10.0, 2, "mtt+hierarchical"), other)
+  assert not other.exists()
+
+
+def test_cells_take_their_factor_and_ipc_settings(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  from ltdd_jax import errors  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import benchmark  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config("profile=paper")
+  one = benchmark.cell_config(config, 100.0, 1, "ltdd", tmp_path)
+  fifty = benchmark.cell_config(config, 10.0, 50, "ltdd", tmp_path)
+  assert (one.distill.max_start_epoch, one.distill.lr_lr, one.datm.lr_label) == (4, 1e-7, 5.0)
+  assert (fifty.distill.max_start_epoch, fifty.distill.lr_img) == (40, 1000.0)
+  assert (one.ltdd.backbone_weight, one.ltdd.grow_window) == (0.5, False)  # IF 100
+  assert (fifty.ltdd.backbone_weight, fifty.ltdd.grow_window) == (1.0, True)  # IF 10
+  with pytest.raises(errors.InputError, match="no settings for if5"):
+    benchmark.cell_config(config, 5.0, 10, "mtt", tmp_path)
+
+
+def test_table_shows_the_learned_lr_of_distilled_sets_only():
+  from ltdd_jax.run import benchmark  # pylint: disable=g-import-not-at-top
+  assert benchmark.learned_lr({"lr": 0.036084}, "mtt") == "0.0361"
+  assert benchmark.learned_lr({"lr": 0.01}, "random+two_stage") is None  # the protocol's lr
+  hierarchical = {"lr": 0.04, "learned_lrs": {"groups": 0.0413, "group_0": 0.0473}}
+  assert benchmark.learned_lr(hierarchical, "ltdd+hierarchical") == "groups 0.0413 / group_0 0.0473"
+  row = {"imbalance_factor": 100.0, "ipc": 10, "method": "mtt", "images": 100,
+         "test_acc_mean": 30.0, "test_acc_std": 1.0, "many_acc": 50.0, "medium_acc": 25.0,
+         "few_acc": 10.0, "per_class_acc_std": 20.0, "head_tail_gap": 40.0,
+         "pred_kl_uniform": 0.1, "group_acc": None, "within_group_acc": None,
+         "learned_lr": "0.0361"}
+  header, rule, line = benchmark.markdown_table([row]).splitlines()
+  assert header.endswith("| learned lr |") and rule.count("|") == line.count("|") == 15
+  assert line.endswith("| 0.0361 |")
+
+
+@pytest.mark.parametrize("error", benchmark.CELL_ERRORS)
+def test_a_diverging_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch, error):
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config("dataset=digits")
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.benchmark.ipcs = (1, 2)
+  config.benchmark.methods = ("random", "mtt", "mtt+two_stage")
+  ran = []
+  def fake_run(cell_config, workdir, data=None):
+    ran.append(workdir.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.name == "if10_ipc1_mtt" and diverge:
+      raise error("loss became nan at iteration 7")
+    report = {"method": cell_config.method, "ipc": cell_config.distill.ipc, "test_acc_mean": 50.0,
+              "test_acc_std": 1.0, "wall_seconds": 2.0, "num_images": 10}
+    (workdir / "report.json").write_text(json.dumps(report))
+  monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+  diverge = True
+  with pytest.raises(benchmark.CellsDivergedError, match="if10_ipc1_mtt") as raised:
+    benchmark.run_grid(config, tmp_path)
+  # The cells after the failed one still ran; the two-stage cell evaluates the failed cell's
+  # distillation, so it is marked failed too when that diverged, and runs when only its
+  # evaluation did.
+  distill_failed = error is distill.DivergenceError
+  assert ran == ["if10_full", "if10_ipc1_random", "if10_ipc1_mtt"] + (
+      [] if distill_failed else ["if10_ipc1_mtt-two_stage"]) + [
+      "if10_ipc2_random", "if10_ipc2_mtt", "if10_ipc2_mtt-two_stage"]
+  assert "nan at iteration 7" in (tmp_path / "if10_ipc1_mtt" / "failed.txt").read_text()
+  assert ("if10_ipc1_mtt-two_stage" in str(raised.value)) == distill_failed
+  results = (tmp_path / "results.md").read_text()
+  finished = 5 if distill_failed else 6
+  assert f"{finished} of 7 cells finished" in results
+  assert "Diverged (see each cell's failed.txt): if10_ipc1_mtt" in results
+  ran.clear()
+  diverge = False  # e.g. after lowering its image lr: only the failed cells run again
+  benchmark.run_grid(config, tmp_path)
+  assert ran == ["if10_ipc1_mtt"] + (["if10_ipc1_mtt-two_stage"] if distill_failed else [])
+  assert not (tmp_path / "if10_ipc1_mtt" / "failed.txt").exists()
+  results = (tmp_path / "results.md").read_text()
+  assert "7 of 7 cells finished" in results and "Diverged" not in results
+  # Experts are shared by a factor's cells: their divergence stops the grid at once.
+  def experts_diverge(cell_config, workdir, data=None):
+    raise errors.DivergedError("expert training loss became nan at epoch 3")
+  monkeypatch.setattr(pipeline, "run_pipeline", experts_diverge)
+  (tmp_path / "if10_ipc2_mtt" / "report.json").unlink()
+  with pytest.raises(errors.DivergedError, match="expert training"):
+    benchmark.run_grid(config, tmp_path)
+  assert not (tmp_path / "if10_ipc2_mtt" / "failed.txt").exists()
