@@ -15,9 +15,11 @@ from configs import cifar10_lt, common, digits_lt
 METHODS = ("random", "herding", "mtt", "datm", "ltdd", "random+two_stage", "herding+two_stage",
            "mtt+two_stage", "datm+two_stage", "ltdd+two_stage")
 HIERARCHICAL = ("mtt+hierarchical", "ltdd+hierarchical")
+# The soft-label sets rectified (ADSA-style): each cell evaluates its base cell's set again.
+RECTIFIED = ("datm+rectify", "ltdd+rectify")
 # The evidence grid: the baselines, the three matching methods and both plugins on MTT and LTDD.
 EVIDENCE = ("random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+two_stage",
-            "mtt+hierarchical", "ltdd+hierarchical")
+            "mtt+hierarchical", "ltdd+hierarchical") + RECTIFIED
 
 
 def get_config(arg=None):
@@ -42,7 +44,7 @@ def get_config(arg=None):
   # hierarchical cells (each trains group and per-group experts) and the `full` row to stay under
   # 2 hours; add them with --config.benchmark.methods=... and --config.benchmark.include_full=True.
   cpu_cifar = args.profile == "cpu" and args.dataset != "digits"
-  c.benchmark.methods = METHODS if cpu_cifar else METHODS + HIERARCHICAL
+  c.benchmark.methods = METHODS + RECTIFIED + (() if cpu_cifar else HIERARCHICAL)
   if args.profile == "evidence":
     c.benchmark.methods = EVIDENCE
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor

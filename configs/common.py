@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.profile = "cpu"
   # mtt | datm | ltdd, or a baseline: random | herding | full, with optional plugins
-  # (+two_stage, +hierarchical): ltdd_jax/methods/registry.py.
+  # (+two_stage, +hierarchical, +rectify): ltdd_jax/methods/registry.py.
   c.method = "mtt"
   # Stages (experts, distill, or all) whose outputs in the workdir are discarded and redone when
   # they were made with other config values; by default such a resume fails and names the keys.
@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_path = ""              # folder, .tar.gz or list file for folder/listfile sources.
   c.data.test_path = ""
   c.data.image_root = ""              # listfile: folder the listed paths are relative to.
-  c.data.image_size = 32              # folder/listfile images are resized to this.
+  c.data.image_size = 32              # folder/listfile images of another size are resized to it
+  c.data.resize = "squash"            # ... squash (both sides) | center_crop (shorter side, centre)
   c.data.cache_dir = "~/.cache/ltdd_jax"
   c.data.imbalance_factor = 10.0
   c.data.imbalance_profile = "exp"    # exp | step
@@ -193,4 +194,16 @@ def base_config() -> ml_collections.ConfigDict:
   # term's normalised distance then collapses the objective's lr (docs/protocol.md). 10 is the
   # smallest imbalance factor LTDD's published configs apply ED at. Flat LTDD always uses ED.
   c.grouping.ed_min_imbalance = 10.0
+
+  # +rectify (ADSA-style soft-label rectification, ltdd_jax/methods/rectify.py): labels become
+  # softmax(logits - tau log pi) with pi the training class frequencies.
+  c.rectify = ml_collections.ConfigDict()
+  c.rectify.mode = "adsa"             # adsa | validation | fixed
+  c.rectify.tau = 1.0                 # mode=fixed
+  c.rectify.tau_min = 0.0             # mode=adsa searches tau_min..tau_max by tau_step
+  c.rectify.tau_max = 3.0
+  c.rectify.tau_step = 0.01
+  c.rectify.validation_taus = (0.0, 0.5, 1.0, 1.5, 2.0)  # mode=validation
+  c.rectify.at = "final"              # final (ADSA) | init | both
+  c.rectify.keep_class = False        # cap an image's tau where its own class would lose the argmax
   return c

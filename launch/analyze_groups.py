@@ -8,15 +8,16 @@ import json
 
 
 from launch import _common
-from ltdd_jax.methods import analysis
-from ltdd_jax.run import pipeline
 
 
 def main(argv):
   del argv
+  # Imported once the workdir is locked: a second run on it fails before JAX loads.
+  from ltdd_jax.methods import analysis  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
   _common.quiet_libraries()
   config, workdir = _common.CONFIG.value, _common.WORKDIR.value
-  ctx = pipeline.setup(config, workdir)
+  ctx = pipeline.setup(config, workdir, stages=("experts",))  # It reads the experts alone.
   flat, _ = pipeline.stage_experts(ctx)
   grouping = pipeline.stage_grouping(ctx)
   sets = pipeline.stage_group_experts(ctx, grouping, stage1=False)

@@ -5,11 +5,12 @@
 
 
 from launch import _common
-from ltdd_jax.run import pipeline
 
 
 def main(argv):
   del argv
+  # Imported once the workdir is locked: a second run on it fails before JAX loads.
+  from ltdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
   _common.quiet_libraries()
   pipeline.stage_distill(pipeline.setup(_common.CONFIG.value, _common.WORKDIR.value))
 

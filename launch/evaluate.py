@@ -10,8 +10,6 @@ A `+two_stage` (or `+hierarchical`) suffix on --config.method evaluates with the
 from absl import flags
 
 from launch import _common
-from ltdd_jax.evaluation import report
-from ltdd_jax.run import pipeline
 
 _SET = flags.DEFINE_string("set", "synthetic", "synthetic[:PATH] | random | herding | full")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation"],
@@ -20,8 +18,11 @@ _SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation"],
 
 def main(argv):
   del argv
+  # Imported once the workdir is locked: a second run on it fails before JAX loads.
+  from ltdd_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
   _common.quiet_libraries()
-  ctx = pipeline.setup(_common.CONFIG.value, _common.WORKDIR.value, check_resume=False)
+  ctx = pipeline.setup(_common.CONFIG.value, _common.WORKDIR.value, stages=())
   result = pipeline.stage_evaluate(ctx, _SET.value, ctx.method.two_stage, _SPLIT.value)
   print(report.format_report(result))
 

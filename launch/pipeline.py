@@ -6,12 +6,13 @@
 
 
 from launch import _common
-from ltdd_jax.evaluation import report as report_lib
-from ltdd_jax.run import pipeline
 
 
 def main(argv):
   del argv
+  # Imported once the workdir is locked: a second run on it fails before JAX loads.
+  from ltdd_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
   _common.quiet_libraries()
   report = pipeline.run_pipeline(_common.CONFIG.value, _common.WORKDIR.value)
   print(report_lib.format_report(report))

@@ -18,4 +18,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _common.run(main)
+  _common.run(main, lock_workdir=False)  # Each cell is locked while it runs.

@@ -7,6 +7,7 @@ mesh over all global devices.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
@@ -40,8 +41,9 @@ def use_compilation_cache(directory: str, min_compile_seconds: float = 1.0) -> N
 
   Programs that compile faster than `min_compile_seconds` are not stored. Runs that repeat the
   same programs (every cell of a benchmark grid, a resumed run) then load compiled executables
-  from disk instead of compiling them again."""
-  if not directory:
+  from disk instead of compiling them again. A cache the environment names
+  (JAX_COMPILATION_CACHE_DIR) is left as it is."""
+  if not directory or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
   directory = str(pathlib.Path(directory).expanduser())
   if jax.config.jax_compilation_cache_dir != directory:

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import sys
+import threading
 import time
 
 import matplotlib
@@ -74,34 +75,98 @@ class MetricsWriter:
     os.replace(tmp, self.path)
 
 
+class WallClock:
+  """Seconds a job has spent in a workdir over all its segments (every resumed run adds one).
+
+  `start` records the running segment in `<workdir>/<name>` every `every` seconds from a daemon
+  thread, so a segment killed by kill -9 still counts up to its last record; `stop` records it
+  and stops."""
+
+  def __init__(self, workdir, name: str = "wall_clock.json", every: float = 10.0,
+               started: float | None = None):
+    self.path = pathlib.Path(workdir) / name
+    self.every = every
+    try:
+      self.earlier = [float(x) for x in json.loads(self.path.read_text())["segments"]]
+    except (OSError, ValueError, KeyError, TypeError):
+      self.earlier = []
+    self.t0 = time.time() if started is None else started
+    self._done = threading.Event()
+    self._thread = None
+
+  @property
+  def segment(self) -> float:
+    """Seconds of the running segment."""
+    return time.time() - self.t0
+
+  @property
+  def total(self) -> float:
+    """Seconds of every segment, the running one included."""
+    return sum(self.earlier) + self.segment
+
+  def record(self) -> None:
+    write_json(self.path, {"segments": self.earlier + [self.segment]})
+
+  def start(self) -> "WallClock":
+    def tick():
+      while not self._done.wait(self.every):
+        self.record()
+    self.record()
+    self._thread = threading.Thread(target=tick, daemon=True)
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    self._done.set()
+    if self._thread is not None:
+      self._thread.join()
+    self.record()
+
+
 class Progress:
-  """Prints `label i/n (..%) elapsed ETA` lines to stderr, at most every `every` seconds."""
+  """Prints `label i/n (..%) elapsed ETA` lines to stderr, at most every `every` seconds.
+
+  The ETA comes from the steps after the first one this process ran: the first includes
+  compilation, which the remaining steps do not pay again."""
 
   def __init__(self, label: str, total: int, start: int = 0, every: float = 5.0):
     self.label, self.total, self.start, self.every = label, total, start, every
     self.t0 = time.time()
     self.last = 0.0
+    self.first = None  # (steps done, time) after the first step: the ETA's origin
+
+  def note(self, text: str) -> None:
+    """One line about the loop (e.g. what it resumes from)."""
+    print(f"[{self.label}] {text}", file=sys.stderr, flush=True)
 
   def update(self, done: int, extra: str = "", force: bool = False) -> None:
     now = time.time()
+    if self.first is None:
+      self.first = (done, now)
     if not force and now - self.last < self.every and done < self.total:
       return
     self.last = now
     elapsed = now - self.t0
-    rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
-    eta = (self.total - done) / rate if rate > 0 else float("nan")
+    steps, since = done - self.first[0], now - self.first[1]
+    if steps > 0 and since > 0:
+      eta = f"ETA {(self.total - done) * since / steps:.0f}s"
+    else:
+      eta = "ETA -- (the first step compiles)" if done < self.total else "ETA 0s"
     print(f"[{self.label}] {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) "
-          f"elapsed {elapsed:.0f}s ETA {eta:.0f}s {extra}", file=sys.stderr, flush=True)
+          f"elapsed {elapsed:.0f}s {eta} {extra}", file=sys.stderr, flush=True)
 
 
 def image_grid(pixels: np.ndarray, labels: np.ndarray, path: str | os.PathLike,
-               per_class: int = 10, title: str = "") -> None:
-  """Writes a PNG grid, one row per class. pixels: [N, H, W, C] in ~[0, 1]; labels: [N] ints."""
+               per_class: int = 10, title: str = "", row_names=None) -> None:
+  """Writes a PNG grid, one row per class. pixels: [N, H, W, C] in ~[0, 1]; labels: [N] ints;
+  `row_names`: a label per class (default: the class id) written beside its row."""
   labels = np.asarray(labels)
   classes = np.unique(labels)
   cols = max(1, min(per_class, max(int((labels == c).sum()) for c in classes)))
-  fig, axes = plt.subplots(len(classes), cols, figsize=(max(cols * 0.8, 3.0), len(classes) * 0.8),
-                           squeeze=False)
+  names = [str(c) if row_names is None else str(row_names[c]) for c in classes]
+  label_width = 0.0 if row_names is None else min(3.0, 0.07 * max(len(n) for n in names) + 0.3)
+  fig, axes = plt.subplots(len(classes), cols, squeeze=False,
+                           figsize=(max(cols * 0.8, 3.0) + label_width, len(classes) * 0.8))
   for r, c in enumerate(classes):
     idx = np.flatnonzero(labels == c)[:cols]
     for j in range(cols):
@@ -111,23 +176,39 @@ def image_grid(pixels: np.ndarray, labels: np.ndarray, path: str | os.PathLike,
         img = np.clip(pixels[idx[j]], 0, 1)
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1
                   else None, interpolation="nearest")
-    axes[r, 0].set_title(str(c), fontsize=6, loc="left")
+    if row_names is None:
+      axes[r, 0].set_title(names[r], fontsize=6, loc="left")
+    else:
+      axes[r, 0].text(-0.1, 0.5, names[r], transform=axes[r, 0].transAxes, ha="right",
+                      va="center", fontsize=7)
   if title:
     fig.suptitle(title, fontsize=8)
   fig.tight_layout()
+  if label_width:
+    fig.subplots_adjust(left=label_width / fig.get_size_inches()[0])
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
+def class_ticks(num_classes: int, limit: int = 20) -> np.ndarray:
+  """Which classes a chart's x axis names: all of them up to `limit`, else every k-th."""
+  return np.arange(0, num_classes, max(1, -(-num_classes // limit)))
+
+
 def per_class_chart(per_class_acc, counts, path: str | os.PathLike, title: str = "",
-                    stds=None) -> None:
-  """Bar chart of per-class accuracy (left axis) with the class's training count (right axis)."""
+                    stds=None, class_names=None) -> None:
+  """Bar chart of per-class accuracy (left axis) with the class's training count (right axis),
+  at least 800 px wide, its x axis labelled with the class names (`class_names`; default ids)."""
   per_class_acc = np.asarray(per_class_acc)
   x = np.arange(len(per_class_acc))
-  fig, ax = plt.subplots(figsize=(max(4, len(x) * 0.35), 3))
+  fig, ax = plt.subplots(figsize=(max(8.0, len(x) * 0.4), 3.5))
   ax.bar(x, 100 * per_class_acc, yerr=None if stds is None else 100 * np.asarray(stds),
          color="tab:blue", alpha=0.8)
+  ticks = class_ticks(len(x))
+  names = [str(c) for c in x] if class_names is None else [str(n) for n in class_names]
+  ax.set_xticks(ticks, [names[t] for t in ticks], rotation=45 if len(x) > 5 else 0,
+                ha="right" if len(x) > 5 else "center", fontsize=7)
   ax.set_xlabel("class (label order)")
   ax.set_ylabel("test accuracy (%)")
   ax.set_ylim(0, 100)

@@ -1,8 +1,12 @@
-"""Test setup: 4 fake CPU devices (multi-device tests need them; others use a 1-device mesh)."""
+"""Test setup: 4 fake CPU devices (multi-device tests need them; others use a 1-device mesh), and
+LLVM at -O0: at the tests' tiny shapes compiling dominates and the generated code's speed does not
+matter (bench/RESULTS.md has the measurement). The CLI tests' subprocesses inherit both."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # pylint: disable=g-import-not-at-top
@@ -10,6 +14,11 @@ import pathlib  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 SHARED_CIFAR = pathlib.Path(__file__).resolve().parents[2] / "shared/data/cifar10-train-jpeg.tar.gz"
+# DSA's scale and rotate families (bilinear resampling under a 6-way switch) cost most of a tiny
+# program's compile time: the tests that are not about DSA augment with crop and flip only
+# (tests/core/test_augment.py covers every family). The CLI tests pass the same override.
+CHEAP_DSA = "crop_flip"
+CLI_DSA = f"--config.dsa.strategy={CHEAP_DSA}"
 
 
 @pytest.fixture
@@ -20,6 +29,7 @@ def digits_config(tmp_path):
   c.data.cache_dir = str(tmp_path / "cache")
   c.model.width = 8
   c.model.depth = 2
+  c.dsa.strategy = CHEAP_DSA
   return c
 
 
@@ -28,6 +38,7 @@ def tiny_config(tmp_dir):
   from configs import digits_lt  # pylint: disable=g-import-not-at-top
   c = digits_lt.get_config()
   c.data.cache_dir = str(tmp_dir / "cache")
+  c.dsa.strategy = CHEAP_DSA
   c.model.depth, c.model.width = 2, 8
   c.experts.num_experts, c.experts.epochs, c.experts.batch_size = 2, 4, 64
   c.experts.classifier_epochs = 2

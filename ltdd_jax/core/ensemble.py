@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ltdd_jax import errors, models, parallel, reporting, seeds
+from ltdd_jax import errors, interrupts, models, parallel, reporting, seeds
 from ltdd_jax.core import training
 
 PyTree = Any
@@ -164,22 +164,27 @@ def train(recipe: Recipe, states: PyTree, data: dict, mesh, *, store: Store | No
   data = parallel.replicate({k: jnp.asarray(v) for k, v in data.items()}, mesh)
   program = epoch_program(recipe.model, recipe.train, recipe.ensemble_impl)
   progress = reporting.Progress(label, recipe.epochs, start=first)
-  for epoch in range(first, recipe.epochs):
-    states, losses = program(states, recipe.keys(epoch, recipe.num_models),
-                             jnp.float32(recipe.lr_at(epoch)), data)
-    losses = np.asarray(losses)
-    done = epoch + 1
-    last = done == recipe.epochs
-    saving = store is not None and store.wants(done, last)
-    # The loss is taken before each step's update: the state is checked too, where it matters
-    # (before a save, and the networks returned).
-    if not np.isfinite(losses).all() or ((saving or last) and not all_finite(states)):
-      raise diverged(done, losses)
-    progress.update(done, f"loss {float(losses.mean()):.3f}")
-    if saving:
-      store.save(done, states)
-  if store is not None:
-    store.finish(states)
+  if first:
+    progress.note(f"resuming from epoch {first}/{recipe.epochs}")
+  with interrupts.safe_points():
+    for epoch in range(first, recipe.epochs):
+      states, losses = program(states, recipe.keys(epoch, recipe.num_models),
+                               jnp.float32(recipe.lr_at(epoch)), data)
+      losses = np.asarray(losses)
+      done = epoch + 1
+      last = done == recipe.epochs
+      saving = store is not None and (store.wants(done, last) or interrupts.requested())
+      # The loss is taken before each step's update: the state is checked too, where it matters
+      # (before a save, and the networks returned).
+      if not np.isfinite(losses).all() or ((saving or last) and not all_finite(states)):
+        raise diverged(done, losses)
+      progress.update(done, f"loss {float(losses.mean()):.3f}")
+      if saving:
+        store.save(done, states)
+      if not last:  # Saved above when a store keeps anything: resumable from here.
+        interrupts.check(f"{label} epoch {done}/{recipe.epochs}")
+    if store is not None:
+      store.finish(states)
   return states
 
 

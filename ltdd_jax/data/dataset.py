@@ -21,7 +21,8 @@ class DataSpec:
     tfds_name: the tfds dataset (tfds sources).
     train_path, test_path: a folder, .tar.gz or list file (folder and listfile sources).
     image_root: the folder a list file's paths are relative to ('' : the list's own folder).
-    image_size: folder and listfile images are resized to this.
+    image_size: folder and listfile images are resized to this ...
+    resize: ... by `squash` (both sides) or `center_crop` (the shorter side, then the centre).
     cache_dir: where decoded images and fitted preprocessing are cached.
     imbalance_factor, imbalance_profile, n_max: the long-tailed profile (`longtail`).
     validation_per_class: balanced validation images per class, set aside first.
@@ -36,6 +37,7 @@ class DataSpec:
   test_path: str = ""
   image_root: str = ""
   image_size: int = 32
+  resize: str = "squash"
   cache_dir: str = "~/.cache/ltdd_jax"
   imbalance_factor: float = 10.0
   imbalance_profile: str = "exp"
@@ -61,6 +63,7 @@ class Dataset:
     preprocessor: the fitted pixel <-> model-space map.
     name: dataset name for reports.
     imbalance_factor: the long-tail profile's n_max / n_min target, for reports.
+    resized: images of the sources that had another size and were resized (`DataSpec.resize`).
   """
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -73,6 +76,7 @@ class Dataset:
   preprocessor: preprocess.Preprocessor
   name: str
   imbalance_factor: float = 1.0
+  resized: int = 0
 
   @property
   def num_classes(self) -> int:
@@ -111,6 +115,7 @@ def load_dataset(spec: DataSpec, seed: int) -> Dataset:
       profile=spec.imbalance_profile, validation_per_class=spec.validation_per_class,
       holdout_per_class=holdout, n_max=spec.n_max, seed=seed)
   pixels = lambda idx: pool.images[idx].astype(np.float32) / 255.0
+  resized = pool.resized
   if holdout:
     test_pixels, test_labels = pixels(split.holdout), pool.labels[split.holdout]
   else:
@@ -120,6 +125,7 @@ def load_dataset(spec: DataSpec, seed: int) -> Dataset:
           f"Train source has {pool.num_classes} classes of {pool.images.shape[1:]} images but the "
           f"test source has {test_pool.num_classes} of {test_pool.images.shape[1:]}; they must match.")
     test_pixels, test_labels = test_pool.images.astype(np.float32) / 255.0, test_pool.labels
+    resized = pool.resized + test_pool.resized
   pre = preprocess.cached_fit(pool.images[split.train], spec.cache_dir,
                               normalize=spec.normalize, zca=spec.zca,
                               zca_eps=spec.zca_eps)
@@ -130,4 +136,4 @@ def load_dataset(spec: DataSpec, seed: int) -> Dataset:
       val_labels=as_int(pool.labels[split.validation]),
       test_images=pre.apply(test_pixels), test_labels=as_int(test_labels),
       counts=split.counts, class_names=pool.class_names, preprocessor=pre,
-      name=spec.dataset, imbalance_factor=float(spec.imbalance_factor))
+      name=spec.dataset, imbalance_factor=float(spec.imbalance_factor), resized=resized)

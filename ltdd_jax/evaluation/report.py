@@ -45,8 +45,10 @@ def accuracy(report: dict) -> tuple[float, float]:
   return report[f"{prefix}_acc_mean"], report[f"{prefix}_acc_std"]
 
 
-def write_report(workdir, report: dict, counts: np.ndarray, name: str = "report") -> None:
-  """Writes `<name>.json` and the per-class accuracy chart `<name>_per_class.png`."""
+def write_report(workdir, report: dict, counts: np.ndarray, name: str = "report",
+                 class_names=None) -> None:
+  """Writes `<name>.json` and the per-class accuracy chart `<name>_per_class.png` (its x axis
+  named with `class_names`)."""
   workdir = pathlib.Path(workdir)
   reporting.write_json(workdir / f"{name}.json", report)
   mean, std = accuracy(report)
@@ -54,7 +56,8 @@ def write_report(workdir, report: dict, counts: np.ndarray, name: str = "report"
            f"IPC {report['ipc']}, {report.get('split', 'test')}): {mean:.1f} +- {std:.1f}%")
   reporting.per_class_chart(np.asarray(report["per_class_acc"]) / 100.0, counts,
                             workdir / f"{name}_per_class.png", title,
-                            stds=np.asarray(report["per_class_acc_std_over_models"]) / 100.0)
+                            stds=np.asarray(report["per_class_acc_std_over_models"]) / 100.0,
+                            class_names=class_names)
 
 
 def format_report(report: dict) -> str:

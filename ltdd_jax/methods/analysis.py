@@ -152,23 +152,33 @@ def analyze(data, grouping: grouping_lib.Grouping, flat: experts_lib.ExpertSet,
 
 
 def _plots(workdir, counts, flat_acc, group_acc, grouping, movement, data_share) -> None:
+  """groups_analysis.png: (left) per-class accuracy against class count, flat experts (o) and
+  each group's own experts (x), coloured by group; (right) each class's share of the flat expert's
+  parameter movement against its share of the data, with the line where they are equal."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   colors = plt.cm.tab10(grouping.group_of % 10)
-  axes[0].scatter(counts, flat_acc, c=colors, marker="o", label="flat experts")
+  axes[0].scatter(counts, flat_acc, c=colors, marker="o")
   if np.isfinite(group_acc).any():
-    axes[0].scatter(counts, group_acc, c=colors, marker="x", label="per-group experts")
+    axes[0].scatter(counts, group_acc, c=colors, marker="x")
   axes[0].set_xscale("log")
   axes[0].set_xlabel("training images of the class")
   axes[0].set_ylabel("test accuracy (%)")
-  axes[0].legend(fontsize=7)
-  axes[0].set_title("accuracy vs count (colour = group)", fontsize=9)
+  legend = [Line2D([], [], marker="o", ls="", color="gray", label="flat experts"),
+            Line2D([], [], marker="x", ls="", color="gray", label="the group's own experts")]
+  legend += [Line2D([], [], marker="s", ls="", color=plt.cm.tab10(g % 10),
+                    label=f"group {g}: classes {', '.join(map(str, classes))}")
+             for g, classes in enumerate(grouping.groups)]
+  axes[0].legend(handles=legend, fontsize=6)
+  axes[0].set_title("Per-class accuracy against class count", fontsize=9)
   axes[1].scatter(data_share, movement, c=colors)
   lim = max(float(np.max(data_share)), float(np.max(movement))) * 1.1
-  axes[1].plot([0, lim], [0, lim], "k--", lw=0.8)
+  axes[1].plot([0, lim], [0, lim], "k--", lw=0.8, label="movement share = data share")
+  axes[1].legend(fontsize=7)
   axes[1].set_xlabel("share of the data")
-  axes[1].set_ylabel("share of parameter movement")
-  axes[1].set_title("who moves the expert", fontsize=9)
+  axes[1].set_ylabel("share of the flat expert's parameter movement")
+  axes[1].set_title("Which classes move the expert", fontsize=9)
   fig.tight_layout()
   fig.savefig(workdir / "groups_analysis.png", dpi=100)
   plt.close(fig)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ltdd_jax import checkpoints, errors, parallel, reporting
+from ltdd_jax import checkpoints, errors, interrupts, parallel, reporting
 from ltdd_jax.core import ensemble, matching
 from ltdd_jax.methods import experts as experts_lib
 from ltdd_jax.methods import synthetic
@@ -370,34 +370,42 @@ def run_distillation(spec: DistillSpec, objectives: list[MatchingObjective], ini
     lo, hi = spec.window.at(it)
     return [obj.sample(rng, lo, hi, spec.expert_epochs) for obj in objectives], (lo, hi)
 
+  if start:
+    progress.note(f"resuming from iteration {start}/{spec.iterations}")
   upcoming = draw(start) if start < spec.iterations else None
-  for it in range(start, spec.iterations):
-    pairs, (lo, hi) = upcoming
-    syn, opt, loss, losses = update(state["syn"], state["opt"], pairs,
-                                    jax.random.fold_in(base, it))
-    if it + 1 < spec.iterations:  # Read the next pairs from disk while this update computes.
-      upcoming = draw(it + 1)
-    loss = float(loss)
-    if not np.isfinite(loss) or not bool(jnp.isfinite(syn["images"]).all()):
-      last = store.latest_step()
-      raise DivergenceError(
-          f"Distillation diverged at iteration {it + 1}: matching loss {loss}. The last good state "
-          f"is checkpoint {last} in {store.directory}. Lower distill.lr_img (now {spec.lr_img}) or "
-          f"distill.lr_lr (now {spec.lr_lr}) and resume with the same --workdir, or start afresh.")
-    state = {"syn": syn, "opt": opt}
-    done = it + 1
-    if metrics is not None and (done % spec.log_every == 0 or done == spec.iterations):
-      metrics.write("distill", done, loss=loss, losses=np.asarray(losses).tolist(),
-                    syn_lr=np.exp(np.asarray(syn["log_lr"])).tolist(), start_window=[lo, hi],
-                    seconds=time.time() - t0)
-    if done % spec.checkpoint_every == 0 or done == spec.iterations:
-      store.save(done, state)
-    if validate and spec.eval_every and done % spec.eval_every == 0 and done < spec.iterations:
-      report = validate(parallel.gather(syn))
-      if metrics is not None:
-        metrics.write("distill_validation", done, val_acc=report["val_acc_mean"],
-                      val_acc_std=report["val_acc_std"])
-    lrs = " ".join(f"{x:.4f}" for x in np.exp(np.atleast_1d(np.asarray(syn["log_lr"]))))
-    progress.update(done, f"loss {loss:.4f} lr {lrs}")
+  with interrupts.safe_points():
+    for it in range(start, spec.iterations):
+      pairs, (lo, hi) = upcoming
+      syn, opt, loss, losses = update(state["syn"], state["opt"], pairs,
+                                      jax.random.fold_in(base, it))
+      if it + 1 < spec.iterations:  # Read the next pairs from disk while this update computes.
+        upcoming = draw(it + 1)
+      loss = float(loss)
+      if not np.isfinite(loss) or not bool(jnp.isfinite(syn["images"]).all()):
+        last = store.latest_step()
+        raise DivergenceError(
+            f"Distillation diverged at iteration {it + 1}: matching loss {loss}. The last good "
+            f"state is checkpoint {last} in {store.directory}. Lower distill.lr_img (now "
+            f"{spec.lr_img}) or distill.lr_lr (now {spec.lr_lr}) and resume with the same "
+            "--workdir, or start afresh.")
+      state = {"syn": syn, "opt": opt}
+      done = it + 1
+      if metrics is not None and (done % spec.log_every == 0 or done == spec.iterations):
+        metrics.write("distill", done, loss=loss, losses=np.asarray(losses).tolist(),
+                      syn_lr=np.exp(np.asarray(syn["log_lr"])).tolist(), start_window=[lo, hi],
+                      seconds=time.time() - t0)
+      saved = done % spec.checkpoint_every == 0 or done == spec.iterations
+      if saved:
+        store.save(done, state)
+      if validate and spec.eval_every and done % spec.eval_every == 0 and done < spec.iterations:
+        report = validate(parallel.gather(syn))
+        if metrics is not None:
+          metrics.write("distill_validation", done, val_acc=report["val_acc_mean"],
+                        val_acc_std=report["val_acc_std"])
+      lrs = " ".join(f"{x:.4f}" for x in np.exp(np.atleast_1d(np.asarray(syn["log_lr"]))))
+      progress.update(done, f"loss {loss:.4f} lr {lrs}")
+      if done < spec.iterations:
+        interrupts.check(f"distillation iteration {done}/{spec.iterations}",
+                         save=None if saved else lambda: store.save(done, state))
   store.close()
   return parallel.gather(state["syn"])

@@ -3,7 +3,8 @@
 A base method makes the set: a trajectory-matching method (`mtt`, `datm`, `ltdd`: DESIGN §4), a
 selection of real images (`random`, `herding`) or the whole long-tailed set (`full`). Plugins
 change how a set is made or evaluated: `+two_stage` evaluates it with the two-stage classifier,
-`+hierarchical` distils against group and within-group experts (and is evaluated two-stage).
+`+hierarchical` distils against group and within-group experts (and is evaluated two-stage),
+`+rectify` removes the head bias of a set's soft labels (`methods.rectify`; soft-label bases only).
 Adding a method is one entry in BASES (and its code); adding a plugin, one in PLUGINS.
 """
 
@@ -40,11 +41,13 @@ class Base:
 
 @dataclasses.dataclass(frozen=True)
 class Plugin:
-  """A plugin: `distils` (changes the distillation objective, so it needs a matching base) and
-  `two_stage` (the set is evaluated with the two-stage classifier)."""
+  """A plugin: `distils` (changes the distillation objective, so it needs a matching base),
+  `two_stage` (the set is evaluated with the two-stage classifier) and `needs_soft_labels` (it
+  acts on the soft labels of a base that learns them)."""
   name: str
   distils: bool
   two_stage: bool
+  needs_soft_labels: bool = False
 
 
 BASES = {b.name: b for b in (
@@ -60,6 +63,7 @@ BASES = {b.name: b for b in (
 PLUGINS = {p.name: p for p in (
     Plugin("two_stage", distils=False, two_stage=True),
     Plugin("hierarchical", distils=True, two_stage=True),
+    Plugin("rectify", distils=False, two_stage=False, needs_soft_labels=True),
 )}
 MATCHING_METHODS = tuple(n for n, b in BASES.items() if b.kind == MATCHING)
 BASELINES = tuple(n for n, b in BASES.items() if b.kind != MATCHING)
@@ -74,11 +78,14 @@ class Options:
     grow_window: DATM's growing start-epoch window.
     dam: LTDD's class-frequency-weighted inner loss.
     ed: LTDD's backbone / classifier decoupled matching against classifier experts.
+    rectify_init: `+rectify` also rectifies the initial soft labels (`rectify.at` init or both),
+      which changes the distillation.
   """
   soft_labels: bool = False
   grow_window: bool = False
   dam: bool = False
   ed: bool = False
+  rectify_init: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +112,11 @@ class Method:
     return self.has("hierarchical")
 
   @property
+  def rectifies(self) -> bool:
+    """Its soft labels are rectified (`+rectify`)."""
+    return self.has("rectify")
+
+  @property
   def two_stage(self) -> bool:
     """Evaluated with the two-stage classifier."""
     return any(p.two_stage for p in self.plugins)
@@ -112,21 +124,27 @@ class Method:
   @property
   def distillation(self) -> str:
     """What its distillation is, as resume records it: the base, and the plugins that change the
-    objective (`+two_stage` changes only the evaluation)."""
-    return "+".join((self.base.name, *(p.name for p in self.plugins if p.distils)))
+    objective or its start (`+two_stage` changes only the evaluation, `+rectify` at `final` only
+    the finished set's labels)."""
+    return "+".join((self.base.name, *(p.name for p in self.plugins
+                                       if p.distils or (p.name == "rectify"
+                                                        and self.options.rectify_init))))
 
   @property
   def distills_with(self) -> tuple[str, ...]:
     """The config sections its distillation depends on besides data, model and experts."""
     if not self.distils:
       return ()
-    return ("distill", *self.base.config_sections) + (("grouping",) if self.hierarchical else ())
+    return (("distill", *self.base.config_sections)
+            + (("grouping",) if self.hierarchical else ())
+            + (("rectify",) if self.options.rectify_init else ()))
 
 
-def parse(method: str, *, dam: bool = True, ed: bool = True,
-          ltdd_grow_window: bool = False) -> Method:
+def parse(method: str, *, dam: bool = True, ed: bool = True, ltdd_grow_window: bool = False,
+          rectify_at: str = "final") -> Method:
   """'ltdd+hierarchical' -> Method, validating every part. `dam`, `ed` and `ltdd_grow_window`
-  are `config.ltdd`'s switches (they matter for `ltdd` only)."""
+  are `config.ltdd`'s switches (they matter for `ltdd` only), `rectify_at` is `config.rectify.at`
+  (it matters for `+rectify` only)."""
   base_name, *plugin_names = method.split("+")
   accepted = ", ".join(BASES)
   if base_name not in BASES:
@@ -146,7 +164,14 @@ def parse(method: str, *, dam: bool = True, ed: bool = True,
       raise errors.InputError(
           f"{method}: +{plugin.name} distils, so it needs {', '.join(MATCHING_METHODS)}; use "
           f"{base_name}+two_stage to evaluate a baseline with the two-stage classifier.")
+    if plugin.needs_soft_labels and not base.soft_labels:
+      soft = ", ".join(n for n, b in BASES.items() if b.soft_labels)
+      raise errors.InputError(
+          f"{method}: +{plugin.name} acts on soft labels, and {base_name}'s set has hard labels; "
+          f"use it with {soft}.")
+  rectifies = any(p.name == "rectify" for p in plugins)
   options = Options(soft_labels=base.soft_labels,
                     grow_window=base.grow_window or (base.ltdd and ltdd_grow_window),
-                    dam=base.ltdd and dam, ed=base.ltdd and ed)
+                    dam=base.ltdd and dam, ed=base.ltdd and ed,
+                    rectify_init=rectifies and rectify_at in ("init", "both"))
   return Method(base, tuple(plugins), options)

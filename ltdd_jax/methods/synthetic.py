@@ -10,6 +10,7 @@ load, and what evaluation consumes in memory within one run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import zipfile
 
@@ -212,6 +213,9 @@ class DistilledSet:
     label_logits: [N, C] learned label logits (soft-label methods), or None.
     soft_labels: [N, C] their softmax, the networks' targets, or None.
     label_record: the soft labels' per-class initial record (`initial_synthetic`).
+    rectified_labels: [N, C] the soft labels rectified (`+rectify`), then the networks' targets
+      (the unrectified ones stay beside them), or None.
+    rectify_record: how they were rectified (`rectify.Rectification.record`).
   """
   images: np.ndarray
   labels: np.ndarray
@@ -220,6 +224,8 @@ class DistilledSet:
   label_logits: np.ndarray | None = None
   soft_labels: np.ndarray | None = None
   label_record: dict = dataclasses.field(default_factory=dict)
+  rectified_labels: np.ndarray | None = None
+  rectify_record: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_state(cls, state: dict, objective_names=(),
@@ -239,8 +245,15 @@ class DistilledSet:
                {k: np.asarray(v) for k, v in (label_record or {}).items()})
 
   def targets(self) -> np.ndarray:
-    """What evaluation networks fit: the soft labels, or the labels."""
+    """What evaluation networks fit: the rectified soft labels, the soft labels, or the labels."""
+    if self.rectified_labels is not None:
+      return self.rectified_labels
     return self.labels if self.soft_labels is None else self.soft_labels
+
+  def with_rectified(self, labels: np.ndarray | None, record: dict) -> "DistilledSet":
+    """The set with rectified soft labels (None: without, its learned soft labels the targets)."""
+    return dataclasses.replace(self, rectified_labels=labels,
+                               rectify_record=dict(record) if labels is not None else {})
 
   def labelled(self, method: str, epochs: int, num_classes: int,
                fixed_lr: float | None = None) -> protocol_lib.LabelledSet:
@@ -268,6 +281,9 @@ class DistilledSet:
     if self.label_logits is not None:
       out["label_logits"] = self.label_logits
       out["soft_labels"] = self.soft_labels
+    if self.rectified_labels is not None:
+      out["rectified_soft_labels"] = self.rectified_labels
+      out["rectify_record"] = np.asarray(json.dumps(self.rectify_record))
     out.update(self.label_record)
     path = workdir / "synthetic.npz"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -292,12 +308,18 @@ class DistilledSet:
     images, labels, lr = out["images"], out["labels"], np.asarray(out["lr"])
     if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
       raise bad(f"{images.shape} images but {labels.shape} labels; expected [N, H, W, C] and [N]")
-    if "soft_labels" in out and out["soft_labels"].shape[0] != len(images):
-      raise bad(f"{out['soft_labels'].shape[0]} soft labels for {len(images)} images")
-    if not np.issubdtype(labels.dtype, np.integer) or (
-        len(labels) and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes))):
+    for key in ("soft_labels", "rectified_soft_labels"):
+      if key in out and out[key].shape[0] != len(images):
+        raise bad(f"{out[key].shape[0]} {key.replace('_', ' ')} for {len(images)} images")
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise bad(f"labels must be integers in [0, {num_classes}), got an array of {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or (num_classes is not None
+                                             and labels.max() >= num_classes)):
       raise bad(f"labels must be integers in [0, {num_classes}), got {labels.dtype} in "
-                f"[{labels.min() if len(labels) else '-'}, {labels.max() if len(labels) else '-'}]")
+                f"[{labels.min()}, {labels.max()}]")
+    for key in ("images", "lr", "soft_labels", "label_logits", "rectified_soft_labels"):
+      if key in out and not np.issubdtype(out[key].dtype, np.floating):
+        raise bad(f"{key} must be floating point, got an array of {out[key].dtype}")
     if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
       raise bad(f"images are {images.shape[1:]} but the dataset's are {tuple(image_shape)}; "
                 "evaluate with the config it was distilled with")
@@ -307,7 +329,14 @@ class DistilledSet:
       raise bad("images contain NaN or Inf")
     names = tuple(str(n) for n in out.get("lr_objectives", ()))
     record = {k: v for k, v in out.items() if k.startswith("init_")}
-    return cls(images, labels, lr, names, out.get("label_logits"), out.get("soft_labels"), record)
+    rectify_record = {}
+    if "rectified_soft_labels" in out:
+      try:
+        rectify_record = json.loads(str(out["rectify_record"]))
+      except (KeyError, ValueError) as e:
+        raise bad("rectified_soft_labels without a readable rectify_record") from e
+    return cls(images, labels, lr, names, out.get("label_logits"), out.get("soft_labels"), record,
+               out.get("rectified_soft_labels"), rectify_record)
 
 
 def _read_npz(path) -> dict:
@@ -317,8 +346,14 @@ def _read_npz(path) -> dict:
     raise errors.MissingError(f"No synthetic set at {path}; run distillation first "
                               "(python -m launch.distill ...).")
   try:
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+  except ValueError as e:
+    if "allow_pickle" in str(e):
+      raise errors.InputError(f"{path} holds arrays of Python objects; a synthetic set holds "
+                              "numbers only (float images, int labels): write it again.") from e
+    raise errors.InputError(f"{path} is not a readable synthetic set (ValueError: {e}); it is "
+                            "empty or truncated: distil it again or point at another file.") from e
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
     raise errors.InputError(f"{path} is not a readable synthetic set ({type(e).__name__}: {e}); it "
                             "is empty or truncated: distil it again or point at another file.") from e

@@ -20,6 +20,7 @@ from ltdd_jax import errors, models, seeds
 from ltdd_jax.core import training
 from ltdd_jax.evaluation import metrics, protocol as protocol_lib, report as report_lib
 from ltdd_jax.methods import grouping as grouping_lib
+from ltdd_jax.methods import rectify as rectify_lib
 
 
 def group_targets(targets: np.ndarray, grouping: grouping_lib.Grouping) -> np.ndarray:
@@ -71,10 +72,30 @@ class TwoStageSpec:
     prediction: `soft` (p(g(c)) p(c | g(c))) or `hard` (argmax group, then argmax class in it).
     stage1: how a group network trained on real images counters the between-group imbalance
       (`grouping.stage1_*`); one trained on a distilled set trains as the protocol does.
+    rectify: `+rectify`: soft group targets and each group's soft within-group targets are
+      rectified in their own label space (prior: the training images per group, per class of the
+      group), with `tau` when given (the validated one) or as `rectify.mode` chooses.
+    class_counts: [C] training images per class (the priors of `rectify`).
+    tau: the strength every stage takes (None: chosen per stage).
   """
   grouping: grouping_lib.Grouping
   prediction: str = "soft"
   stage1: training.Balance = training.Balance("class_balanced", "ce", "dataset")
+  rectify: rectify_lib.RectifySpec | None = None
+  class_counts: tuple[int, ...] = ()
+  tau: float | None = None
+
+  def rectified(self, targets: np.ndarray, labels: np.ndarray, classes,
+                records: dict, name: str) -> np.ndarray:
+    """Soft `targets` [N, K] of the label space made of `classes` (K lists of class ids: a group
+    each, or one class each), rectified when `rectify` is set (the record under `name`)."""
+    if self.rectify is None or np.asarray(targets).ndim == 1:
+      return targets
+    counts = np.asarray([sum(self.class_counts[c] for c in members) for members in classes])
+    out, record = rectify_lib.rectify(rectify_lib.as_log_probs(targets), labels, counts,
+                                      self.rectify, self.tau)
+    records[name] = record.record()
+    return out
 
 
 def _probs(protocol: protocol_lib.Protocol, model, params, images) -> np.ndarray:
@@ -108,8 +129,10 @@ def evaluate_two_stage(protocol: protocol_lib.Protocol, spec: TwoStageSpec,
   backbone = models.make_backbone(protocol.model)
   labels = np.asarray(train_set.labels)
   group_model = models.Classifier(backbone, models.make_head(protocol.model, grouping.num_groups))
-  group_set = dataclasses.replace(train_set, targets=group_targets(train_set.targets, grouping),
-                                  lr=learned_lrs.get("groups", lr))
+  rectified = {}
+  targets = spec.rectified(group_targets(train_set.targets, grouping), grouping.group_of[labels],
+                           grouping.groups, rectified, "groups")
+  group_set = dataclasses.replace(train_set, targets=targets, lr=learned_lrs.get("groups", lr))
   group_params = protocol_lib.train_networks(
       protocol, group_model, group_set, mesh, balance=balance,
       checkpoint_dir=protocol_lib.subfolder(checkpoint_dir, "groups"),
@@ -127,8 +150,10 @@ def evaluate_two_stage(protocol: protocol_lib.Protocol, spec: TwoStageSpec,
     if len(index) == 0:
       raise errors.InputError(f"Group {g} (classes {classes}) has no images in the evaluated set.")
     model = models.Classifier(backbone, models.make_head(protocol.model, len(classes)))
-    members = train_set.subset(index, within_targets(train_set.targets, grouping, g, index),
-                               learned_lrs.get(f"group_{g}", lr))
+    targets = spec.rectified(within_targets(train_set.targets, grouping, g, index),
+                             grouping.within_label_map(g)[labels[index]],
+                             [(c,) for c in classes], rectified, f"group_{g}")
+    members = train_set.subset(index, targets, learned_lrs.get(f"group_{g}", lr))
     group_protocol = dataclasses.replace(
         protocol, seed=seeds.offset(protocol.seed, seeds.WITHIN_GROUP_NETWORKS + g))
     params = protocol_lib.train_networks(
@@ -147,4 +172,5 @@ def evaluate_two_stage(protocol: protocol_lib.Protocol, spec: TwoStageSpec,
   return report_lib.assemble_report(
       train_set, held_out, {protocol.model.name: figures}, protocol.num_models, start,
       classifier=f"two_stage_{spec.prediction}", grouping=grouping.to_dict(),
-      **({"learned_lrs": learned_lrs} if learned_lrs else {}))
+      **({"learned_lrs": learned_lrs} if learned_lrs else {}),
+      **({"rectify_stages": rectified} if rectified else {}))

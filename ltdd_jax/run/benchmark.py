@@ -14,7 +14,7 @@ import numpy as np
 from ltdd_jax import errors, reporting
 from ltdd_jax.evaluation import protocol as protocol_lib
 from ltdd_jax.methods import distill, registry
-from ltdd_jax.run import pipeline
+from ltdd_jax.run import locks, pipeline
 
 COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
            "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
@@ -71,18 +71,20 @@ def cell_config(config, factor: float, ipc: int | None, method: str, workdir: pa
   return c
 
 
-def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None,
-                    method: str) -> pathlib.Path | None:
-  """The cell whose set `X+two_stage` evaluates (X's, same factor and IPC); None for others."""
-  parsed = registry.parse(method)
-  two_stage_only = [p.name for p in parsed.plugins] == ["two_stage"]
-  return workdir / cell_name(factor, ipc, parsed.base.name) if two_stage_only else None
+def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None, method: str,
+                    rectify_at: str = "final") -> pathlib.Path | None:
+  """The cell whose set a method that only changes the evaluation takes (same factor and IPC):
+  X's for `X+two_stage`, `X+rectify` or both (rectifying at `final`); None for others."""
+  parsed = registry.parse(method, rectify_at=rectify_at)
+  if parsed.distillation == parsed.name:
+    return None
+  return workdir / cell_name(factor, ipc, parsed.distillation)
 
 
 def reuse_distillation(source: pathlib.Path | None, cell: pathlib.Path) -> None:
-  """`X+two_stage` evaluates the set X distils (`source`, from `distilling_cell`): copy X's finished
-  distillation checkpoints, so the cell's distillation resumes at its last iteration instead of
-  running again."""
+  """`X+two_stage` (`X+rectify`) evaluates the set X distils (`source`, from `distilling_cell`):
+  copy X's finished distillation checkpoints, so the cell's distillation resumes at its last
+  iteration instead of running again."""
   if source is None or not (source / "synthetic.npz").exists():
     return
   if not (cell / "distill_ckpt").exists():
@@ -109,20 +111,26 @@ def run_grid(config, workdir) -> list[dict]:
   A cell whose distillation or evaluation diverges (`CELL_ERRORS`: its settings' fault, not the
   grid's) leaves its error in `<cell>/failed.txt` and the grid goes on; once the rest is
   tabulated, one `CellsDivergedError` names every such cell. Any other error stops the grid (it
-  resumes on rerun)."""
+  resumes on rerun). Each cell's folder is locked while it runs (`locks.each_free`): two grids
+  on one folder split the cells, and the table waits for the cells the other one runs."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   reporting.write_json(workdir / "config.json", config.to_dict())
   grid = cells(config)
   start = time.time()
+  folders = {workdir / cell_name(*cell): (i, cell) for i, cell in enumerate(grid)}
+
+  def done(folder):  # Finished, or failed in this run of the grid (by this or another process).
+    failed = folder / FAILED
+    return (folder / "report.json").exists() or (failed.exists()
+                                                 and failed.stat().st_mtime >= start)
+
   data_factor, data = None, None  # The current factor's dataset, loaded once for all its cells.
-  for i, (factor, ipc, method) in enumerate(grid):
-    cell = workdir / cell_name(factor, ipc, method)
-    if (cell / "report.json").exists():
-      continue
+  for cell in locks.each_free(folders, done):
+    i, (factor, ipc, method) = folders[cell]
     print(f"[benchmark] cell {i + 1}/{len(grid)}: IF {factor:g} IPC {ipc} {method} "
           f"(elapsed {time.time() - start:.0f}s)", flush=True)
-    source = distilling_cell(workdir, factor, ipc, method)
+    source = distilling_cell(workdir, factor, ipc, method, config.rectify.at)
     if diverged(source):
       record_failure(cell, distill.DivergenceError.__name__,
                      f"evaluates the set of {source.name}, whose distillation diverged.")

@@ -1,7 +1,8 @@
 """Config checks that run before any work: a typo or an impossible combination fails in seconds.
 
 `check_config` looks at the config alone (enumerated values, ranges, cross-key constraints);
-`check_with_data` at what needs the loaded dataset (IPC against class sizes, manual groups against
+`check_with_data` at what needs the loaded dataset (every class with training images once the
+long-tailed subset is drawn, at least two classes, IPC against class sizes, manual groups against
 the classes). `pipeline.setup` runs both before it writes `config.json` or trains anything. Each
 problem names the key, its value and what is accepted; all problems are reported at once.
 """
@@ -86,6 +87,7 @@ def check_config(config) -> None:
   p.at_least("data.validation_per_class", 0)
   p.at_least("data.n_max", 0)
   p.at_least("data.image_size", 1)
+  p.one_of("data.resize", sources.RESIZES)
   p.one_of("data.shot_rule", SHOT_RULES)
   p.at_least("data.zca_eps", 0)
   # DSA.
@@ -200,8 +202,33 @@ def check_config(config) -> None:
   p.raise_if_any("config")
 
 
-def check_with_data(config, counts: np.ndarray) -> None:
-  """Checks that need the training set's class counts [C]; raises `InputError`."""
+def check_counts(config, data) -> None:
+  """The long-tailed training set a run would train on: at least two classes, and every class
+  with at least one training image once the LT subset is drawn (a class with none names the knobs
+  that decide its count); raises `InputError`."""
+  counts, names = np.asarray(data.counts), data.class_names
+  if len(counts) < 2:
+    raise errors.InputError(
+        f"The dataset has {len(counts)} class(es) ({', '.join(map(repr, names))}); long-tailed "
+        "distillation needs at least 2 (a folder source takes one class per sub-folder).")
+  empty = np.flatnonzero(counts == 0)
+  if len(empty):
+    c = int(empty[0])
+    d = config.data
+    raise errors.InputError(
+        f"class {c} ({names[c]!r}) has 0 training images once the long-tailed subset is drawn "
+        f"({len(empty)} class(es) have none; the smallest non-empty class has "
+        f"{int(counts[counts > 0].min()) if (counts > 0).any() else 0}): lower "
+        f"data.imbalance_factor (now {d.imbalance_factor:g}), raise data.n_max (now {d.n_max}; 0: "
+        f"all a class has), or set aside fewer images (data.validation_per_class={d.validation_per_class}, "
+        f"data.test_source={d.test_source!r}).")
+
+
+def check_with_data(config, data) -> None:
+  """Checks that need the loaded dataset (its class counts and names); raises `InputError`, and
+  says in one line per class which classes will repeat images to reach the IPC."""
+  check_counts(config, data)
+  counts = np.asarray(data.counts)
   p = _Problems(config)
   method = specs.method(config)
   base, plugins = method.base.name, method.plugins
@@ -212,11 +239,10 @@ def check_with_data(config, counts: np.ndarray) -> None:
     p.add("distill.ipc", f"class {int(short[0])} has only {int(counts[short[0]])} training images "
           f"({len(short)} classes are short); lower distill.ipc or set "
           "distill.allow_duplicates=True to repeat the images of short classes")
-  short = short_classes(counts, ipc)
-  if base != "full" and config.distill.allow_duplicates and short:
-    logging.warning("distill.ipc=%d: classes %s have fewer training images (%s); their images are "
-                    "repeated to reach it (report.json: repeated_classes).", ipc, short,
-                    [int(counts[c]) for c in short])
+  if base != "full" and config.distill.allow_duplicates:
+    for c in short_classes(counts, ipc):
+      logging.warning("distill.ipc=%d: class %d (%s) has %d training images; they are repeated "
+                      "to reach it.", ipc, c, data.class_names[c], int(counts[c]))
   if plugins and config.grouping.strategy == "manual":
     try:
       grouping.Grouping(tuple(tuple(int(c) for c in g) for g in config.grouping.manual),

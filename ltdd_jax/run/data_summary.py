@@ -8,13 +8,20 @@ import numpy as np
 
 from ltdd_jax import reporting
 from ltdd_jax.data import dataset as dataset_lib
-from ltdd_jax.run import pipeline
+from ltdd_jax.run import checks, pipeline, specs
 
 
-def summary(data: dataset_lib.Dataset) -> dict:
-  """Class counts and split sizes as a dict."""
+def summary(data: dataset_lib.Dataset, spec: dataset_lib.DataSpec) -> dict:
+  """Class counts, split sizes and where the images come from, as a dict."""
   return {
       "dataset": data.name,
+      "train_source": spec.train_source,
+      "train_path": spec.train_path,
+      "test_source": spec.test_source,
+      "image_size": spec.image_size,
+      "resize": spec.resize,
+      "resized_images": data.resized,
+      "class_names": list(data.class_names),
       "num_classes": data.num_classes,
       "image_shape": list(data.image_shape),
       "train_counts": data.counts.tolist(),
@@ -26,17 +33,26 @@ def summary(data: dataset_lib.Dataset) -> dict:
 
 
 def inspect_data(config, workdir: str) -> str:
-  """Loads the configured dataset, writes `data_summary.json` and `data_grid.png`; returns a table."""
+  """Loads the configured dataset, writes `data_summary.json` and `data_grid.png`; returns a table.
+  A long-tailed subset that leaves a class without images fails as a run would."""
   data = pipeline.load_dataset(config)
-  info = summary(data)
+  checks.check_counts(config, data)
+  spec = specs.data(config)
+  info = summary(data, spec)
   out = pathlib.Path(workdir)
   reporting.write_json(out / "data_summary.json", info)
   rng = np.random.default_rng(config.seed)
   picks = np.concatenate([
       rng.permutation(np.flatnonzero(data.train_labels == c))[:8] for c in range(data.num_classes)])
+  row_names = [f"{c} {data.class_names[c]} ({int(n)})" for c, n in enumerate(data.counts)]
   reporting.image_grid(data.preprocessor.invert(data.train_images[picks]), data.train_labels[picks],
-                       out / "data_grid.png", per_class=8, title=f"{data.name} LT training images")
+                       out / "data_grid.png", per_class=8,
+                       title=f"{data.name} LT training images (class, name, training images)",
+                       row_names=row_names)
+  where = f" {spec.train_path}" if spec.train_path else ""
   lines = [f"dataset {data.name}: {data.num_classes} classes, images {data.image_shape}",
+           f"source {spec.train_source}{where} (test: {spec.test_source}); images of another "
+           f"size are resized by {spec.resize!r} ({data.resized} were)",
            f"train {info['train_size']} (imbalance {info['imbalance_ratio']:.1f}), "
            f"validation {info['validation_size']}, test {info['test_size']}",
            "class  name            train"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import shutil
 import time
 
@@ -27,13 +29,14 @@ from ltdd_jax.evaluation import protocol as protocol_lib
 from ltdd_jax.evaluation import report as report_lib
 from ltdd_jax.methods import distill, experts, hierarchical, registry, selection, synthetic
 from ltdd_jax.methods import grouping as grouping_lib
+from ltdd_jax.methods import rectify as rectify_lib
 from ltdd_jax.methods import two_stage as two_stage_lib
-from ltdd_jax.run import checks, resume
+from ltdd_jax.run import checks, locks, resume
 from ltdd_jax.run import context as context_lib
 from ltdd_jax.run import specs as specs_lib
 
 
-def setup(config, workdir, data=None, check_resume: bool = True) -> context_lib.RunContext:
+def setup(config, workdir, data=None, stages=resume.STAGES) -> context_lib.RunContext:
   """Common start of every run: checks, specs, multi-host init, compilation cache, dataset, mesh.
 
   Everything that can be checked before work starts is checked here, in this order: the config
@@ -42,9 +45,9 @@ def setup(config, workdir, data=None, check_resume: bool = True) -> context_lib.
   class sizes, manual groups). `config.json` is written only after every check passed.
 
   `data` (from `load_dataset`) skips loading when a caller running many cells on the same data
-  (the benchmark grid) already holds it. `check_resume=False` skips the early check of stage
-  records, for commands that resume nothing (evaluating a set); a stage that opens an expert set
-  still checks its record.
+  (the benchmark grid) already holds it. `stages`: the stages whose records are checked early,
+  those the command reads or writes (evaluating a set: none; the grouping analysis: `experts`);
+  a stage that opens an expert set still checks its record.
 
   Returns:
     The `RunContext` every stage takes.
@@ -52,14 +55,14 @@ def setup(config, workdir, data=None, check_resume: bool = True) -> context_lib.
   checks.check_config(config)
   specs = specs_lib.Specs.from_config(config)
   workdir = resume.prepare_workdir(workdir)
-  if check_resume:
-    resume.check_workdir(config, workdir, context_lib.expert_root(config, workdir))
+  locks.acquire(workdir)  # Held for the process's life (a grid releases each cell's).
+  resume.check_workdir(config, workdir, context_lib.expert_root(config, workdir), stages)
   parallel.initialize_distributed(config.mesh.distributed)
   parallel.use_compilation_cache(config.mesh.compilation_cache_dir)
   mesh = parallel.make_mesh(config.mesh.num_devices)
   if data is None:
     data = load_dataset(config)
-  checks.check_with_data(config, data.counts)
+  checks.check_with_data(config, data)
   reporting.write_json(workdir / "config.json", config.to_dict())
   return context_lib.RunContext(config, specs, workdir, data, mesh)
 
@@ -77,18 +80,21 @@ def train_expert_set(ctx: context_lib.RunContext, directory, labelling: experts.
                      balance: training.Balance = training.Balance()) -> experts.ExpertSet:
   """Trains (or resumes, or opens) the expert set of `labelling` in `directory`, after checking
   its record against the config."""
-  resume.claim(ctx.config, directory, "experts")
-  images, labels = labelling.apply(ctx.data.train_images, ctx.data.train_labels)
-  recipe = experts.recipe(ctx.specs.experts, labels, labelling.num_classes, balance)
-  return experts.train_experts(recipe, labelling, images, labels, directory, ctx.mesh)
+  with locks.held(directory, "expert set"):  # Another run may be training the same set.
+    resume.claim(ctx.config, directory, "experts")
+    images, labels = labelling.apply(ctx.data.train_images, ctx.data.train_labels)
+    recipe = experts.recipe(ctx.specs.experts, labels, labelling.num_classes, balance)
+    return experts.train_experts(recipe, labelling, images, labels, directory, ctx.mesh)
 
 
 def train_classifier_set(ctx: context_lib.RunContext,
                          expert_set: experts.ExpertSet) -> experts.ExpertSet:
   """LTDD's classifier experts of an expert set (trained, resumed or opened)."""
-  resume.claim(ctx.config, experts.classifier_directory(expert_set), "experts", classifier=True)
-  return experts.train_classifier_experts(ctx.specs.experts, expert_set, ctx.data.train_images,
-                                          ctx.data.train_labels, ctx.mesh)
+  directory = experts.classifier_directory(expert_set)
+  with locks.held(directory, "expert set"):
+    resume.claim(ctx.config, directory, "experts", classifier=True)
+    return experts.train_classifier_experts(ctx.specs.experts, expert_set, ctx.data.train_images,
+                                            ctx.data.train_labels, ctx.mesh)
 
 
 def stage_experts(ctx: context_lib.RunContext):
@@ -186,6 +192,8 @@ def stage_distill(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
   init, label_record = synthetic.initial_synthetic(specs.init, ctx.data, expert_set,
                                                    classifier_set)
   log_label_init(ctx.metrics, label_record)
+  if ctx.method.options.rectify_init:
+    init = rectify_initial(ctx, init)
   if ctx.method.hierarchical:
     objectives = hierarchical_objectives(ctx, stage_grouping(ctx))
   else:
@@ -199,11 +207,15 @@ def stage_distill(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
 
   def validate(state):  # Evaluated as the final set will be, on the validation split.
     syn = synthetic.DistilledSet.from_state(state, names)
-    return evaluate_labelled(ctx, synthetic_set(ctx, syn), ctx.method.two_stage, "validation")
+    if rectifies_final(ctx) and specs.rectify.mode != "validation":  # (too dear to validate)
+      syn = rectify_set(ctx, syn, ctx.method.two_stage, log=False)
+    return evaluate_synthetic(ctx, syn, ctx.method.two_stage, "validation")
 
   state = distill.run_distillation(specs.distill, objectives, init, workdir / "distill_ckpt",
                                    ctx.mesh, metrics=ctx.metrics, validate=validate)
   syn = synthetic.DistilledSet.from_state(state, names, label_record)
+  if rectifies_final(ctx):
+    syn = rectify_set(ctx, syn, ctx.method.two_stage)
   ipc = specs.init.ipc
   syn.save(workdir, ctx.data.preprocessor, f"{config.method} synthetic set, IPC {ipc}",
            per_class=min(ipc, 10))
@@ -223,6 +235,75 @@ def log_label_init(metrics: reporting.MetricsWriter, record: dict) -> None:
                     "correctly (share with expert labels: %s); those start from a class-correct "
                     "target instead.", short.tolist(),
                     np.round(record["init_expert_correct"][short], 2).tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# Soft-label rectification (`+rectify`).
+
+
+def rectifies_final(ctx: context_lib.RunContext) -> bool:
+  """The run rectifies its finished set's labels (`+rectify` with `rectify.at` final or both)."""
+  return ctx.method.rectifies and ctx.specs.rectify.at in ("final", "both")
+
+
+def rectify_initial(ctx: context_lib.RunContext, init: dict) -> dict:
+  """The initial state with its label logits rectified (`rectify.at` init or both; tau by `adsa`
+  on the initial images, or `fixed`), before distillation learns them."""
+  logits, record = rectify_lib.rectify_logits(init["label_logits"], init["labels"],
+                                              ctx.data.counts, ctx.specs.rectify)
+  ctx.metrics.write_once("rectify_init", 0, **record.record())
+  return {**init, "label_logits": logits.astype(np.float32)}
+
+
+def rectify_set(ctx: context_lib.RunContext, syn: synthetic.DistilledSet, two_stage: bool,
+                log: bool = True) -> synthetic.DistilledSet:
+  """The set with its soft labels rectified as `config.rectify` says (its learned ones kept).
+
+  `adsa` and `fixed` cost no training. `validation` evaluates the set rectified with each of
+  `rectify.validation_taus` on the validation split (as it will be evaluated: flat, or two-stage)
+  and keeps the best; each candidate's score is kept in `<workdir>/rectify_validation.json`, so
+  an interrupted choice resumes, and a set that already carries the choice is not validated again.
+  """
+  spec = ctx.specs.rectify
+  if syn.label_logits is None:
+    raise errors.InputError(f"{ctx.config.method}: +rectify acts on soft labels and this set has "
+                            "none (hard labels only); evaluate it without +rectify.")
+  record = syn.rectify_record
+  if (spec.mode == "validation" and record.get("mode") == "validation"
+      and sorted(map(float, record.get("validation_scores", {}))) == sorted(spec.validation_taus)):
+    return syn
+  tau = scores = None
+  if spec.mode == "validation":
+    scores = validation_scores(ctx, syn, two_stage)
+    tau = rectify_lib.choose_validated(scores)
+  probs, rectification = rectify_lib.rectify(syn.label_logits, syn.labels, ctx.data.counts, spec,
+                                             tau, scores)
+  if log:
+    ctx.metrics.write_once("rectify", 0, **rectification.record())
+  return syn.with_rectified(probs, rectification.record())
+
+
+def validation_scores(ctx: context_lib.RunContext, syn: synthetic.DistilledSet,
+                      two_stage: bool) -> dict:
+  """{tau: validation accuracy} of the set rectified with each `rectify.validation_taus`."""
+  spec = ctx.specs.rectify
+  path = ctx.workdir / "rectify_validation.json"
+  key = hashlib.sha256(np.ascontiguousarray(syn.label_logits).tobytes()).hexdigest()[:16]
+  saved = json.loads(path.read_text()) if path.exists() else {}
+  scores = {float(t): v for t, v in saved.get("scores", {}).items()} if saved.get("set") == key \
+      else {}
+  fixed = dataclasses.replace(spec, mode="fixed")
+  for tau in spec.validation_taus:
+    if float(tau) in scores:
+      continue
+    probs, rectification = rectify_lib.rectify(syn.label_logits, syn.labels, ctx.data.counts,
+                                               fixed, tau)
+    candidate = syn.with_rectified(probs, rectification.record())
+    report = evaluate_synthetic(ctx, candidate, two_stage, "validation")
+    scores[float(tau)] = report["val_acc_mean"]
+    ctx.metrics.write("rectify_validation", 0, tau=float(tau), val_acc_mean=scores[float(tau)])
+    reporting.write_json(path, {"set": key, "scores": {str(t): v for t, v in scores.items()}})
+  return {float(t): scores[float(t)] for t in spec.validation_taus}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,13 +341,32 @@ def synthetic_set(ctx: context_lib.RunContext,
                       None if ev.use_learned_lr else ev.lr)
 
 
+def evaluate_synthetic(ctx: context_lib.RunContext, syn: synthetic.DistilledSet, two_stage: bool,
+                       split: str, checkpoint_dir=None) -> dict:
+  """Evaluates a distilled set. A rectified set's networks fit its rectified labels; the two-stage
+  classifier instead rectifies its group and within-group targets in their own label spaces
+  (`TwoStageSpec.rectify`), from the learned labels, with the set's tau unless `adsa` chooses per
+  stage."""
+  record = syn.rectify_record
+  if not (two_stage and record):
+    return evaluate_labelled(ctx, synthetic_set(ctx, syn), two_stage, split, checkpoint_dir)
+  tau = None if record["mode"] == "adsa" else record["tau"]
+  return evaluate_labelled(ctx, synthetic_set(ctx, syn.with_rectified(None, {})), two_stage,
+                           split, checkpoint_dir, rectify_stages=(ctx.specs.rectify, tau))
+
+
 def evaluate_labelled(ctx: context_lib.RunContext, train_set: protocol_lib.LabelledSet,
-                      two_stage: bool, split: str, checkpoint_dir=None) -> dict:
-  """Evaluates a labelled set with one network per run (flat) or the two-stage classifier."""
+                      two_stage: bool, split: str, checkpoint_dir=None,
+                      rectify_stages: tuple | None = None) -> dict:
+  """Evaluates a labelled set with one network per run (flat) or the two-stage classifier
+  (`rectify_stages`: (RectifySpec, tau or None) rectifying its stages' soft targets)."""
   held_out = protocol_lib.HeldOut.of(ctx.data, split)
   protocol = ctx.specs.protocol
   if two_stage:
     spec = specs_lib.two_stage_spec(ctx.config, stage_grouping(ctx))
+    if rectify_stages is not None:
+      spec = dataclasses.replace(spec, rectify=rectify_stages[0], tau=rectify_stages[1],
+                                 class_counts=tuple(int(n) for n in ctx.data.counts))
     return two_stage_lib.evaluate_two_stage(
         protocol, spec, dataclasses.replace(train_set, method=ctx.config.method), held_out,
         ctx.mesh, checkpoint_dir)
@@ -284,7 +384,7 @@ def report_name(method: registry.Method, which: str, split: str) -> str:
 
 def stage_evaluate(ctx: context_lib.RunContext, which: str = "synthetic", two_stage: bool = False,
                    split: str = "test", *, syn: synthetic.DistilledSet | None = None,
-                   started: float | None = None, **extra) -> dict:
+                   clock: reporting.WallClock | None = None, **extra) -> dict:
   """Evaluates a set and writes report.json + report_per_class.png (validation_report.* when
   `split` is `validation`).
 
@@ -294,30 +394,39 @@ def stage_evaluate(ctx: context_lib.RunContext, which: str = "synthetic", two_st
     two_stage: evaluate with the two-stage classifier (grouping from the config).
     split: `test` (reported numbers) or `validation` (model selection and tuning).
     syn: the distilled set in memory (the run's own, just distilled): not read back from its file.
-    started: when the run started (`wall_seconds` counts from it; default: this stage's start).
+    clock: the run's clock: `wall_seconds` is then every segment of the run (a resumed one's
+      too) and `segment_seconds` the last; default: this evaluation's own time.
     extra: more report fields.
   """
   data = ctx.data
-  start = time.time() if started is None else started
+  start = time.time()
+  name = report_name(ctx.method, which, split)
+  saved_state = ctx.workdir / "evaluate_ckpt" / name  # Resumes an interrupted evaluation.
   if which.startswith("synthetic"):
     if syn is None:
       _, _, path = which.partition(":")
       syn = synthetic.DistilledSet.load(path or ctx.workdir / "synthetic.npz", data.num_classes,
                                         data.image_shape)
+    # The method says whether its labels are rectified: a set saved rectified is evaluated
+    # unrectified without +rectify, and one saved without is rectified now with it.
+    syn = rectify_set(ctx, syn, two_stage) if rectifies_final(ctx) else syn.with_rectified(None, {})
     train_set = synthetic_set(ctx, syn)
+    report = evaluate_synthetic(ctx, syn, two_stage, split, saved_state)
+    if syn.rectify_record:
+      report["rectify"] = syn.rectify_record
   elif which in registry.BASELINES:
     train_set = baseline_set(ctx, which)
+    report = evaluate_labelled(ctx, train_set, two_stage, split, saved_state)
   else:
     raise errors.InputError(f"--set={which!r}: accepted synthetic, synthetic:PATH, "
                             f"{', '.join(registry.BASELINES)}.")
-  name = report_name(ctx.method, which, split)
-  saved_state = ctx.workdir / "evaluate_ckpt" / name  # Resumes an interrupted evaluation.
-  report = evaluate_labelled(ctx, train_set, two_stage, split, saved_state)
-  report["wall_seconds"] = time.time() - start
+  report["wall_seconds"] = time.time() - start if clock is None else clock.total
+  report["segment_seconds"] = time.time() - start if clock is None else clock.segment
   report.update(extra)
   if train_set.ipc is not None:  # Classes whose real images had to be repeated to reach the IPC.
     report["repeated_classes"] = checks.short_classes(data.counts, train_set.ipc)
-  report_lib.write_report(ctx.workdir, report, data.counts, name)
+  report["class_names"] = list(data.class_names)
+  report_lib.write_report(ctx.workdir, report, data.counts, name, data.class_names)
   if jax.process_index() == 0:  # One process removes what every process saved into.
     shutil.rmtree(saved_state, ignore_errors=True)
     with contextlib.suppress(OSError):  # evaluate_ckpt/ itself, once no evaluation is under way
@@ -332,11 +441,15 @@ def run_pipeline(config, workdir, data=None) -> dict:
   """The main job: experts -> distillation -> evaluation -> report (or a baseline's evaluation).
 
   `data`: the loaded dataset of `config.data` when the caller already has it (see `setup`)."""
-  start = time.time()
+  started = time.time()
   ctx = setup(config, workdir, data)
+  # The run's time over every segment (each rerun that resumes it adds one).
+  clock = reporting.WallClock(ctx.workdir, started=started).start()
   method = ctx.method
-  # Every plugin is evaluated with the two-stage classifier.
-  if method.distils:
-    return stage_evaluate(ctx, "synthetic", method.two_stage, syn=stage_distill(ctx),
-                          started=start, stage="pipeline")
-  return stage_evaluate(ctx, method.base.name, method.two_stage, started=start, stage="pipeline")
+  try:  # Every plugin is evaluated with the two-stage classifier.
+    if method.distils:
+      return stage_evaluate(ctx, "synthetic", method.two_stage, syn=stage_distill(ctx),
+                            clock=clock, stage="pipeline")
+    return stage_evaluate(ctx, method.base.name, method.two_stage, clock=clock, stage="pipeline")
+  finally:
+    clock.stop()

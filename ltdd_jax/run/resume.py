@@ -17,7 +17,7 @@ import shutil
 import tempfile
 
 from ltdd_jax import errors, reporting
-from ltdd_jax.run import specs
+from ltdd_jax.run import locks, specs
 
 RECORD = "run_spec.json"
 STAGES = ("experts", "distill")
@@ -119,8 +119,12 @@ def _discard(directory: pathlib.Path, stage: str) -> None:
     outputs += [directory.parent / "synthetic.npz", directory.parent / "synthetic.png"]
     reporting.MetricsWriter(directory.parent).drop_after(_DISTILL_RECORDS, -1)
   for out in outputs:
-    if out.is_dir():
-      shutil.rmtree(out)
+    if out.is_dir():  # Everything but the lock file, which this process may hold.
+      for child in out.iterdir():
+        if child.is_dir():
+          shutil.rmtree(child)
+        elif child.name != locks.LOCK_FILE:
+          child.unlink()
     elif out.exists():
       out.unlink()
 
@@ -132,7 +136,8 @@ def claim(config, directory, stage: str, classifier: bool = False) -> None:
   directory = pathlib.Path(directory)
   if check(config, directory, stage, classifier):
     return
-  if directory.is_dir() and any(p.name != RECORD for p in directory.iterdir()):
+  if directory.is_dir() and any(p.name not in (RECORD, locks.LOCK_FILE)
+                                for p in directory.iterdir()):
     raise errors.ResumeMismatchError(
         f"{directory} holds {stage} outputs without a record of the config values they were made "
         "with; delete that folder to make them again, or use another --workdir (or "
@@ -167,11 +172,12 @@ def check(config, directory, stage: str, classifier: bool = False) -> bool:
       f"or start this stage afresh with --config.discard_mismatched={stage}.")
 
 
-def check_workdir(config, workdir, expert_root) -> None:
-  """Checks, before any work, the records of the outputs this run would resume from: the flat
-  expert set (and its classifier experts under LTDD's ED), the group expert sets of a hierarchical
-  run, and the distillation checkpoints in `workdir`. Stages the run does not use are not checked
-  (each stage checks its own folder again when it opens it)."""
+def check_workdir(config, workdir, expert_root, stages=STAGES) -> None:
+  """Checks, before any work, the records of the outputs this command would resume from, among
+  `stages`: the flat expert set (and its classifier experts under LTDD's ED), the group expert
+  sets of a hierarchical run, and the distillation checkpoints in `workdir`. Stages the command
+  does not read or write are not checked (each stage checks its own folder again when it opens
+  it), so no message proposes to discard what the command would not redo."""
   _discarded(config)  # An unknown stage name fails even when nothing mismatches.
   method = specs.method(config)
   if not method.base.needs_experts:
@@ -185,7 +191,8 @@ def check_workdir(config, workdir, expert_root) -> None:
       classifier = record.parent.name.endswith("_classifier")
       if ed or not classifier:
         folders.append((record.parent, classifier))
-  for directory, classifier in folders:
-    check(config, directory, "experts", classifier)
-  if method.distils:
+  if "experts" in stages:
+    for directory, classifier in folders:
+      check(config, directory, "experts", classifier)
+  if "distill" in stages and method.distils:
     check(config, pathlib.Path(workdir) / "distill_ckpt", "distill")

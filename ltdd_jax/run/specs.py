@@ -13,8 +13,8 @@ from ltdd_jax import models
 from ltdd_jax.core import augment, matching
 from ltdd_jax.data import dataset
 from ltdd_jax.evaluation import protocol as protocol_lib
-from ltdd_jax.methods import distill, experts, grouping, hierarchical, registry, synthetic
-from ltdd_jax.methods import two_stage
+from ltdd_jax.methods import distill, experts, grouping, hierarchical, rectify, registry
+from ltdd_jax.methods import synthetic, two_stage
 
 
 def _tuples(value):
@@ -34,7 +34,12 @@ def from_section(cls, section, **overrides):
 def method(config) -> registry.Method:
   """The run's parsed `config.method` (with `config.ltdd`'s switches)."""
   return registry.parse(config.method, dam=config.ltdd.dam, ed=config.ltdd.ed,
-                        ltdd_grow_window=config.ltdd.grow_window)
+                        ltdd_grow_window=config.ltdd.grow_window, rectify_at=config.rectify.at)
+
+
+def rectify_spec(config) -> rectify.RectifySpec:
+  """`config.rectify`."""
+  return from_section(rectify.RectifySpec, config.rectify)
 
 
 def dsa(config, enabled: bool) -> augment.DSASpec | None:
@@ -155,6 +160,7 @@ class Specs:
   init: synthetic.InitSpec
   grouping: grouping.GroupingSpec
   hierarchical: hierarchical.HierarchicalSpec
+  rectify: rectify.RectifySpec
 
   @classmethod
   def from_config(cls, config) -> "Specs":
@@ -164,4 +170,5 @@ class Specs:
                distill=distill_spec(config, run_method),
                matching=matching_options(config, run_method),
                init=init_spec(config, run_method), grouping=grouping_spec(config),
-               hierarchical=hierarchical_spec(config, run_method))
+               hierarchical=hierarchical_spec(config, run_method),
+               rectify=rectify_spec(config))

@@ -16,7 +16,7 @@ import json
 import pathlib
 
 from ltdd_jax import errors, reporting
-from ltdd_jax.run import checks, pipeline, resume
+from ltdd_jax.run import checks, locks, pipeline, resume
 
 COLUMNS = ("candidate", "val_acc_mean", "val_acc_std", "many_acc", "medium_acc", "few_acc",
            "per_class_acc_std", "head_tail_gap", "group_acc", "learned_lrs")
@@ -71,10 +71,10 @@ def run_search(config, workdir) -> dict:
   configs = [candidate_config(config, v, workdir) for v in grid]
   for c in configs:  # Every candidate is checked before the first one trains anything.
     checks.check_config(c)
-  for i, (values, c) in enumerate(zip(grid, configs)):
-    cell = workdir / candidate_name(values)
-    if (cell / "validation_report.json").exists():
-      continue
+  folders = {workdir / candidate_name(v): (i, v, c) for i, (v, c) in enumerate(zip(grid, configs))}
+  done = lambda folder: (folder / "validation_report.json").exists()
+  for cell in locks.each_free(folders, done, "candidate"):  # Locked while it runs.
+    i, values, c = folders[cell]
     print(f"[tuning] candidate {i + 1}/{len(grid)}: {values}", flush=True)
     ctx = pipeline.setup(c, cell)
     syn = pipeline.stage_distill(ctx)

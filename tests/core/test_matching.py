@@ -32,17 +32,19 @@ def _loss(apply_fn, spec, images, targets, lr, start, target, key, part="all", m
 
 
 def _unroll(apply_fn, spec, start, images, targets, lr, key):
-  return matching.unroll_student(matching.Student(apply_fn, spec), start,
-                                 {"images": images, "targets": targets, "lr": lr}, key)
+  """The student's unroll, compiled once (the tests' programs are small: compiling dominates)."""
+  unroll = jax.jit(lambda p, x, t, l, k: matching.unroll_student(
+      matching.Student(apply_fn, spec), p, {"images": x, "targets": t, "lr": l}, k))
+  return unroll(start, images, targets, lr, key)
 
 
 def test_image_gradient_matches_finite_differences():
   with jax.enable_x64(True):
     apply_fn, start, target, images, labels = _setup(jnp.float64)
     spec = _spec(3, 4)
-    f = lambda x: _loss(apply_fn, spec, x, labels, jnp.float64(0.1), start, target,
-                        jax.random.key(3))
-    grad = jax.grad(f)(images)
+    f = jax.jit(lambda x: _loss(apply_fn, spec, x, labels, jnp.float64(0.1), start, target,
+                                jax.random.key(3)))
+    grad = jax.jit(jax.grad(f))(images)
     assert np.abs(np.asarray(grad)).max() > 0
     for seed in range(3):
       d = jax.random.normal(jax.random.key(10 + seed), images.shape, jnp.float64)
@@ -56,9 +58,9 @@ def test_remat_gives_the_same_gradients():
   grads = {}
   for remat in (True, False):
     spec = _spec(4, 3, remat=remat)
-    grads[remat] = jax.grad(lambda x, lr: _loss(
+    grads[remat] = jax.jit(jax.grad(lambda x, lr: _loss(
         apply_fn, spec, x, labels, lr, start, target, jax.random.key(3)),
-        argnums=(0, 1))(images, jnp.float32(0.1))
+        argnums=(0, 1)))(images, jnp.float32(0.1))
   for a, b in zip(grads[True], grads[False]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -75,9 +77,9 @@ def test_soft_label_gradient_and_parts():
   logits = jax.random.normal(jax.random.key(4), (images.shape[0], 3))
   spec = _spec(2, 3, dsa=False)
   for part in ("all", "backbone", "head"):
-    g = jax.grad(lambda l: _loss(
+    g = jax.jit(jax.grad(lambda l: _loss(
         apply_fn, spec, images, matching.soft_targets(l), jnp.float32(0.1), start,
-        target, jax.random.key(0), part=part))(logits)
+        target, jax.random.key(0), part=part)))(logits)
     assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
 
 
@@ -146,9 +148,9 @@ def test_head_only_unroll_leaves_backbone_bitwise_unchanged():
                   jax.random.key(0))
   assert np.abs(every["backbone"]["Conv_0"]["kernel"] - start["backbone"]["Conv_0"]["kernel"]).max() > 0
   # The images still get a meta-gradient through the frozen backbone's forward pass.
-  g = jax.grad(lambda x: _loss(
+  g = jax.jit(jax.grad(lambda x: _loss(
       apply_fn, _spec(3, 4, train_part="head"), x, labels, jnp.float32(0.5), start,
-      jax.tree.map(lambda v: v + 0.05, start), jax.random.key(0), part="head"))(images)
+      jax.tree.map(lambda v: v + 0.05, start), jax.random.key(0), part="head")))(images)
   assert np.abs(np.asarray(g)).max() > 0
 
 

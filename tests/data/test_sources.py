@@ -51,6 +51,45 @@ def test_folder_source_and_cache(tmp_path):
   assert again.class_names == pool.class_names
 
 
+def test_folder_reads_as_image_folder_does(tmp_path):
+  """Images at any depth under a class folder, in sorted path order; an empty class folder is an
+  error naming it, never a renumbering of the classes after it."""
+  _write_tree(tmp_path / "imgs", [4, 4, 2])
+  nested = tmp_path / "imgs" / "class1" / "sub"
+  nested.mkdir()
+  for name in ("000.png", "001.png"):
+    (tmp_path / "imgs" / "class1" / name).rename(nested / name)
+  cfg = _data_config(tmp_path, train_path=str(tmp_path / "imgs"))
+  pool = sources.load_pool("folder", "train", cfg)
+  np.testing.assert_array_equal(np.bincount(pool.labels), [4, 4, 2])  # nested images counted
+  (tmp_path / "imgs" / "class0b").mkdir()  # sorts between class0 and class1
+  with pytest.raises(ValueError, match="class folder.*'class0b' hold no images"):
+    sources.load_pool("folder", "train", cfg)
+
+
+def test_cache_follows_every_file_in_the_tree(tmp_path):
+  _write_tree(tmp_path / "imgs", [5, 3])
+  cfg = _data_config(tmp_path, train_path=str(tmp_path / "imgs"))
+  assert np.bincount(sources.load_pool("folder", "train", cfg).labels).tolist() == [5, 3]
+  for name in ("000.png", "001.png"):  # deleted inside a class folder: the root's mtime stays
+    (tmp_path / "imgs" / "class0" / name).unlink()
+  assert np.bincount(sources.load_pool("folder", "train", cfg).labels).tolist() == [3, 3]
+
+
+def test_mixed_sizes_follow_the_resize_rule(tmp_path):
+  root = tmp_path / "imgs"
+  _write_tree(root, [2, 2])
+  Image.fromarray(np.zeros((8, 24, 3), np.uint8) + 255).save(root / "class1" / "wide.png")
+  squash = sources.load_pool("folder", "train", _data_config(tmp_path, train_path=str(root)))
+  crop = sources.load_pool("folder", "train", _data_config(tmp_path, train_path=str(root),
+                                                           resize="center_crop"))
+  assert squash.resized == crop.resized == 1 and squash.images.shape[1:] == (8, 8, 3)
+  np.testing.assert_array_equal(squash.images[:4], crop.images[:4])  # the 8x8 images unchanged
+  with pytest.raises(ValueError, match="data.resize='stretch'"):
+    sources.load_pool("folder", "train", _data_config(tmp_path / "other", train_path=str(root),
+                                                      resize="stretch"))
+
+
 def test_tarball_equals_folder_and_resizes(tmp_path):
   _write_tree(tmp_path / "train", [4, 4], size=12, suffix=".jpg")
   archive = tmp_path / "data.tar.gz"
@@ -83,12 +122,14 @@ def test_bad_inputs_fail_clearly(tmp_path):
     sources.load_pool("hdf5", "train", _data_config(tmp_path, train_path=str(tmp_path)))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     sources.load_pool("folder", "train", _data_config(tmp_path, train_path=str(tmp_path / "nope")))
-  (tmp_path / "empty" / "a").mkdir(parents=True)
-  with pytest.raises(ValueError, match="No images"):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="No class folders"):
     sources.load_pool("folder", "train", _data_config(tmp_path, train_path=str(tmp_path / "empty")))
-  (tmp_path / "broken" / "a").mkdir(parents=True)
-  (tmp_path / "broken" / "a" / "x.png").write_bytes(b"not a png")
-  with pytest.raises(ValueError, match="Cannot read image .*x.png"):
+  _write_tree(tmp_path / "broken", [2, 2])
+  for name in ("x.png", "y.jpg"):
+    (tmp_path / "broken" / "class1" / name).write_bytes(b"not an image")
+  # Every unreadable file in one error, not one per rerun.
+  with pytest.raises(ValueError, match=r"2 image file\(s\) cannot be read: .*x.png.*y.jpg"):
     sources.load_pool("folder", "train", _data_config(tmp_path, train_path=str(tmp_path / "broken")))
   with pytest.raises(ValueError, match="needs data.train_path"):
     sources.load_pool("folder", "train", _data_config(tmp_path))

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 from ltdd_jax import checkpoints, parallel
 from ltdd_jax.methods import distill, experts, registry, synthetic
 from ltdd_jax.run import specs
+from conftest import CLI_DSA
 
 ONE = parallel.make_mesh(1)
 
@@ -208,28 +210,50 @@ def test_bad_epochs_and_methods_fail_clearly(tiny):
     registry.parse("dc")
 
 
-def test_pipeline_cli_end_to_end(tmp_path):
-  cmd = [sys.executable, "-m", "launch.pipeline", "--config=configs/digits_lt.py",
+def test_pipeline_cli_end_to_end_through_a_sigint(tmp_path):
+  """The main job from the command line, stopped by SIGINT during distillation (exit 130, one
+  line, no traceback) and finished by the same command, which says what it resumes from.
+  (That a resumed distillation is bitwise the uninterrupted one: `test_resume_is_bitwise_identical`.)
+  """
+  cmd = [sys.executable, "-m", "launch.pipeline", "--config=configs/digits_lt.py", CLI_DSA,
          f"--workdir={tmp_path}", f"--config.data.cache_dir={tmp_path}/cache",
-         "--config.model.width=8", "--config.experts.num_experts=2", "--config.experts.epochs=3",
+         "--config.model.width=4", "--config.experts.num_experts=2", "--config.experts.epochs=3",
          "--config.experts.batch_size=128", "--config.distill.batch_syn=20",
-         "--config.distill.ipc=2", "--config.distill.syn_steps=3", "--config.distill.iterations=4",
+         "--config.distill.ipc=2", "--config.distill.syn_steps=3",
          "--config.distill.max_start_epoch=2", "--config.distill.expert_epochs=1",
-         "--config.evaluate.epochs=3", "--config.evaluate.num_models=2",
-         "--config.method=mtt+hierarchical"]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+         "--config.distill.checkpoint_every=1000", "--config.evaluate.epochs=2",
+         "--config.evaluate.num_models=2", "--config.method=mtt+hierarchical"]
+  proc = subprocess.Popen([*cmd, "--config.distill.iterations=400"], text=True,
+                          stderr=subprocess.PIPE)
+  for line in proc.stderr:  # the first progress line of the distillation
+    if line.startswith("[distill]"):
+      break
+  proc.send_signal(signal.SIGINT)
+  rest = proc.stderr.read()
+  assert proc.wait(timeout=60) == 130, rest
+  assert "Traceback" not in rest
+  assert "interrupted (SIGINT); rerun the same command to resume from distillation iteration" in rest
+  stopped = int(rest.split("distillation iteration ")[1].split("/")[0])
+  assert 0 < stopped < 400
+  assert not (tmp_path / "synthetic.npz").exists()
+  end = stopped + 2  # A shorter end than 400, so the test stays short.
+  again = subprocess.run([*cmd, f"--config.distill.iterations={end}"], capture_output=True,
+                         text=True)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resuming from iteration {stopped}/{end}" in again.stderr
   for name in ("config.json", "metrics.jsonl", "synthetic.npz", "synthetic.png", "report.json",
-               "report_per_class.png", "grouping.json"):
+               "report_per_class.png", "grouping.json", "wall_clock.json"):
     assert (tmp_path / name).exists(), name
   report = json.loads((tmp_path / "report.json").read_text())
   assert report["method"] == "mtt+hierarchical" and report["ipc"] == 2
   assert report["num_images"] == 20  # the flat budget: C x IPC
   assert report["classifier"] == "two_stage_soft" and 0 <= report["group_acc"] <= 100
+  assert report["wall_seconds"] > report["segment_seconds"] > 0  # both segments counted
   groups = json.loads((tmp_path / "grouping.json").read_text())["groups"]
   assert len(groups) > 1
-  losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()
-            if json.loads(line)["stage"] == "distill"]
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  losses = [r for r in lines if r["stage"] == "distill"]
+  assert [r["step"] for r in losses][-1] == end
   assert len(losses[-1]["losses"]) == 1 + sum(len(g) > 1 for g in groups)  # stage 1 + stage 2
   with np.load(tmp_path / "synthetic.npz") as syn:
     assert syn["images"].shape == (20, 8, 8, 1) and syn["pixels"].shape == (20, 8, 8, 1)
@@ -238,8 +262,7 @@ def test_pipeline_cli_end_to_end(tmp_path):
     names = ["groups"] + [f"group_{g}" for g, c in enumerate(groups) if len(c) > 1]
     assert list(syn["lr_objectives"]) == names and (syn["lr"] > 0).all()
   assert sorted(report["learned_lrs"]) == sorted(names)
-  stages = [json.loads(line)["stage"] for line in (tmp_path / "metrics.jsonl").open()]
-  assert "distill" in stages and "evaluate" in stages
+  assert [r["stage"] for r in lines].count("evaluate") == 1
 
 
 @pytest.mark.parametrize("method", ["datm", "ltdd"])

@@ -15,8 +15,9 @@ from ltdd_jax.models import layers
 def test_output_shapes(arch, shape):
   cfg = models.ModelSpec(width=8)
   net = models.make_classifier(cfg, 7, arch, width=4)
-  params = net.init(jax.random.key(0), jnp.zeros(shape))
-  chex.assert_shape(net.apply(params, jnp.ones(shape)), (2, 7))
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)  # shapes only: traced, never run
+  params = jax.eval_shape(net.init, jax.random.key(0), x)
+  chex.assert_shape(jax.eval_shape(net.apply, params, x), (2, 7))
   assert set(params["params"]) == {"backbone", "head"}
 
 
@@ -26,7 +27,8 @@ def test_torch_init_matches_pytorch_defaults(arch):
   PyTorch's Conv2d / Linear default; model.init=flax keeps Flax's larger kernels and zero biases."""
   cfg = models.ModelSpec()
   x = jnp.zeros((1, 8, 8, 3))  # kernel shapes do not depend on the image size
-  params = models.make_classifier(cfg, 10, arch, width=32).init(jax.random.key(0), x)["params"]
+  init = lambda spec: jax.jit(models.make_classifier(spec, 10, arch, width=32).init)
+  params = init(cfg)(jax.random.key(0), x)["params"]
   leaves = jax.tree_util.tree_leaves_with_path(params)
   kernels = [(p, v) for p, v in leaves if p[-1].key == "kernel"]
   assert kernels
@@ -40,14 +42,14 @@ def test_torch_init_matches_pytorch_defaults(arch):
   fan_in = head["kernel"].shape[0]
   assert 0 < np.abs(head["bias"]).max() <= 1 / np.sqrt(fan_in)
   cfg = dataclasses.replace(cfg, init="flax")
-  flax_params = models.make_classifier(cfg, 10, arch, width=32).init(jax.random.key(0), x)["params"]
+  flax_params = init(cfg)(jax.random.key(0), x)["params"]
   conv = [v for p, v in jax.tree_util.tree_leaves_with_path(flax_params["backbone"])
           if p[-1].key == "kernel" and v.size >= 5_000][0]
   np.testing.assert_allclose(conv.std(), np.sqrt(2 / np.prod(conv.shape[:-1])), rtol=0.05)
   assert not np.any(flax_params["head"]["bias"])
   cfg = dataclasses.replace(cfg, init="xavier")
   with pytest.raises(ValueError, match="model.init 'xavier'"):
-    models.make_classifier(cfg, 10, arch, width=4).init(jax.random.key(0), x)
+    jax.eval_shape(models.make_classifier(cfg, 10, arch, width=4).init, jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("stride,padding,k", [(1, 1, 3), (2, 1, 3), (1, 2, 5), (2, 0, 1)])
@@ -91,8 +93,9 @@ def test_for_inference_same_function_faster_conv(arch):
   assert fast.backbone.conv_impl == "xla"  # CPU: XLA's convolution for forward passes
   assert layers.resolve_conv_impl("auto", inference=True) == "xla"
   x = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
-  params = net.init(jax.random.key(1), x)
-  np.testing.assert_allclose(fast.apply(params, x), net.apply(params, x), rtol=1e-4, atol=1e-4)
+  params = jax.jit(net.init)(jax.random.key(1), x)
+  np.testing.assert_allclose(jax.jit(fast.apply)(params, x), jax.jit(net.apply)(params, x),
+                             rtol=1e-4, atol=1e-4)
   cfg = dataclasses.replace(cfg, conv_impl="im2col")  # an explicit choice is kept
   explicit = models.make_classifier(cfg, 5, arch, width=4)
   assert models.for_inference(explicit).backbone.conv_impl == "im2col"

@@ -7,15 +7,16 @@ import pytest
 from ltdd_jax import errors
 from ltdd_jax.methods import distill
 from ltdd_jax.run import benchmark, pipeline
+from conftest import CLI_DSA
 
 
 def test_benchmark_grid_runs_resumes_and_tabulates(tmp_path):
-  cmd = [sys.executable, "-m", "launch.benchmark", "--config=configs/benchmark.py:dataset=digits",
+  cmd = [sys.executable, "-m", "launch.benchmark", "--config=configs/benchmark.py:dataset=digits", CLI_DSA,
          f"--workdir={tmp_path}", f"--config.data.cache_dir={tmp_path}/cache",
-         "--config.model.width=8", "--config.benchmark.ipcs=(2,)",
+         "--config.model.width=4", "--config.benchmark.ipcs=(2,)",
          "--config.benchmark.methods=('random','random+two_stage')",
          "--config.evaluate.epochs=2", "--config.evaluate.full_epochs=1",
-         "--config.evaluate.num_models=2"]
+         "--config.evaluate.num_models=1"]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   table, summary = (tmp_path / "results.md").read_text().split("\n\n")

@@ -135,6 +135,10 @@ def _synthetic(path, **arrays):
     ({"labels": np.arange(7) % 10}, "(20, 8, 8, 1) images but (7,) labels"),
     ({"labels": np.repeat(np.arange(10), 2) + 5}, "labels must be integers in [0, 10)"),
     ({"labels": np.linspace(0, 9, 20)}, "labels must be integers"),
+    ({"labels": np.array(["cat"] * 20)}, "labels must be integers"),
+    ({"labels": np.zeros(20, complex)}, "labels must be integers"),
+    ({"labels": np.array([None] * 20, dtype=object)}, "arrays of Python objects"),
+    ({"images": np.zeros((20, 8, 8, 1), np.int32)}, "images must be floating point"),
     ({"lr": np.float32(np.nan)}, "learning rate"),
     ({"images": np.zeros((20, 4, 4, 1), np.float32)}, "images are (4, 4, 1)"),
 ])
@@ -142,7 +146,7 @@ def test_bad_synthetic_sets(tmp_path, no_training, arrays, message):
   config = tiny_config(tmp_path)
   path = _synthetic(tmp_path / "syn.npz", **arrays)
   with pytest.raises(errors.InputError) as info:
-    pipeline.stage_evaluate(pipeline.setup(config, tmp_path / "run", check_resume=False),
+    pipeline.stage_evaluate(pipeline.setup(config, tmp_path / "run", stages=()),
                             f"synthetic:{path}")
   assert message in str(info.value) and str(path) in str(info.value)
 
@@ -152,7 +156,7 @@ def test_empty_or_truncated_synthetic_file(tmp_path, no_training, content):
   config = tiny_config(tmp_path)
   (tmp_path / "syn.npz").write_bytes(content)
   with pytest.raises(errors.InputError, match="empty or truncated"):
-    pipeline.stage_evaluate(pipeline.setup(config, tmp_path / "run", check_resume=False),
+    pipeline.stage_evaluate(pipeline.setup(config, tmp_path / "run", stages=()),
                             f"synthetic:{tmp_path / 'syn.npz'}")
 
 
@@ -165,3 +169,31 @@ def test_launcher_prints_one_line_for_errors_on_purpose(tmp_path):
   assert "Traceback" not in proc.stderr
   assert "error: 2 problem(s) in the config" in proc.stderr
   assert "model.init='xavier'" in proc.stderr and "distill.ipc=-2" in proc.stderr
+
+
+def test_a_class_left_empty_by_the_long_tail_fails_before_any_expert(tmp_path, no_training):
+  config = _config(tmp_path, {"data.imbalance_factor": 1000.0})  # digits: classes 7-9 get 0
+  with pytest.raises(errors.InputError, match=r"class 7 \('7'\) has 0 training images.*"
+                     "data.imbalance_factor"):
+    pipeline.run_pipeline(config, tmp_path / "run")
+  assert not (tmp_path / "run" / "experts").exists()
+
+
+def test_a_one_class_folder_fails_before_any_expert(tmp_path, no_training):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  (tmp_path / "imgs" / "only").mkdir(parents=True)
+  for i in range(30):
+    Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / "imgs" / "only" / f"{i}.png")
+  config = _config(tmp_path, {"data.train_source": "folder", "data.train_path": str(tmp_path / "imgs"),
+                              "data.test_source": "holdout:5", "data.validation_per_class": 0})
+  with pytest.raises(errors.InputError, match=r"1 class\(es\).*at least 2"):
+    pipeline.run_pipeline(config, tmp_path / "run")
+  assert not (tmp_path / "run" / "experts").exists()
+
+
+def test_short_classes_get_one_note_each(tmp_path, no_training, caplog):
+  config = _config(tmp_path, {"distill.ipc": 15, "method": "random"})
+  ctx = pipeline.setup(config, tmp_path / "run", stages=())
+  short = [c for c, n in enumerate(ctx.data.counts) if n < 15]
+  notes = [r.getMessage() for r in caplog.records if "repeated to reach it" in r.getMessage()]
+  assert len(notes) == len(short) > 1 and all(len(n) < 120 for n in notes)

@@ -94,7 +94,7 @@ def test_metrics_lines_are_not_repeated_after_resume(tmp_path):
 
 def test_baseline_reports_do_not_overwrite_each_other(tmp_path):
   config = tiny_config(tmp_path)
-  ctx = pipeline.setup(config, tmp_path / "run", check_resume=False)
+  ctx = pipeline.setup(config, tmp_path / "run", stages=())
   for which in ("random", "full"):
     pipeline.stage_evaluate(ctx, which)
   names = sorted(p.name for p in (tmp_path / "run").glob("report*.json"))
@@ -147,7 +147,7 @@ def test_only_what_a_command_resumes_is_checked(tmp_path):
   resume.claim(other, experts_root / "flat_classifier", "experts", classifier=True)
   with pytest.raises(errors.ResumeMismatchError, match="method: 'datm' -> 'mtt'"):
     resume.check_workdir(config, run, experts_root)  # an mtt run here would resume datm's
-  pipeline.setup(config, run, check_resume=False)  # evaluating a set resumes nothing
+  pipeline.setup(config, run, stages=())  # evaluating a set resumes nothing
   config.method = "random"
   resume.check_workdir(config, run, experts_root)  # a baseline resumes no distillation
   ltdd = datm.copy_and_resolve_references()
@@ -176,3 +176,17 @@ def test_outputs_without_a_record_are_never_adopted(tmp_path):
   assert not (tmp_path / "old" / resume.RECORD).exists()
   resume.claim(config, tmp_path / "new", "experts")  # an empty or missing folder is claimed
   assert json.loads((tmp_path / "new" / resume.RECORD).read_text())["stage"] == "experts"
+
+
+def test_a_command_checks_only_the_stages_it_reads(tmp_path):
+  """The grouping analysis reads the experts alone: a hierarchical distillation in its workdir
+  is no reason to refuse, nor to propose discarding it."""
+  hier = tiny_config(tmp_path)
+  hier.method = "mtt+hierarchical"
+  run = tmp_path / "run"
+  resume.claim(hier, run / "distill_ckpt", "distill")
+  mtt = tiny_config(tmp_path)
+  with pytest.raises(errors.ResumeMismatchError, match="discard_mismatched=distill"):
+    pipeline.setup(mtt, run)  # a pipeline would resume that distillation: it must refuse
+  ctx = pipeline.setup(mtt, run, stages=("experts",))  # what launch.analyze_groups checks
+  assert ctx.method.name == "mtt"
