@@ -54,8 +54,8 @@ def test_evidence_grid_has_the_methods_and_full_rows():
   assert cells[0] == (100.0, None, "full") and cells[1][:2] == (100.0, 10)
   methods = {m for _, ipc, m in cells if ipc is not None}
   assert methods == {"random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+two_stage",
-                     "mtt+hierarchical", "ltdd+hierarchical"}
-  assert len(cells) == 2 * (1 + 2 * 9)
+                     "mtt+hierarchical", "ltdd+hierarchical", "datm+rectify", "ltdd+rectify"}
+  assert len(cells) == 2 * (1 + 2 * 11)
   assert c.benchmark.ipc_settings.ipc1.distill.batch_syn == 10
 
 

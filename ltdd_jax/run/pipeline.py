@@ -278,6 +278,8 @@ def rectify_set(ctx: context_lib.RunContext, syn: synthetic.DistilledSet, two_st
     tau = rectify_lib.choose_validated(scores)
   probs, rectification = rectify_lib.rectify(syn.label_logits, syn.labels, ctx.data.counts, spec,
                                              tau, scores)
+  if rectification.tau == 0 and syn.soft_labels is not None:
+    probs = syn.soft_labels  # The identity, bit for bit (not a float64 softmax of the logits).
   if log:
     ctx.metrics.write_once("rectify", 0, **rectification.record())
   return syn.with_rectified(probs, rectification.record())

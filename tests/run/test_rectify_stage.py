@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ltdd_jax import errors
-from ltdd_jax.methods import registry, synthetic
+from ltdd_jax.methods import rectify, registry, synthetic
 from ltdd_jax.run import benchmark, pipeline, specs
 
 
@@ -66,6 +66,9 @@ def test_an_existing_set_is_rectified_at_evaluation_and_keeps_its_learned_labels
   plain = dataclasses.replace(ctx, config=_config(tiny, "datm")[0],
                               specs=specs.Specs.from_config(_config(tiny, "datm")[0]))
   assert "rectify" not in pipeline.stage_evaluate(plain, f"synthetic:{again}")
+  zero = dataclasses.replace(ctx, specs=dataclasses.replace(
+      ctx.specs, rectify=rectify.RectifySpec(mode="fixed", tau=0.0)))
+  np.testing.assert_array_equal(pipeline.rectify_set(zero, syn, False).targets(), syn.soft_labels)
   with pytest.raises(errors.InputError, match="this set has none"):
     pipeline.rectify_set(ctx, dataclasses.replace(syn, label_logits=None, soft_labels=None), False)
 
@@ -95,6 +98,7 @@ def test_validation_choice_never_reads_the_test_split(tiny, tmp_path):
     chosen.append(pipeline.rectify_set(ctx, syn, False).rectify_record)
   assert chosen[0]["validation_scores"] == chosen[1]["validation_scores"]
   assert chosen[0]["tau"] == chosen[1]["tau"] in (0.0, 1.0)
+
   # The choice resumes from its file: no candidate is evaluated again.
   ctx = pipeline.setup(config, tmp_path / "clean", data=data, stages=())
   before = (tmp_path / "clean" / "metrics.jsonl").read_text()
