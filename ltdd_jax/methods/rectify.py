@@ -95,9 +95,10 @@ def rectified(logits: np.ndarray, prior: np.ndarray, tau) -> np.ndarray:
   """softmax(logits - tau * log pi): [N, C] logits (or log-probabilities), [C] log prior, tau a
   float or [N, 1] per image -> [N, C] probabilities (float64)."""
   shifted = np.asarray(logits, np.float64) - tau * prior[None]
-  shifted -= shifted.max(-1, keepdims=True)
-  weights = np.exp(shifted)
-  return weights / weights.sum(-1, keepdims=True)
+  top = shifted.max(-1, keepdims=True)
+  weights = np.exp(shifted - np.where(np.isfinite(top), top, 0.0))
+  total = weights.sum(-1, keepdims=True)
+  return np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)  # 0 rows stay 0
 
 
 def class_keeping_tau(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray,
@@ -178,11 +179,12 @@ class Rectification:
 
 def adsa_tau(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray, grid: np.ndarray) -> float:
   """The tau in `grid` whose rectified labels have the smallest spread of own-class confidence
-  (the first such tau on ties)."""
+  (the smallest |tau| on ties, as `choose_validated`)."""
   num_classes = logits.shape[-1]
-  values = [spread(own_class_confidence(rectified(logits, prior, t), labels, num_classes))
-            for t in grid]
-  return float(grid[int(np.nanargmin(values))])
+  values = np.asarray([spread(own_class_confidence(rectified(logits, prior, t), labels,
+                                                   num_classes)) for t in grid])
+  best = np.flatnonzero(values == np.nanmin(values))
+  return float(grid[best[np.argmin(np.abs(grid[best]))]])
 
 
 def rectify_logits(logits: np.ndarray, labels: np.ndarray, counts: np.ndarray, spec: RectifySpec,

@@ -95,7 +95,7 @@ class TwoStageSpec:
     out, record = rectify_lib.rectify(rectify_lib.as_log_probs(targets), labels, counts,
                                       self.rectify, self.tau)
     records[name] = record.record()
-    return out
+    return targets if record.tau == 0 else out  # tau 0: the targets themselves, bit for bit
 
 
 def _probs(protocol: protocol_lib.Protocol, model, params, images) -> np.ndarray:

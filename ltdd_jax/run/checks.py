@@ -15,7 +15,7 @@ from absl import logging
 from ltdd_jax import errors, models
 from ltdd_jax.core import augment, ensemble, matching, training
 from ltdd_jax.data import longtail, sources
-from ltdd_jax.methods import grouping, registry
+from ltdd_jax.methods import grouping, rectify, registry
 from ltdd_jax.models import layers
 from ltdd_jax.run import specs
 
@@ -199,6 +199,13 @@ def check_config(config) -> None:
   if method.hierarchical and config.grouping.lambda_1 == 0 and config.grouping.lambda_2 == 0:
     p.add("grouping.lambda_1", "and grouping.lambda_2 are both 0: hierarchical distillation has "
           "nothing to match")
+  # +rectify.
+  p.one_of("rectify.mode", rectify.MODES)
+  p.one_of("rectify.at", rectify.WHERE)
+  if (method.rectifies and config.rectify.mode == "validation"
+      and config.data.validation_per_class <= 0):
+    p.add("rectify.mode", "chooses tau on the validation split, and data.validation_per_class "
+          "is 0; set it > 0 or use rectify.mode=adsa")
   p.raise_if_any("config")
 
 

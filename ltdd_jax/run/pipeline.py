@@ -262,49 +262,72 @@ def rectify_set(ctx: context_lib.RunContext, syn: synthetic.DistilledSet, two_st
   `adsa` and `fixed` cost no training. `validation` evaluates the set rectified with each of
   `rectify.validation_taus` on the validation split (as it will be evaluated: flat, or two-stage)
   and keeps the best; each candidate's score is kept in `<workdir>/rectify_validation.json`, so
-  an interrupted choice resumes, and a set that already carries the choice is not validated again.
+  an interrupted choice resumes, and a set that already carries the same choice (same set, taus
+  and evaluation, `validation_key`) is not validated again. A `rectify` line goes to
+  metrics.jsonl whenever the set's rectification changes.
   """
   spec = ctx.specs.rectify
   if syn.label_logits is None:
     raise errors.InputError(f"{ctx.config.method}: +rectify acts on soft labels and this set has "
                             "none (hard labels only); evaluate it without +rectify.")
-  record = syn.rectify_record
-  if (spec.mode == "validation" and record.get("mode") == "validation"
-      and sorted(map(float, record.get("validation_scores", {}))) == sorted(spec.validation_taus)):
-    return syn
-  tau = scores = None
+  tau = scores = key = None
   if spec.mode == "validation":
-    scores = validation_scores(ctx, syn, two_stage)
+    key = validation_key(ctx, syn, two_stage)
+    if syn.rectify_record.get("validation_key") == key:
+      return syn
+    scores = validation_scores(ctx, syn, two_stage, key)
     tau = rectify_lib.choose_validated(scores)
   probs, rectification = rectify_lib.rectify(syn.label_logits, syn.labels, ctx.data.counts, spec,
                                              tau, scores)
-  if rectification.tau == 0 and syn.soft_labels is not None:
-    probs = syn.soft_labels  # The identity, bit for bit (not a float64 softmax of the logits).
-  if log:
-    ctx.metrics.write_once("rectify", 0, **rectification.record())
-  return syn.with_rectified(probs, rectification.record())
+  record = {**rectification.record(), **({"validation_key": key} if key else {})}
+  out = _rectified(syn, probs, record)
+  if log and record != syn.rectify_record:
+    ctx.metrics.write("rectify", 0, **record)
+  return out
 
 
-def validation_scores(ctx: context_lib.RunContext, syn: synthetic.DistilledSet,
-                      two_stage: bool) -> dict:
-  """{tau: validation accuracy} of the set rectified with each `rectify.validation_taus`."""
+def _rectified(syn: synthetic.DistilledSet, probs: np.ndarray,
+               record: dict) -> synthetic.DistilledSet:
+  """The set with rectified labels `probs`; at tau 0 its learned soft labels themselves, bit for
+  bit (not a float64 softmax of the same logits)."""
+  return syn.with_rectified(syn.soft_labels if record["tau"] == 0 else probs, record)
+
+
+def validation_key(ctx: context_lib.RunContext, syn: synthetic.DistilledSet,
+                   two_stage: bool) -> str:
+  """What a validated tau depends on: the set (images, labels, label logits, lr), the candidates,
+  `keep_class`, flat or two-stage (and the grouping), the evaluation settings and the seed."""
+  digest = hashlib.sha256()
+  for array in (syn.images, syn.labels, syn.label_logits, syn.lr):
+    digest.update(np.ascontiguousarray(array).tobytes())
+  config = ctx.config
+  digest.update(json.dumps([list(ctx.specs.rectify.validation_taus), ctx.specs.rectify.keep_class,
+                            two_stage, config.evaluate.to_dict(), config.seed,
+                            config.grouping.to_dict() if two_stage else None],
+                           sort_keys=True, default=str).encode())
+  return digest.hexdigest()[:16]
+
+
+def validation_scores(ctx: context_lib.RunContext, syn: synthetic.DistilledSet, two_stage: bool,
+                      key: str) -> dict:
+  """{tau: validation accuracy} of the set rectified with each `rectify.validation_taus`
+  (resumed from `<workdir>/rectify_validation.json` when it holds scores for the same `key`)."""
   spec = ctx.specs.rectify
   path = ctx.workdir / "rectify_validation.json"
-  key = hashlib.sha256(np.ascontiguousarray(syn.label_logits).tobytes()).hexdigest()[:16]
   saved = json.loads(path.read_text()) if path.exists() else {}
-  scores = {float(t): v for t, v in saved.get("scores", {}).items()} if saved.get("set") == key \
-      else {}
+  scores = ({float(t): v for t, v in saved.get("scores", {}).items()}
+            if saved.get("key") == key else {})
   fixed = dataclasses.replace(spec, mode="fixed")
   for tau in spec.validation_taus:
     if float(tau) in scores:
       continue
     probs, rectification = rectify_lib.rectify(syn.label_logits, syn.labels, ctx.data.counts,
                                                fixed, tau)
-    candidate = syn.with_rectified(probs, rectification.record())
+    candidate = _rectified(syn, probs, rectification.record())
     report = evaluate_synthetic(ctx, candidate, two_stage, "validation")
     scores[float(tau)] = report["val_acc_mean"]
     ctx.metrics.write("rectify_validation", 0, tau=float(tau), val_acc_mean=scores[float(tau)])
-    reporting.write_json(path, {"set": key, "scores": {str(t): v for t, v in scores.items()}})
+    reporting.write_json(path, {"key": key, "scores": {str(t): v for t, v in scores.items()}})
   return {float(t): scores[float(t)] for t in spec.validation_taus}
 
 
@@ -414,8 +437,9 @@ def stage_evaluate(ctx: context_lib.RunContext, which: str = "synthetic", two_st
     syn = rectify_set(ctx, syn, two_stage) if rectifies_final(ctx) else syn.with_rectified(None, {})
     train_set = synthetic_set(ctx, syn)
     report = evaluate_synthetic(ctx, syn, two_stage, split, saved_state)
-    if syn.rectify_record:
-      report["rectify"] = syn.rectify_record
+    if syn.rectify_record:  # Two-stage networks train on `rectify_stages` instead.
+      report["rectify"] = {**syn.rectify_record,
+                           "applied_to": "class targets" if not two_stage else "stages"}
   elif which in registry.BASELINES:
     train_set = baseline_set(ctx, which)
     report = evaluate_labelled(ctx, train_set, two_stage, split, saved_state)

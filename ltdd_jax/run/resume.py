@@ -30,7 +30,8 @@ _NEUTRAL = ("data.cache_dir", "data.dataset", "model.conv_impl", "model.ensemble
             "distill.log_every", "distill.eval_every", "distill.remat", "distill.remat_policy",
             "grouping.prediction")
 # metrics.jsonl records a discarded distillation leaves behind.
-_DISTILL_RECORDS = ("distill", "distill_validation", "distill_done", "label_init", "objectives")
+_DISTILL_RECORDS = ("distill", "distill_validation", "distill_done", "label_init", "objectives",
+                    "rectify_init", "rectify", "rectify_validation")
 
 
 def prepare_workdir(workdir) -> pathlib.Path:

@@ -33,7 +33,7 @@ def test_adsa_recovers_a_known_frequency_bias_within_the_grid_step(bias):
   spec = rectify.RectifySpec(tau_step=0.05)
   probs, record = rectify.rectify(_biased_logits(bias), LABELS, COUNTS, spec)
   assert abs(record.tau - bias) <= spec.tau_step / 2 + 1e-9
-  assert record.spread_after <= record.spread_before
+  assert record.spread_after < record.spread_before or bias == 0
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
   # After: every class about equally confident in its own images.
   assert np.ptp(record.own_after) < 0.02
@@ -56,10 +56,18 @@ def test_rectified_labels_sum_to_one_and_keep_class_keeps_the_argmax():
   np.testing.assert_allclose(kept[~own], free[~own], rtol=1e-5)
 
 
-def test_negative_taus_undo_a_tail_bias():
+def test_negative_taus_undo_a_tail_bias_and_keep_class_caps_them_too():
   spec = rectify.RectifySpec(tau_min=-2.0, tau_max=2.0, tau_step=0.1)
   _, record = rectify.rectify(_biased_logits(-1.0), LABELS, COUNTS, spec)
   assert abs(record.tau + 1.0) <= 0.05 + 1e-9
+  logits = _biased_logits(-2.0, noise=0.8)
+  own = logits.argmax(-1) == LABELS
+  kept, record = rectify.rectify(logits, LABELS, COUNTS, rectify.RectifySpec(
+      mode="fixed", tau=-3.0, keep_class=True))
+  assert record.capped > 0 and (kept.argmax(-1)[own] == LABELS[own]).all()
+  free, free_record = rectify.rectify(logits, LABELS, COUNTS, rectify.RectifySpec(
+      mode="fixed", tau=-3.0))
+  assert free_record.moved > 0
 
 
 def test_group_space_from_probabilities():
@@ -76,6 +84,10 @@ def test_group_space_from_probabilities():
   out, _ = rectify.rectify(rectify.as_log_probs(zero), np.array([0]), np.array([5, 3, 1]),
                            rectify.RectifySpec(mode="fixed", tau=1.0))
   np.testing.assert_array_equal(out, zero)
+  empty = np.zeros((1, 3))  # an all-zero row (a group's probabilities underflowed) stays zero
+  out, _ = rectify.rectify(rectify.as_log_probs(empty), np.array([0]), np.array([5, 3, 1]),
+                           rectify.RectifySpec(mode="fixed", tau=1.0))
+  np.testing.assert_array_equal(out, empty)
 
 
 def test_validated_tau_prefers_the_identity_on_ties_and_bad_specs_fail():

@@ -55,6 +55,9 @@ BAD_CONFIGS = [
     ({"method": "mtt+hierarchical", "grouping.lambda_1": 0.0, "grouping.lambda_2": 0.0},
      "nothing to match"),
     ({"discard_mismatched": "everything"}, "unknown stage(s) ['everything']"),
+    ({"method": "datm+rectify", "rectify.mode": "validation", "data.validation_per_class": 0},
+     "rectify.mode='validation': chooses tau on the validation split"),
+    ({"rectify.at": "start"}, "rectify.at='start'"),
     # Checks that need the data (class sizes, the class list).
     ({"distill.ipc": 1000, "distill.allow_duplicates": False}, "distill.ipc=1000"),
     ({"method": "mtt+two_stage", "grouping.strategy": "manual",

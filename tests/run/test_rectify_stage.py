@@ -79,6 +79,7 @@ def test_two_stage_rectifies_group_and_within_group_targets_in_their_own_spaces(
   syn = pipeline.rectify_set(ctx, _soft_set(config, data, expert_set), True)
   report = pipeline.stage_evaluate(ctx, "synthetic", True, syn=syn)
   stages = report["rectify_stages"]
+  assert report["rectify"]["applied_to"] == "stages"  # not the flat rectified labels
   groups = json.loads((tmp_path / "run" / "grouping.json").read_text())["groups"]
   assert set(stages) == {"groups"} | {f"group_{g}" for g, c in enumerate(groups) if len(c) > 1}
   assert len(stages["groups"]["own_before"]) == len(groups)
