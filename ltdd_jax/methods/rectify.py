@@ -222,9 +222,15 @@ def rectify_logits(logits: np.ndarray, labels: np.ndarray, counts: np.ndarray, s
 
 
 def rectify(logits: np.ndarray, labels: np.ndarray, counts: np.ndarray, spec: RectifySpec,
-            tau: float | None = None, scores: dict | None = None):
-  """`rectify_logits`, as probabilities: ([N, C] rectified soft labels float32, Rectification)."""
+            tau: float | None = None, scores: dict | None = None,
+            probs: np.ndarray | None = None):
+  """`rectify_logits`, as probabilities: ([N, C] rectified soft labels float32, Rectification).
+
+  `probs`: the labels as they are (softmax of `logits`); tau 0 returns them unchanged, bit for bit,
+  rather than a float64 softmax of the same logits."""
   shifted, record = rectify_logits(logits, labels, counts, spec, tau, scores)
+  if record.tau == 0 and probs is not None:
+    return probs, record
   return rectified(shifted, np.zeros(shifted.shape[-1]), 0.0).astype(np.float32), record
 
 

@@ -93,9 +93,9 @@ class TwoStageSpec:
       return targets
     counts = np.asarray([sum(self.class_counts[c] for c in members) for members in classes])
     out, record = rectify_lib.rectify(rectify_lib.as_log_probs(targets), labels, counts,
-                                      self.rectify, self.tau)
+                                      self.rectify, self.tau, probs=targets)
     records[name] = record.record()
-    return targets if record.tau == 0 else out  # tau 0: the targets themselves, bit for bit
+    return out
 
 
 def _probs(protocol: protocol_lib.Protocol, model, params, images) -> np.ndarray:

@@ -262,49 +262,45 @@ def rectify_set(ctx: context_lib.RunContext, syn: synthetic.DistilledSet, two_st
   `adsa` and `fixed` cost no training. `validation` evaluates the set rectified with each of
   `rectify.validation_taus` on the validation split (as it will be evaluated: flat, or two-stage)
   and keeps the best; each candidate's score is kept in `<workdir>/rectify_validation.json`, so
-  an interrupted choice resumes, and a set that already carries the same choice (same set, taus
-  and evaluation, `validation_key`) is not validated again. A `rectify` line goes to
-  metrics.jsonl whenever the set's rectification changes.
+  an interrupted choice resumes. A set that already carries the same rectification (`rectify_key`)
+  is returned as it is, so the pipeline's evaluation does not redo its distillation's. A `rectify`
+  line goes to metrics.jsonl whenever the set's rectification changes.
   """
   spec = ctx.specs.rectify
   if syn.label_logits is None:
     raise errors.InputError(f"{ctx.config.method}: +rectify acts on soft labels and this set has "
                             "none (hard labels only); evaluate it without +rectify.")
-  tau = scores = key = None
+  key = rectify_key(ctx, syn, two_stage)
+  if syn.rectify_record.get("key") == key:
+    return syn
+  tau = scores = None
   if spec.mode == "validation":
-    key = validation_key(ctx, syn, two_stage)
-    if syn.rectify_record.get("validation_key") == key:
-      return syn
     scores = validation_scores(ctx, syn, two_stage, key)
     tau = rectify_lib.choose_validated(scores)
   probs, rectification = rectify_lib.rectify(syn.label_logits, syn.labels, ctx.data.counts, spec,
-                                             tau, scores)
-  record = {**rectification.record(), **({"validation_key": key} if key else {})}
-  out = _rectified(syn, probs, record)
-  if log and record != syn.rectify_record:
+                                             tau, scores, probs=syn.soft_labels)
+  record = {**rectification.record(), "key": key}
+  if log:
     ctx.metrics.write("rectify", 0, **record)
-  return out
+  return syn.with_rectified(probs, record)
 
 
-def _rectified(syn: synthetic.DistilledSet, probs: np.ndarray,
-               record: dict) -> synthetic.DistilledSet:
-  """The set with rectified labels `probs`; at tau 0 its learned soft labels themselves, bit for
-  bit (not a float64 softmax of the same logits)."""
-  return syn.with_rectified(syn.soft_labels if record["tau"] == 0 else probs, record)
-
-
-def validation_key(ctx: context_lib.RunContext, syn: synthetic.DistilledSet,
-                   two_stage: bool) -> str:
-  """What a validated tau depends on: the set (images, labels, label logits, lr), the candidates,
-  `keep_class`, flat or two-stage (and the grouping), the evaluation settings and the seed."""
-  digest = hashlib.sha256()
-  for array in (syn.images, syn.labels, syn.label_logits, syn.lr):
-    digest.update(np.ascontiguousarray(array).tobytes())
+def rectify_key(ctx: context_lib.RunContext, syn: synthetic.DistilledSet,
+                two_stage: bool) -> str:
+  """What a rectification depends on: the set's labels and label logits, the class counts and
+  `config.rectify`; for `validation` also the images and lr, flat or two-stage (and the
+  grouping), the evaluation settings and the seed."""
   config = ctx.config
-  digest.update(json.dumps([list(ctx.specs.rectify.validation_taus), ctx.specs.rectify.keep_class,
-                            two_stage, config.evaluate.to_dict(), config.seed,
-                            config.grouping.to_dict() if two_stage else None],
-                           sort_keys=True, default=str).encode())
+  arrays = [syn.labels, syn.label_logits, ctx.data.counts]
+  settings = [config.rectify.to_dict()]
+  if ctx.specs.rectify.mode == "validation":
+    arrays += [syn.images, syn.lr]
+    settings += [two_stage, config.evaluate.to_dict(), config.seed,
+                 config.grouping.to_dict() if two_stage else None]
+  digest = hashlib.sha256()
+  for array in arrays:
+    digest.update(np.ascontiguousarray(array).tobytes())
+  digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
   return digest.hexdigest()[:16]
 
 
@@ -322,8 +318,8 @@ def validation_scores(ctx: context_lib.RunContext, syn: synthetic.DistilledSet, 
     if float(tau) in scores:
       continue
     probs, rectification = rectify_lib.rectify(syn.label_logits, syn.labels, ctx.data.counts,
-                                               fixed, tau)
-    candidate = _rectified(syn, probs, rectification.record())
+                                               fixed, tau, probs=syn.soft_labels)
+    candidate = syn.with_rectified(probs, rectification.record())
     report = evaluate_synthetic(ctx, candidate, two_stage, "validation")
     scores[float(tau)] = report["val_acc_mean"]
     ctx.metrics.write("rectify_validation", 0, tau=float(tau), val_acc_mean=scores[float(tau)])
