@@ -182,7 +182,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.grouping.lambda_2 = 1.0
   # Stage 1 on real images (group experts; the two-stage classifier's group network on a real
   # set) against the between-group imbalance: class_balanced draws every group equally often.
-  c.grouping.stage1_sampling = "class_balanced"  # instance | class_balanced
+  # by_class draws every class equally often, so a group in proportion to its classes.
+  c.grouping.stage1_sampling = "class_balanced"  # instance | class_balanced | by_class
   c.grouping.stage1_loss = "ce"                   # ce | balanced_softmax
   # Stage 2: each group's student unrolls syn_steps x (its experts' SGD steps per epoch / the flat
   # experts'), at least 1, so every objective's unroll spans a comparable number of expert steps.
@@ -194,6 +195,14 @@ def base_config() -> ml_collections.ConfigDict:
   # term's normalised distance then collapses the objective's lr (docs/protocol.md). 10 is the
   # smallest imbalance factor LTDD's published configs apply ED at. Flat LTDD always uses ED.
   c.grouping.ed_min_imbalance = 10.0
+
+  # The two-stage classifier (+two_stage, +hierarchical; ltdd_jax/methods/two_stage.py): separate
+  # networks per stage, or one shared backbone with a group head and a head per group.
+  c.two_stage = ml_collections.ConfigDict()
+  c.two_stage.arch = "separate"       # separate | shared
+  # A two-stage run's test evaluation also trains the other classifiers on the same set (one flat
+  # network, the other architecture) and records them under report.json's `classifiers`.
+  c.two_stage.compare = True
 
   # +rectify (ADSA-style soft-label rectification, ltdd_jax/methods/rectify.py): labels become
   # softmax(logits - tau log pi) with pi the training class frequencies.

@@ -17,8 +17,8 @@ def _run(args, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--config=configs/digits_lt.py", "--config.distill.ipcc=3"],
      "unknown config key 'distill.ipcc' (--config.distill.ipcc=...); did you mean 'distill.ipc'?"),
-    (["--config=configs/digits_lt.py", "--config.two_stage.arch=shared"],
-     "unknown config key 'two_stage.arch'"),
+    (["--config=configs/digits_lt.py", "--config.two_stage.arhc=shared"],
+     "unknown config key 'two_stage.arhc'"),
     (["--config=configs/nonexistent.py"], "no config file 'configs/nonexistent.py'"),
     (["--config=configs/digits_lt.py:profil=cpu"], "Unknown config argument 'profil'"),
     (["--config=configs/digits_lt.py", "--config.distill.ipc=abc"],

@@ -157,20 +157,27 @@ def class_frequency_weights(counts: np.ndarray) -> np.ndarray:
   return (counts / counts.sum()).astype(np.float32)
 
 
-def sampled_class_counts(counts: np.ndarray, sampling: str) -> np.ndarray:
-  """How often the experts' SGD drew each class (up to scale), the distribution DAM mimics.
+def sampled_class_counts(counts: np.ndarray, sampling: str,
+                         classes_per_output: np.ndarray | None = None) -> np.ndarray:
+  """How often the experts' SGD drew each output (up to scale), the distribution DAM mimics.
 
   DAM weights the student's inner loss so that a class-balanced synthetic set moves the student
   as the experts' data moved them. Experts that sample by instance saw the dataset's counts;
   class-balanced experts (the hierarchical stage-1 group experts by default) saw every output
   equally often, so their objective's DAM weights are uniform, not the 80:1 group counts of
-  CIFAR-10-LT IF 100."""
+  CIFAR-10-LT IF 100; `by_class` group experts drew every class equally often, so each group in
+  proportion to `classes_per_output` ([outputs] classes behind each output)."""
   counts = np.asarray(counts, np.float64)
   if sampling == "instance":
     return counts
   if sampling == "class_balanced":
     return np.ones_like(counts)
-  raise errors.InputError(f"Unknown expert sampling {sampling!r}; accepted: instance, class_balanced.")
+  if sampling == "by_class":
+    if classes_per_output is None:
+      raise errors.InputError("by_class sampling needs the number of classes behind each output.")
+    return np.asarray(classes_per_output, np.float64)
+  raise errors.InputError(f"Unknown expert sampling {sampling!r}; accepted: instance, "
+                          "class_balanced, by_class.")
 
 
 def soft_targets(label_logits: jax.Array) -> jax.Array:

@@ -72,6 +72,12 @@ class TrainSpec:
     loss: `ce` or `balanced_softmax` (logits + log prior, Ren et al. 2020).
     augment: DSA applied to every batch (None: no augmentation).
     head_only: update only params['head'] (classifier re-training); the rest stays bit-identical.
+    num_strata: class-balanced sampling balances `data["strata"]` over this many values (the
+      classes of a group network's images, so each class is drawn equally often); 0: it balances
+      `labels` over `num_classes`.
+    segments: the logits are consecutive heads of these sizes (`models.MultiHead`) and the loss
+      is the sum of each head's cross-entropy against its slice of the targets
+      (`segmented_cross_entropy`); (): one head.
   """
   batch_size: int
   steps_per_epoch: int
@@ -82,23 +88,64 @@ class TrainSpec:
   loss: str = "ce"
   augment: augment.DSASpec | None = None
   head_only: bool = False
+  num_strata: int = 0
+  segments: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.sampling not in SAMPLINGS:
       raise errors.InputError(f"Unknown sampling {self.sampling!r}; accepted: {SAMPLINGS}.")
     if self.loss not in LOSSES:
       raise errors.InputError(f"Unknown loss {self.loss!r}; accepted: {LOSSES}.")
+    if self.segments and self.loss != "ce":
+      raise errors.InputError(f"A network of several heads trains with loss 'ce', not "
+                              f"{self.loss!r}.")
+
+
+def segmented_cross_entropy(logits: jax.Array, targets: jax.Array,
+                            segments: tuple[int, ...]) -> jax.Array:
+  """Sum over heads of each head's soft cross-entropy, averaged over the batch.
+
+  Args:
+    logits: [N, sum(segments)], consecutive heads of the given sizes.
+    targets: [N, sum(segments)] target probabilities per head; a head whose slice of an image's
+      targets is all zero takes no loss, hence no gradient, from that image.
+    segments: the heads' sizes.
+  """
+  bounds = np.cumsum((0, *segments))
+  total = 0.0
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    total = total - (targets[:, a:b] * jax.nn.log_softmax(logits[:, a:b])).sum(-1)
+  return total.mean()
 
 
 @dataclasses.dataclass(frozen=True)
 class Balance:
-  """How a set of networks counters imbalance: `sampling` (instance | class_balanced), `loss`
-  (ce | balanced_softmax) and, for class-balanced sampling, the epoch length (`balanced_epoch`:
-  max_class | dataset). None keeps the default of whoever trains (the experts' config values; the
-  evaluation protocol's instance sampling and plain CE)."""
+  """How a set of networks counters imbalance: `sampling` (instance | class_balanced | by_class),
+  `loss` (ce | balanced_softmax) and, for class-balanced sampling, the epoch length
+  (`balanced_epoch`: max_class | dataset). None keeps the default of whoever trains (the experts'
+  config values; the evaluation protocol's instance sampling and plain CE).
+
+  `by_class` is for networks whose labels are coarser than the classes (group networks): every
+  class is drawn equally often, so a group in proportion to its number of classes
+  (`over_classes` turns it into class-balanced draws over the images' classes)."""
   sampling: str | None = None
   loss: str | None = None
   balanced_epoch: str | None = None
+  num_strata: int = 0
+
+
+BALANCE_SAMPLINGS = (*SAMPLINGS, "by_class")
+
+
+def over_classes(balance: Balance, classes: np.ndarray,
+                 num_classes: int) -> tuple[Balance, np.ndarray | None]:
+  """(the Balance a TrainSpec runs, strata or None): `by_class` becomes class-balanced sampling
+  over `classes` ([N] the images' classes, of `num_classes`), returned as the strata the epoch
+  draws balance (`TrainSpec.num_strata`); any other sampling is returned as it is, without."""
+  if balance.sampling != "by_class":
+    return balance, None
+  return (dataclasses.replace(balance, sampling="class_balanced", num_strata=num_classes),
+          np.asarray(classes, np.int32))
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
@@ -125,7 +172,8 @@ def epoch_indices(key: jax.Array, labels: jax.Array, spec: TrainSpec) -> jax.Arr
   """Indices of the images each step of one epoch trains on, [steps, batch].
 
   `instance`: one random permutation, tiled if the epoch needs more indices than images.
-  `class_balanced`: a class uniformly at random, then an image of it (with replacement).
+  `class_balanced`: a value of `labels` ([N] ints: the classes, or the strata of `num_strata`)
+  uniformly at random, then an image of it (with replacement).
   """
   n = labels.shape[0]
   total = spec.steps_per_epoch * spec.batch_size
@@ -133,8 +181,9 @@ def epoch_indices(key: jax.Array, labels: jax.Array, spec: TrainSpec) -> jax.Arr
     perm = jax.random.permutation(key, n)
     idx = jnp.tile(perm, -(-total // n))[:total]
   else:
-    counts = jnp.bincount(labels, length=spec.num_classes)
-    p = 1.0 / (spec.num_classes * counts[labels].astype(jnp.float32))
+    num = spec.num_strata or spec.num_classes
+    counts = jnp.bincount(labels, length=num)
+    p = 1.0 / (num * counts[labels].astype(jnp.float32))
     idx = jax.random.choice(key, n, (total,), p=p)
   return idx.reshape(spec.steps_per_epoch, spec.batch_size)
 
@@ -166,19 +215,23 @@ def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Arra
     key: PRNG key for this network and epoch.
     lr: learning rate (scalar).
     data: {images [N, H, W, C], targets [N] ints or [N, C] soft targets, labels [N] ints (class-
-      balanced sampling and the balanced-softmax prior)}.
+      balanced sampling and the balanced-softmax prior), optionally strata [N] ints (what class-
+      balanced sampling balances instead of labels: `spec.num_strata`)}.
 
   Returns:
     (state, mean training loss of the epoch).
   """
   images, targets, labels = (jnp.asarray(data[k]) for k in ("images", "targets", "labels"))
   order_key, aug_key = jax.random.split(key)
-  batches = epoch_indices(order_key, labels, spec)
+  strata = jnp.asarray(data["strata"]) if "strata" in data else labels
+  batches = epoch_indices(order_key, strata, spec)
   log_prior = jnp.log(jnp.bincount(labels, length=spec.num_classes).astype(jnp.float32) + 1e-12)
   tx = sgd(spec, lr)
 
   def loss_fn(p, x, t):
     logits = apply_fn(p, x)
+    if spec.segments:
+      return segmented_cross_entropy(logits, t, spec.segments)
     if spec.loss == "balanced_softmax":
       logits = logits + log_prior
     return cross_entropy(logits, t)

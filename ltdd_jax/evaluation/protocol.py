@@ -129,14 +129,16 @@ class Protocol:
 
   def recipe(self, model, train_set: LabelledSet, balance: training.Balance = training.Balance()) -> ensemble.Recipe:
     """The `Recipe` of the networks evaluating `train_set`: batch capped at the set size, an epoch
-    of as many images as the set has (whatever the sampling), lr / 10 at half the epochs."""
+    of as many images as the set has (whatever the sampling), lr / 10 at half the epochs; a
+    `models.MultiHead` classifier's loss sums its heads' cross-entropies."""
     batch = min(self.batch_size, len(train_set))
     spec = training.TrainSpec(batch_size=batch,
                               steps_per_epoch=training.steps_per_epoch(len(train_set), batch),
                               momentum=self.momentum, weight_decay=self.weight_decay,
                               num_classes=models.num_outputs(model),
                               sampling=balance.sampling or "instance", loss=balance.loss or "ce",
-                              augment=self.augment)
+                              augment=self.augment, num_strata=balance.num_strata,
+                              segments=models.head_segments(model))
     return ensemble.Recipe(
         model, spec, train_set.lr, train_set.epochs, self.num_models, init_seed=self.seed,
         keys=seeds.EpochKeys(seeds.offset(self.seed, seeds.EVALUATION_DATA)),
@@ -216,8 +218,8 @@ class TimedStore:
 
 
 def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
-                   balance: training.Balance = training.Balance(), checkpoint_dir: pathlib.Path | None = None,
-                   label: str = "evaluate"):
+                   balance: training.Balance = training.Balance(), strata: np.ndarray | None = None,
+                   checkpoint_dir: pathlib.Path | None = None, label: str = "evaluate"):
   """Trains `protocol.num_models` fresh networks of `model` on a labelled set; params [T, ...].
 
   Args:
@@ -226,6 +228,8 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
     train_set: what they fit (`targets`), with its lr (divided by 10 at half the epochs) and epochs.
     mesh: device mesh (the network axis is sharded over it).
     balance: sampling / loss overrides (the protocol's: instance, ce).
+    strata: [N] what class-balanced draws balance instead of the targets' classes
+      (`training.over_classes`); None: the targets' classes.
     checkpoint_dir: where the ensemble's state is saved (at most every
       `protocol.checkpoint_seconds`, and when trained) and resumed from; None: no saves.
     label: progress label.
@@ -247,6 +251,8 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
 
   data = {"images": train_set.images, "targets": train_set.targets,
           "labels": hard_labels(train_set.targets)}
+  if strata is not None:
+    data["strata"] = strata
   states = ensemble.train(recipe, ensemble.init_states(recipe, train_set.images.shape[1:]), data,
                           mesh, store=store, diverged=diverged, label=label)
   return states["params"]

@@ -124,11 +124,12 @@ class ExpertSource:
     label_map: [C] dataset class -> this objective's output (-1: not its class). Identity for flat
       distillation; group ids or within-group ids for the hierarchical plugin.
     counts: [outputs] training images per output (DAM weights).
-    sampling: how the experts drew their images (`instance` or `class_balanced`): the DAM weights
-      follow the distribution the experts trained on (`matching.sampled_class_counts`).
+    sampling: how the experts drew their images (`instance`, `class_balanced` or `by_class`): the
+      DAM weights follow the distribution the experts trained on (`matching.sampled_class_counts`).
     image_index: which synthetic images the student trains on (None: all), e.g. a group's.
     name: what the objective matches (`flat`; `groups` and `group_<g>` for the hierarchical
       stages): names its learned lr when every objective learns its own.
+    classes_per_output: [outputs] dataset classes behind each output (`by_class` sampling).
   """
   experts: experts_lib.ExpertSet
   classifier_experts: experts_lib.ExpertSet | None
@@ -137,6 +138,7 @@ class ExpertSource:
   sampling: str = "instance"
   image_index: np.ndarray | None = None
   name: str = "flat"
+  classes_per_output: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +242,8 @@ def make_objective(source: ExpertSource, options: MatchingOptions, mesh=None, we
   weights = None
   if options.dam:
     weights = jnp.asarray(matching.class_frequency_weights(
-        matching.sampled_class_counts(source.counts, source.sampling)))
+        matching.sampled_class_counts(source.counts, source.sampling,
+                                      source.classes_per_output)))
   student = matching.Student(ensemble.make_apply(source.experts.model), inner, weights, mesh)
   classifier = source.classifier_experts
   return MatchingObjective(

@@ -61,6 +61,11 @@ class Labelling:
       return images, np.asarray(self.label_map, np.int32)[labels]
     return images, labels
 
+  def kept_classes(self, labels: np.ndarray) -> np.ndarray:
+    """The dataset classes of the images `apply` keeps, in its order ([M] ints)."""
+    labels = np.asarray(labels)
+    return labels[np.isin(labels, list(self.classes))] if self.classes else labels
+
 
 @dataclasses.dataclass(frozen=True)
 class ExpertSpec:
@@ -106,7 +111,7 @@ def train_spec(spec: ExpertSpec, labels: np.ndarray, num_classes: int, head_only
       batch_size=spec.batch_size, steps_per_epoch=training.steps_per_epoch(size, spec.batch_size),
       momentum=spec.momentum, weight_decay=spec.weight_decay, num_classes=num_classes,
       sampling=sampling, loss=balance.loss or spec.loss, augment=spec.augment,
-      head_only=head_only)
+      head_only=head_only, num_strata=balance.num_strata)
 
 
 def recipe(spec: ExpertSpec, labels: np.ndarray, num_classes: int,
@@ -301,7 +306,8 @@ def write_meta(directory, labelling: Labelling, num_experts: int, epochs: int) -
 
 
 def train_experts(recipe: ensemble.Recipe, labelling: Labelling, images: np.ndarray,
-                  labels: np.ndarray, directory, mesh, init_params=None) -> ExpertSet:
+                  labels: np.ndarray, directory, mesh, init_params=None,
+                  strata: np.ndarray | None = None) -> ExpertSet:
   """Trains (or resumes, or just opens) an expert set and saves every epoch's parameters.
 
   Args:
@@ -311,6 +317,8 @@ def train_experts(recipe: ensemble.Recipe, labelling: Labelling, images: np.ndar
     directory: where the set lives (e.g. <expert root>/flat).
     mesh: device mesh; the expert axis is sharded over it.
     init_params: [K, ...] parameters to start from (classifier re-training); None: fresh.
+    strata: [N] what class-balanced draws balance instead of `labels` (group experts drawing
+      every class equally often: `training.over_classes`); None: the labels.
 
   Returns:
     The finished `ExpertSet`. Epoch e's draws are fold_in(seed, e), so a resumed training
@@ -327,8 +335,10 @@ def train_experts(recipe: ensemble.Recipe, labelling: Labelling, images: np.ndar
 
     states = ensemble.init_states(recipe, images.shape[1:], init_params)
     store = TrajectoryStore(directory, labelling, recipe.num_models, recipe.epochs)
-    ensemble.train(recipe, states, {"images": images, "targets": labels, "labels": labels}, mesh,
-                   store=store, diverged=diverged, label=label)
+    data = {"images": images, "targets": labels, "labels": labels}
+    if strata is not None:
+      data["strata"] = strata
+    ensemble.train(recipe, states, data, mesh, store=store, diverged=diverged, label=label)
   return ExpertSet.open(directory, recipe.model, recipe.ensemble_impl)
 
 

@@ -48,7 +48,8 @@ class HierarchicalSpec:
 def stage1_balance(sampling: str, loss: str) -> training.Balance:
   """How stage-1 networks trained on real images counter the between-group imbalance (at IF 100
   the head group has ~80 times the tail group's images): `grouping.stage1_sampling` (class_balanced
-  draws every group equally often) and `grouping.stage1_loss`. A group-balanced epoch draws as
+  draws every group equally often; by_class every class equally often, so a group in proportion
+  to its number of classes; instance by count) and `grouping.stage1_loss`. A group-balanced epoch draws as
   many images as the training set has, so group experts take as many SGD steps per epoch as flat
   experts that sample by instance (the default)."""
   return training.Balance(sampling=sampling, loss=loss, balanced_epoch="dataset")
@@ -59,7 +60,8 @@ def group_counts(grouping: grouping_lib.Grouping, counts: np.ndarray) -> np.ndar
   return np.bincount(grouping.group_of, weights=counts, minlength=grouping.num_groups)
 
 
-def decoupled(spec: HierarchicalSpec, counts: np.ndarray, sampling: str) -> bool:
+def decoupled(spec: HierarchicalSpec, counts: np.ndarray, sampling: str,
+              classes_per_output: np.ndarray | None = None) -> bool:
   """Whether an objective whose experts drew classes with `counts` by `sampling` uses LTDD's ED.
 
   ED matches the backbone against the experts and the classifier against classifier experts
@@ -70,7 +72,7 @@ def decoupled(spec: HierarchicalSpec, counts: np.ndarray, sampling: str) -> bool
   drives the objective's lr to collapse; those objectives match the whole network instead."""
   if not spec.ed:
     return False
-  sampled = matching.sampled_class_counts(counts, sampling)
+  sampled = matching.sampled_class_counts(counts, sampling, classes_per_output)
   return sampled.max() >= spec.ed_min_imbalance * sampled.min()
 
 
@@ -114,7 +116,8 @@ def expert_requests(spec: HierarchicalSpec, grouping: grouping_lib.Grouping, cou
     requests.append(ExpertRequest(
         "groups", f"groups_{balance.sampling}_{balance.loss}",
         experts_lib.Labelling(grouping.num_groups, label_map=tuple(int(x) for x in grouping.group_of)),
-        balance, decoupled(spec, group_counts(grouping, counts), balance.sampling)))
+        balance, decoupled(spec, group_counts(grouping, counts), balance.sampling,
+                           np.asarray(grouping.group_sizes))))
   for g, classes in enumerate(grouping.groups):
     if len(classes) < 2:
       continue
@@ -161,7 +164,9 @@ def sources(spec: HierarchicalSpec, grouping: grouping_lib.Grouping, counts: np.
     group_set, group_cls = expert_sets["groups"]
     out.append((distill.ExpertSource(group_set, group_cls, grouping.group_of,
                                      group_counts(grouping, counts), spec.stage1.sampling,
-                                     name="groups"), spec.lambda_1, None))
+                                     name="groups",
+                                     classes_per_output=np.asarray(grouping.group_sizes)),
+                spec.lambda_1, None))
   if spec.lambda_2 != 0:
     for g, classes in enumerate(grouping.groups):
       if f"group_{g}" not in expert_sets:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from ltdd_jax import errors
 from ltdd_jax.models.alexnet import AlexNet
@@ -50,6 +51,23 @@ class Classifier(nn.Module):
     return self.head(self.backbone(images))
 
 
+class MultiHead(nn.Module):
+  """Several linear heads on one feature vector, their logits concatenated: [N, F] ->
+  [N, sum(sizes)], head i's outputs at offsets sum(sizes[:i]) onwards (parameters `head_<i>`).
+  The two-stage classifier's `shared` network: a group head, then one head per group."""
+  sizes: tuple[int, ...]
+  init: str = "torch"
+
+  @property
+  def features(self) -> int:
+    return sum(self.sizes)
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.concatenate([Dense(n, init=self.init, name=f"head_{i}")(x)
+                            for i, n in enumerate(self.sizes)], axis=-1)
+
+
 def make_backbone(spec: ModelSpec, arch: str | None = None, width: int | None = None) -> nn.Module:
   """The backbone named by `arch` (default `spec.name`) with the spec's norm and conv impl."""
   arch = arch or spec.name
@@ -78,9 +96,20 @@ def make_classifier(spec: ModelSpec, num_classes: int, arch: str | None = None,
   return Classifier(make_backbone(spec, arch, width), make_head(spec, num_classes))
 
 
+def make_multi_head(spec: ModelSpec, sizes: tuple[int, ...]) -> MultiHead:
+  """Linear heads of `sizes` outputs each on one backbone's features (`MultiHead`)."""
+  return MultiHead(tuple(int(n) for n in sizes), init=spec.init)
+
+
 def num_outputs(model: Classifier) -> int:
-  """The outputs of a classifier's linear head."""
+  """The outputs of a classifier's linear head (all heads together for a `MultiHead`)."""
   return model.head.features
+
+
+def head_segments(model: Classifier) -> tuple[int, ...]:
+  """The head sizes of a `MultiHead` classifier, () for one head: what its loss sums over
+  (`training.TrainSpec.segments`)."""
+  return tuple(model.head.sizes) if isinstance(model.head, MultiHead) else ()
 
 
 def for_inference(model: Classifier) -> Classifier:
@@ -92,6 +121,6 @@ def for_inference(model: Classifier) -> Classifier:
   return model.clone(backbone=backbone)
 
 
-__all__ = ["ARCHS", "INITS", "AlexNet", "Classifier", "ConvNet", "Dense", "ModelSpec", "ResNet18",
-           "VGG11", "for_inference", "make_backbone", "make_classifier", "make_head", "num_outputs",
-           "resolve_conv_impl"]
+__all__ = ["ARCHS", "INITS", "AlexNet", "Classifier", "ConvNet", "Dense", "ModelSpec", "MultiHead",
+           "ResNet18", "VGG11", "for_inference", "head_segments", "make_backbone",
+           "make_classifier", "make_head", "make_multi_head", "num_outputs", "resolve_conv_impl"]

@@ -151,7 +151,8 @@ def run_grid(config, workdir) -> list[dict]:
   if failed:
     raise CellsDivergedError(
         f"{len(failed)} cell(s) diverged: {', '.join(failed)} (each one's {FAILED} says how); "
-        f"the {len(rows)} finished are tabulated in {workdir / 'results.md'}. Change the "
+        f"the {sum(not r.get('extra') for r in rows)} finished are tabulated in "
+        f"{workdir / 'results.md'}. Change the "
         "diverging cells' settings and rerun with --config.discard_mismatched=distill: only "
         "unfinished cells run again (finished ones keep the settings they ran with).")
   return rows
@@ -172,10 +173,17 @@ def collect(workdir: pathlib.Path, grid) -> list[dict]:
     if not path.exists():
       continue
     r = json.loads(path.read_text())
-    row = {k: r.get(k) for k in COLUMNS}
-    row.update(imbalance_factor=factor, ipc=ipc, method=method, images=r.get("num_images"),
-               per_class_acc=r.get("per_class_acc"), learned_lr=learned_lr(r, method))
-    rows.append(row)
+    # A two-stage cell that compared classifiers: a row each (`method [flat]`, `[separate]`,
+    # ...); the cell's wall time is on its first row, the others are `extra` rows of the cell.
+    variants = ({f"{method} [{name}]": figures for name, figures in r["classifiers"].items()}
+                if r.get("classifiers") else {method: r})
+    for i, (label, figures) in enumerate(variants.items()):
+      row = {k: figures.get(k) for k in COLUMNS}
+      row.update(dataset=r.get("dataset"), imbalance_factor=factor, ipc=ipc, method=label,
+                 images=r.get("num_images"), per_class_acc=figures.get("per_class_acc"),
+                 learned_lr=learned_lr(r, method), wall_seconds=r.get("wall_seconds") if i == 0
+                 else None, extra=i > 0)
+      rows.append(row)
   return rows
 
 
@@ -216,7 +224,8 @@ def time_summary(rows: list[dict], num_cells: int, failed: Sequence[str] = ()) -
   however many resumptions it took (experts are timed inside the first cell that needs them);
   then the cells that diverged, if any."""
   seconds = sum(r["wall_seconds"] or 0.0 for r in rows)
-  text = (f"{len(rows)} of {num_cells} cells finished; sum of cell wall times {seconds:.0f} s "
+  finished = sum(not r.get("extra") for r in rows)
+  text = (f"{finished} of {num_cells} cells finished; sum of cell wall times {seconds:.0f} s "
           f"({seconds / 3600:.2f} h).\n")
   if failed:
     text += f"Diverged (see each cell's {FAILED}): {', '.join(failed)}.\n"
@@ -261,7 +270,7 @@ def write_figures(workdir: pathlib.Path, rows: list[dict], config) -> None:
   if chosen:
     # One panel per IPC; a base method keeps its colour, its plug-ins change the line style.
     ipcs = list(dict.fromkeys(r["ipc"] for r in chosen if r["ipc"] is not None)) or [None]
-    parsed = {r["method"]: registry.parse(r["method"]) for r in chosen}
+    parsed = {r["method"]: registry.parse(r["method"].split(" [")[0]) for r in chosen}
     bases = list(dict.fromkeys(m.base.name for m in parsed.values()))
     styles = {(): "-", ("two_stage",): "--", ("hierarchical",): ":"}
     fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.5), sharey=True,

@@ -15,7 +15,7 @@ from absl import logging
 from ltdd_jax import errors, models
 from ltdd_jax.core import augment, ensemble, matching, training
 from ltdd_jax.data import longtail, sources
-from ltdd_jax.methods import grouping, rectify, registry
+from ltdd_jax.methods import grouping, rectify, registry, two_stage
 from ltdd_jax.models import layers
 from ltdd_jax.run import specs
 
@@ -182,10 +182,12 @@ def check_config(config) -> None:
   # Grouping (the two-stage classifier and hierarchical distillation).
   p.one_of("grouping.strategy", grouping.STRATEGIES)
   p.one_of("grouping.prediction", PREDICTIONS)
+  p.one_of("two_stage.arch", two_stage.ARCHS)
+  p.one_of("two_stage.compare", (True, False))
   p.at_least("grouping.max_imbalance", 1)
   p.at_least("grouping.num_groups", 0)
   p.at_least("grouping.min_group_size", 1)
-  p.one_of("grouping.stage1_sampling", training.SAMPLINGS)
+  p.one_of("grouping.stage1_sampling", training.BALANCE_SAMPLINGS)
   p.one_of("grouping.stage1_loss", training.LOSSES)
   p.at_least("grouping.lambda_1", 0)
   p.at_least("grouping.lambda_2", 0)

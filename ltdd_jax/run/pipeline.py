@@ -83,8 +83,11 @@ def train_expert_set(ctx: context_lib.RunContext, directory, labelling: experts.
   with locks.held(directory, "expert set"):  # Another run may be training the same set.
     resume.claim(ctx.config, directory, "experts")
     images, labels = labelling.apply(ctx.data.train_images, ctx.data.train_labels)
+    balance, strata = training.over_classes(
+        balance, labelling.kept_classes(ctx.data.train_labels), ctx.data.num_classes)
     recipe = experts.recipe(ctx.specs.experts, labels, labelling.num_classes, balance)
-    return experts.train_experts(recipe, labelling, images, labels, directory, ctx.mesh)
+    return experts.train_experts(recipe, labelling, images, labels, directory, ctx.mesh,
+                                 strata=strata)
 
 
 def train_classifier_set(ctx: context_lib.RunContext,
@@ -289,7 +292,7 @@ def rectify_key(ctx: context_lib.RunContext, syn: synthetic.DistilledSet,
                 two_stage: bool) -> str:
   """What a rectification depends on: the set's labels and label logits, the class counts and
   `config.rectify`; for `validation` also the images and lr, flat or two-stage (and the
-  grouping), the evaluation settings and the seed."""
+  grouping and two-stage architecture), the evaluation settings and the seed."""
   config = ctx.config
   arrays = [syn.labels, syn.label_logits, ctx.data.counts]
   settings = [config.rectify.to_dict()]
@@ -297,6 +300,8 @@ def rectify_key(ctx: context_lib.RunContext, syn: synthetic.DistilledSet,
     arrays += [syn.images, syn.lr]
     settings += [two_stage, config.evaluate.to_dict(), config.seed,
                  config.grouping.to_dict() if two_stage else None]
+    if two_stage:
+      settings.append(config.two_stage.arch)
   digest = hashlib.sha256()
   for array in arrays:
     digest.update(np.ascontiguousarray(array).tobytes())
@@ -367,31 +372,61 @@ def evaluate_synthetic(ctx: context_lib.RunContext, syn: synthetic.DistilledSet,
   """Evaluates a distilled set. A rectified set's networks fit its rectified labels; the two-stage
   classifier instead rectifies its group and within-group targets in their own label spaces
   (`TwoStageSpec.rectify`), from the learned labels, with the set's tau unless `adsa` chooses per
-  stage."""
+  stage (its flat comparison network fits the rectified class labels)."""
   record = syn.rectify_record
   if not (two_stage and record):
     return evaluate_labelled(ctx, synthetic_set(ctx, syn), two_stage, split, checkpoint_dir)
   tau = None if record["mode"] == "adsa" else record["tau"]
   return evaluate_labelled(ctx, synthetic_set(ctx, syn.with_rectified(None, {})), two_stage,
-                           split, checkpoint_dir, rectify_stages=(ctx.specs.rectify, tau))
+                           split, checkpoint_dir, rectify_stages=(ctx.specs.rectify, tau),
+                           flat_set=synthetic_set(ctx, syn))
+
+
+# What report.json's `classifiers` keeps of each classifier's evaluation.
+COMPARED_FIELDS = ("test_acc_mean", "test_acc_std", "per_class_acc", "many_acc", "medium_acc",
+                   "few_acc", "per_class_acc_std", "head_tail_gap", "pred_kl_uniform", "group_acc",
+                   "within_group_acc", "lr", "wall_seconds")
+CLASSIFIERS = ("flat", *two_stage_lib.ARCHS)
 
 
 def evaluate_labelled(ctx: context_lib.RunContext, train_set: protocol_lib.LabelledSet,
                       two_stage: bool, split: str, checkpoint_dir=None,
-                      rectify_stages: tuple | None = None) -> dict:
+                      rectify_stages: tuple | None = None,
+                      flat_set: protocol_lib.LabelledSet | None = None) -> dict:
   """Evaluates a labelled set with one network per run (flat) or the two-stage classifier
-  (`rectify_stages`: (RectifySpec, tau or None) rectifying its stages' soft targets)."""
+  (`rectify_stages`: (RectifySpec, tau or None) rectifying its stages' soft targets).
+
+  A two-stage test evaluation with `two_stage.compare` also evaluates the other classifiers on
+  the same set, each under `<checkpoint_dir>/<classifier>`: one flat network (on `flat_set`,
+  default `train_set`: the class labels or soft labels, the flat lr) and the other two-stage
+  architecture; `classifiers` in the report holds every one's figures (`COMPARED_FIELDS`)."""
   held_out = protocol_lib.HeldOut.of(ctx.data, split)
   protocol = ctx.specs.protocol
-  if two_stage:
-    spec = specs_lib.two_stage_spec(ctx.config, stage_grouping(ctx))
-    if rectify_stages is not None:
-      spec = dataclasses.replace(spec, rectify=rectify_stages[0], tau=rectify_stages[1],
-                                 class_counts=tuple(int(n) for n in ctx.data.counts))
-    return two_stage_lib.evaluate_two_stage(
-        protocol, spec, dataclasses.replace(train_set, method=ctx.config.method), held_out,
-        ctx.mesh, checkpoint_dir)
-  return protocol_lib.evaluate_set(protocol, train_set, held_out, ctx.mesh, checkpoint_dir)
+  if not two_stage:
+    return protocol_lib.evaluate_set(protocol, train_set, held_out, ctx.mesh, checkpoint_dir)
+  spec = specs_lib.two_stage_spec(ctx.config, stage_grouping(ctx))
+  if rectify_stages is not None:
+    spec = dataclasses.replace(spec, rectify=rectify_stages[0], tau=rectify_stages[1],
+                               class_counts=tuple(int(n) for n in ctx.data.counts))
+  train_set = dataclasses.replace(train_set, method=ctx.config.method)
+  report = two_stage_lib.evaluate_two_stage(protocol, spec, train_set, held_out, ctx.mesh,
+                                            checkpoint_dir)
+  if split != "test" or not ctx.config.two_stage.compare:
+    return report
+  reports = {spec.arch: report}
+  for name in CLASSIFIERS:
+    if name in reports:
+      continue
+    folder = protocol_lib.subfolder(checkpoint_dir, name)
+    if name == "flat":
+      flat = dataclasses.replace(flat_set or train_set, method=ctx.config.method)
+      reports[name] = protocol_lib.evaluate_set(protocol, flat, held_out, ctx.mesh, folder)
+    else:
+      reports[name] = two_stage_lib.evaluate_two_stage(
+          protocol, dataclasses.replace(spec, arch=name), train_set, held_out, ctx.mesh, folder)
+  report["classifiers"] = {name: {k: reports[name][k] for k in COMPARED_FIELDS
+                                  if k in reports[name]} for name in CLASSIFIERS}
+  return report
 
 
 def report_name(method: registry.Method, which: str, split: str) -> str:

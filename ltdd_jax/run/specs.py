@@ -143,8 +143,10 @@ def hierarchical_spec(config, run_method: registry.Method) -> hierarchical.Hiera
 
 
 def two_stage_spec(config, groups: grouping.Grouping) -> two_stage.TwoStageSpec:
-  """The two-stage classifier of `groups` (`grouping.prediction`, the stage-1 balance)."""
-  return two_stage.TwoStageSpec(groups, config.grouping.prediction, stage1(config))
+  """The two-stage classifier of `groups` (`grouping.prediction`, the stage-1 balance,
+  `two_stage.arch`)."""
+  return two_stage.TwoStageSpec(groups, config.grouping.prediction, stage1(config),
+                                arch=config.two_stage.arch)
 
 
 @dataclasses.dataclass(frozen=True)

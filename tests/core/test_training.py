@@ -83,3 +83,44 @@ def test_unknown_sampling_and_loss_are_named():
     _spec(sampling="balanced")
   with pytest.raises(ValueError, match="Unknown loss 'focal'"):
     _spec(loss="focal")
+
+
+def test_segmented_cross_entropy_sums_the_heads_and_skips_heads_without_targets():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(4, 2 + 3)), jnp.float32)
+  group = jax.nn.one_hot(jnp.array([0, 0, 1, 1]), 2)
+  within = jnp.zeros((4, 3)).at[:2].set(jax.nn.one_hot(jnp.array([1, 2]), 3))  # head 1: images 0-1
+  targets = jnp.concatenate([group, within], -1)
+  loss = training.segmented_cross_entropy(logits, targets, (2, 3))
+  expected = (training.cross_entropy(logits[:, :2], group) * 4
+              + training.cross_entropy(logits[:2, 2:], within[:2]) * 2) / 4
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  # Images 2 and 3 carry no head-1 targets: the head-1 logits get no gradient from them.
+  grads = jax.grad(training.segmented_cross_entropy)(logits, targets, (2, 3))
+  np.testing.assert_array_equal(grads[2:, 2:], 0.0)
+  assert np.abs(grads[:2, 2:]).sum() > 0
+
+
+def test_class_balanced_draws_balance_the_strata_when_given():
+  """`by_class` group networks: strata are the classes (4 of them), labels the 2 groups; every
+  class is drawn equally often, so the 3-class group three times as often as the 1-class one."""
+  classes = np.repeat(np.arange(4), [40, 20, 5, 5])
+  groups = np.array([0, 0, 0, 1])[classes]
+  balance, strata = training.over_classes(training.Balance("by_class"), classes, 4)
+  assert balance.sampling == "class_balanced" and balance.num_strata == 4
+  np.testing.assert_array_equal(strata, classes)
+  spec = _spec(sampling="class_balanced", num_classes=2, num_strata=4, batch_size=50,
+               steps_per_epoch=4)
+  draws = np.concatenate([np.asarray(training.epoch_indices(jax.random.key(k), jnp.asarray(strata),
+                                                           spec)).ravel() for k in range(20)])
+  np.testing.assert_allclose(np.bincount(classes[draws], minlength=4) / len(draws), 0.25,
+                             atol=0.02)
+  np.testing.assert_allclose(np.bincount(groups[draws], minlength=2) / len(draws), [0.75, 0.25],
+                             atol=0.02)
+  unchanged, none = training.over_classes(training.Balance("class_balanced"), classes, 4)
+  assert unchanged == training.Balance("class_balanced") and none is None
+
+
+def test_a_network_of_several_heads_trains_with_plain_ce_only():
+  with pytest.raises(Exception, match="several heads trains with loss 'ce'"):
+    _spec(segments=(2, 3), loss="balanced_softmax")

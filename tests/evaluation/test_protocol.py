@@ -173,6 +173,9 @@ def test_stage_evaluate_resumes_a_two_stage_evaluation(tiny, tmp_path, epoch_cou
   assert len(ran) == total - config.evaluate.epochs - 2
   assert resumed["per_class_acc"] == reference["per_class_acc"]
   assert resumed["group_acc"] == reference["group_acc"]
+  # The flat and shared comparison networks resume too, each from its own folder.
+  assert ({n: c["per_class_acc"] for n, c in resumed["classifiers"].items()}
+          == {n: c["per_class_acc"] for n, c in reference["classifiers"].items()})
   assert not (tmp_path / "resumed" / "evaluate_ckpt").exists()
 
 

@@ -87,7 +87,8 @@ def test_group_balanced_stage1_sees_every_group_equally(tiny):
 
 def test_stage1_dam_weights_follow_the_group_experts_sampling(tiny, tmp_path):
   """DAM mimics the distribution the experts trained on: group-balanced group experts get uniform
-  weights over groups, instance-sampled ones the groups' image counts. Neither is imbalanced
+  weights over groups, instance-sampled ones the groups' image counts, class-balanced (by_class)
+  ones the groups' numbers of classes. Neither is imbalanced
   enough for ED's classifier term (`grouping.ed_min_imbalance`)."""
   config, data, _ = tiny
   config = config.copy_and_resolve_references()
@@ -97,7 +98,8 @@ def test_stage1_dam_weights_follow_the_group_experts_sampling(tiny, tmp_path):
   group_counts = np.array([data.counts[:3].sum(), data.counts[3:].sum()], np.float64)
   assert abs(group_counts[0] / group_counts.sum() - 0.5) > 0.05  # the groups are imbalanced
   for sampling, expected in (("class_balanced", [0.5, 0.5]),
-                             ("instance", group_counts / group_counts.sum())):
+                             ("instance", group_counts / group_counts.sum()),
+                             ("by_class", [0.3, 0.7])):  # the groups' 3 and 7 classes
     config.grouping.stage1_sampling = sampling
     objectives = pipeline.hierarchical_objectives(_context(config, data, tmp_path), two_groups)
     assert [o.name for o in objectives] == ["groups"]
@@ -124,3 +126,28 @@ def test_expert_decoupling_only_where_the_experts_drew_imbalanced_classes(tiny, 
   assert objectives[0].classifier_experts is not None
   config.method = "mtt+hierarchical"
   assert not hierarchical.decoupled(spec(), counts, "instance")
+
+
+def test_by_class_group_experts_draw_every_class_equally(tiny, tmp_path, monkeypatch):
+  config, data, _ = tiny
+  config = config.copy_and_resolve_references()
+  config.method, config.grouping.stage1_sampling = "mtt+hierarchical", "by_class"
+  seen = {}
+  def recording(recipe, labelling, images, labels, directory, mesh, init_params=None,
+                strata=None):
+    seen.update(recipe=recipe, labels=labels, strata=strata)
+    raise StopIteration
+  monkeypatch.setattr(experts, "train_experts", recording)
+  two_groups = grouping.Grouping(((0, 1, 2), tuple(range(3, 10))), 10)
+  try:
+    pipeline.stage_group_experts(_context(config, data, tmp_path), two_groups)
+  except StopIteration:
+    pass
+  spec = seen["recipe"].train
+  assert spec.sampling == "class_balanced" and spec.num_strata == 10 and spec.num_classes == 2
+  np.testing.assert_array_equal(seen["labels"], two_groups.group_of[data.train_labels])
+  np.testing.assert_array_equal(seen["strata"], data.train_labels)
+  draws = np.concatenate([np.asarray(training.epoch_indices(
+      jax.random.key(k), jnp.asarray(seen["strata"]), spec)).ravel() for k in range(10)])
+  np.testing.assert_allclose(np.bincount(data.train_labels[draws], minlength=10) / len(draws),
+                             0.1, atol=0.02)

@@ -99,3 +99,13 @@ def test_for_inference_same_function_faster_conv(arch):
   cfg = dataclasses.replace(cfg, conv_impl="im2col")  # an explicit choice is kept
   explicit = models.make_classifier(cfg, 5, arch, width=4)
   assert models.for_inference(explicit).backbone.conv_impl == "im2col"
+
+
+def test_multi_head_concatenates_its_heads():
+  spec = models.ModelSpec(width=4, depth=2)
+  net = models.Classifier(models.make_backbone(spec), models.make_multi_head(spec, (2, 3, 1)))
+  params = net.init(jax.random.key(0), jnp.zeros((5, 8, 8, 1)))["params"]
+  chex.assert_shape(net.apply({"params": params}, jnp.zeros((5, 8, 8, 1))), (5, 6))
+  assert sorted(params["head"]) == ["head_0", "head_1", "head_2"]
+  assert models.num_outputs(net) == 6 and models.head_segments(net) == (2, 3, 1)
+  assert models.head_segments(models.make_classifier(spec, 6)) == ()

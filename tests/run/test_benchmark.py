@@ -21,8 +21,12 @@ def test_benchmark_grid_runs_resumes_and_tabulates(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   table, summary = (tmp_path / "results.md").read_text().split("\n\n")
   table = table.splitlines()
-  assert len(table) == 2 + 3  # header, rule, full + 2 methods
-  assert "random+two_stage" in table[-1]
+  # header, rule, full, random, and random+two_stage's three classifiers (one cell)
+  assert len(table) == 2 + 5
+  assert [line.split(" | ")[2] for line in table[-3:]] == [
+      f"random+two_stage [{name}]" for name in ("flat", "separate", "shared")]
+  # The two-stage cell's flat network is the flat cell's: same set, same seed, same figures.
+  assert table[-3].split(" | ")[4:11] == table[-4].split(" | ")[4:11]
   assert summary.startswith("3 of 3 cells finished; sum of cell wall times")
   two_stage = json.loads((tmp_path / "if10_ipc2_random-two_stage" / "report.json").read_text())
   assert "group_acc" in two_stage and "within_group_acc" in two_stage

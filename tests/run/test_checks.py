@@ -50,6 +50,8 @@ BAD_CONFIGS = [
     ({"evaluate.num_models": 0}, "evaluate.num_models=0"),
     ({"grouping.strategy": "kmeans"}, "grouping.strategy='kmeans'"),
     ({"grouping.prediction": "argmax"}, "grouping.prediction='argmax'"),
+    ({"grouping.stage1_sampling": "per_group"}, "grouping.stage1_sampling='per_group'"),
+    ({"method": "mtt+two_stage", "two_stage.arch": "joint"}, "two_stage.arch='joint'"),
     ({"grouping.manual": ((0, 1),)}, "ignored unless grouping.strategy=manual"),
     ({"method": "mtt+two_stage", "grouping.strategy": "manual"}, "needs the groups"),
     ({"method": "mtt+hierarchical", "grouping.lambda_1": 0.0, "grouping.lambda_2": 0.0},
