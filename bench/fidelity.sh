@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/fidelity}
-CFG=configs/cifar10_lt.py:profile=cpu,source=folder
+CFG=configs/cifar10_lt.py:profile=cpu,source=folder,test=holdout
 python -m launch.benchmark --config=configs/benchmark.py:profile=cpu --workdir="$W/grid" \
   --config.benchmark.ipcs='(10,)' --config.benchmark.methods='("mtt", "datm", "ltdd")'
 for f in 100 10; do

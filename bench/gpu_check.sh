@@ -43,7 +43,7 @@ and not too_many and not cli and not benchmark and not selection ${tests:+and $t
   timeout 90 python3 bench/experts.py --experts "$experts" --epochs 3 --images "$expert_images" \
     --width "$width"
   step "reduced CIFAR-10-LT IF=100 IPC=10 cell: mtt and mtt+two_stage"
-  C="--config=configs/cifar10_lt.py:profile=cpu,source=folder --config.data.train_path=$data"
+  C="--config=configs/cifar10_lt.py:profile=cpu,source=folder,test=holdout --config.data.train_path=$data"
   C="$C --config.experts.directory=/tmp/gpu_cell/experts $cell"
   timeout 120 python3 -m launch.pipeline $C --config.method=mtt --workdir=/tmp/gpu_cell/mtt
   timeout 60 python3 -m launch.evaluate $C --config.method=mtt+two_stage --set=synthetic:/tmp/gpu_cell/mtt/synthetic.npz \

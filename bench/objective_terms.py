@@ -56,7 +56,7 @@ def main():
   from ltdd_jax.methods import synthetic  # pylint: disable=g-import-not-at-top
   from ltdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
 
-  c = cifar10_lt.get_config(f"profile={args.profile},source=folder,"
+  c = cifar10_lt.get_config(f"profile={args.profile},source=folder,test=holdout,"
                             f"imbalance_factor={args.imbalance_factor},method={args.method},"
                             f"ipc={args.ipc}")
   c.unlock()

@@ -23,12 +23,13 @@ EVIDENCE = ("random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+t
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, profile="cpu", dataset="cifar10", source="folder")
+  args = common.parse_arg(arg, profile="cpu", dataset="cifar10", source="folder", test="real")
   if args.dataset == "digits":
     c = digits_lt.get_config(f"profile={args.profile}")
     factors, ipcs = (10.0,), (1, 5, 10)
   elif args.dataset in ("cifar10", "cifar100"):
-    c = cifar10_lt.cifar_config(f"profile={args.profile},source={args.source}", args.dataset)
+    c = cifar10_lt.cifar_config(f"profile={args.profile},source={args.source},test={args.test}",
+                                args.dataset)
     factors, ipcs = (10.0, 100.0), (1, 10)
     if args.profile == "paper":
       factors, ipcs = (10.0, 50.0, 100.0, 200.0), (1, 10, 50)

@@ -7,11 +7,18 @@
 Profiles: `evidence` (the 2-core CPU profile whose experts learn: the tables in the README),
 `cpu` (a smoke profile: weak experts, minutes per cell), `paper` (the published settings, GPU).
 
-`source=folder` reads `data.train_path` (default: the shared CIFAR-10 training JPEG tarball) and sets
-aside a balanced local test split (`holdout:1000`) and validation, since that copy has no test split.
+`source=folder` reads the shared copies in ../shared/data: CIFAR-10 as JPEG (quality 75, lossy),
+CIFAR-100 as PNG (lossless), `train/<class>/<file>` and `test/<class>/<file>`. `test=real` (the
+default) tests on the real test split and draws the long-tailed subset from the whole training
+split (n_max 5,000 / 500), validation (100 / 10 per class) from the images it leaves over;
+`test=holdout` sets a balanced local test split (1,000 / 100 per class) and validation aside from
+the training images first, as every result before the real split was measured.
 """
 
 from configs import common
+
+# The shared copies: (file type, what it is).
+FOLDER_COPIES = {"cifar10": ("jpeg", "JPEG, quality 75"), "cifar100": ("png", "PNG, lossless")}
 
 
 def factor_settings(imbalance_factor: float) -> dict:
@@ -46,8 +53,8 @@ def ipc_settings(profile: str, ipc: int, dataset: str) -> dict:
 
 def cifar_config(arg, dataset: str):
   """CIFAR-10/100-LT config; `dataset` is the tfds name (cifar10 | cifar100)."""
-  args = common.parse_arg(arg, profile="cpu", source="tfds", imbalance_factor=100.0, ipc=10,
-                          method="mtt")
+  args = common.parse_arg(arg, profile="cpu", source="tfds", test="real", imbalance_factor=100.0,
+                          ipc=10, method="mtt")
   c = common.base_config()
   c.profile = args.profile
   c.method = args.method
@@ -59,10 +66,18 @@ def cifar_config(arg, dataset: str):
     c.data.train_source, c.data.test_source = "tfds", "tfds"
     c.data.validation_per_class = 50
   elif args.source == "folder":
+    kind = FOLDER_COPIES[dataset][0]
     c.data.train_source = "folder"
-    c.data.train_path = f"../shared/data/{dataset}-train-jpeg.tar.gz"
-    c.data.test_source = "holdout:1000" if dataset == "cifar10" else "holdout:100"
+    c.data.train_path = f"../shared/data/{dataset}-train-{kind}.tar.gz"
     c.data.validation_per_class = 100 if dataset == "cifar10" else 10
+    if args.test == "real":
+      c.data.test_source = "folder"
+      c.data.test_path = f"../shared/data/{dataset}-test-{kind}.tar.gz"
+      c.data.validation_from = "leftover"
+    elif args.test == "holdout":
+      c.data.test_source = "holdout:1000" if dataset == "cifar10" else "holdout:100"
+    else:
+      raise ValueError(f"test must be 'real' or 'holdout', got {args.test!r}.")
   else:
     raise ValueError(f"source must be 'tfds' or 'folder', got {args.source!r}.")
   c.data.normalize, c.data.zca, c.data.zca_eps = False, True, 0.1

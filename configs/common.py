@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.imbalance_profile = "exp"    # exp | step
   c.data.n_max = 0                    # 0: all the smallest class pool allows.
   c.data.validation_per_class = 0
+  # pool: validation set aside before the LT draw; leftover: from what the LT subset leaves over.
+  c.data.validation_from = "pool"
   c.data.normalize = True             # per-channel mean/std
   c.data.zca = False
   c.data.zca_eps = 0.1

@@ -29,7 +29,23 @@ def test_cifar10_cpu_profile_matches_design():
           c.distill.iterations, c.distill.lr_img, c.distill.batch_syn) == (10, 10, 2, 5, 200, 100.0,
                                                                            100)
   assert (c.evaluate.num_models, c.evaluate.epochs) == (3, 200)
-  assert c.data.test_source == "holdout:1000"
+  assert (c.data.test_source, c.data.test_path) == ("folder", "../shared/data/cifar10-test-jpeg.tar.gz")
+  assert (c.data.validation_per_class, c.data.validation_from, c.data.n_max) == (100, "leftover", 0)
+
+
+@pytest.mark.parametrize("name,kind,test,validation", [("cifar10_lt", "jpeg", 1000, 100),
+                                                       ("cifar100_lt", "png", 100, 10)])
+def test_shared_copies_with_the_real_test_split_or_the_earlier_holdout(name, kind, test, validation):
+  module = importlib.import_module(f"configs.{name}")
+  dataset = name.split("_")[0]
+  real = module.get_config("profile=evidence,source=folder")
+  assert real.data.train_path == f"../shared/data/{dataset}-train-{kind}.tar.gz"
+  assert real.data.test_path == f"../shared/data/{dataset}-test-{kind}.tar.gz"
+  held = module.get_config("profile=evidence,source=folder,test=holdout")
+  assert (held.data.test_source, held.data.validation_per_class, held.data.validation_from) == (
+      f"holdout:{test}", validation, "pool")
+  with pytest.raises(ValueError, match="test must be 'real' or 'holdout'"):
+    module.get_config("source=folder,test=both")
 
 
 @pytest.mark.parametrize("name", ["cifar10_lt", "cifar100_lt"])

@@ -25,7 +25,9 @@ class DataSpec:
     resize: ... by `squash` (both sides) or `center_crop` (the shorter side, then the centre).
     cache_dir: where decoded images and fitted preprocessing are cached.
     imbalance_factor, imbalance_profile, n_max: the long-tailed profile (`longtail`).
-    validation_per_class: balanced validation images per class, set aside first.
+    validation_per_class: balanced validation images per class ...
+    validation_from: ... set aside first (`pool`) or taken from what the long-tailed subset leaves
+      over (`leftover`: `longtail.split_pool`).
     normalize, zca, zca_eps: preprocessing (`preprocess`).
     shot_rule: how classes split into many / medium / few (`longtail.shot_groups`).
   """
@@ -43,6 +45,7 @@ class DataSpec:
   imbalance_profile: str = "exp"
   n_max: int = 0
   validation_per_class: int = 0
+  validation_from: str = "pool"
   normalize: bool = True
   zca: bool = False
   zca_eps: float = 0.1
@@ -64,6 +67,9 @@ class Dataset:
     name: dataset name for reports.
     imbalance_factor: the long-tail profile's n_max / n_min target, for reports.
     resized: images of the sources that had another size and were resized (`DataSpec.resize`).
+    target_counts: [C] the long-tail profile's counts (`counts` differ where validation took
+      training images: `longtail.Split.target_counts`).
+    image_formats: the image file types the sources were read from (e.g. ('.jpg',)).
   """
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -77,6 +83,8 @@ class Dataset:
   name: str
   imbalance_factor: float = 1.0
   resized: int = 0
+  target_counts: np.ndarray | None = None
+  image_formats: tuple[str, ...] = ()
 
   @property
   def num_classes(self) -> int:
@@ -113,9 +121,10 @@ def load_dataset(spec: DataSpec, seed: int) -> Dataset:
   split = longtail.split_pool(
       pool.labels, pool.num_classes, spec.imbalance_factor,
       profile=spec.imbalance_profile, validation_per_class=spec.validation_per_class,
-      holdout_per_class=holdout, n_max=spec.n_max, seed=seed)
+      holdout_per_class=holdout, n_max=spec.n_max, seed=seed,
+      validation_from=spec.validation_from)
   pixels = lambda idx: pool.images[idx].astype(np.float32) / 255.0
-  resized = pool.resized
+  resized, formats = pool.resized, pool.formats
   if holdout:
     test_pixels, test_labels = pixels(split.holdout), pool.labels[split.holdout]
   else:
@@ -126,6 +135,7 @@ def load_dataset(spec: DataSpec, seed: int) -> Dataset:
           f"test source has {test_pool.num_classes} of {test_pool.images.shape[1:]}; they must match.")
     test_pixels, test_labels = test_pool.images.astype(np.float32) / 255.0, test_pool.labels
     resized = pool.resized + test_pool.resized
+    formats = tuple(sorted({*pool.formats, *test_pool.formats}))
   pre = preprocess.cached_fit(pool.images[split.train], spec.cache_dir,
                               normalize=spec.normalize, zca=spec.zca,
                               zca_eps=spec.zca_eps)
@@ -136,4 +146,5 @@ def load_dataset(spec: DataSpec, seed: int) -> Dataset:
       val_labels=as_int(pool.labels[split.validation]),
       test_images=pre.apply(test_pixels), test_labels=as_int(test_labels),
       counts=split.counts, class_names=pool.class_names, preprocessor=pre,
-      name=spec.dataset, imbalance_factor=float(spec.imbalance_factor), resized=resized)
+      name=spec.dataset, imbalance_factor=float(spec.imbalance_factor), resized=resized,
+      target_counts=split.target_counts, image_formats=formats)

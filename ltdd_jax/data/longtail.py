@@ -1,9 +1,13 @@
 """Long-tailed class profiles and the deterministic choice of which images each class keeps.
 
 DESIGN §1: class c keeps n_c = floor(n_max * IF^(-c/(C-1))) images (`exp`), or n_max / n_max/IF for
-the first / second half of the classes (`step`). Validation and a local test split (`holdout:K`) are
-set aside from the training pool *before* the long-tailed subset is drawn, so they stay balanced and
-never overlap the training images.
+the first / second half of the classes (`step`). A local test split (`holdout:K`) is set aside from
+the training pool *before* the long-tailed subset is drawn. Validation is too (`pool`), or it takes
+the images the long-tailed subset leaves over (`leftover`), so that only classes without enough
+left over give up training images: with CIFAR-10's real test split, n_max = 5,000 and 100
+validation images per class, IF 100 keeps 4,900 2,997 1,796 ... 50 (the published counts but the
+first) where `pool` would keep 4,900 2,937 1,760 ... 49. Both stay balanced and never overlap the
+training images.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 from ltdd_jax import errors
 
 PROFILES = ("exp", "step")
+VALIDATION_FROM = ("pool", "leftover")
 
 
 def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float,
@@ -60,22 +65,29 @@ class Split:
     validation: balanced validation indices, [C * validation_per_class].
     holdout: balanced local-test indices, [C * holdout_per_class] (empty unless `holdout:K`).
     counts: [C] training images per class actually kept.
+    target_counts: [C] the profile's counts for n_max (what `counts` would be with no validation
+      taken out of the training images).
   """
   train: np.ndarray
   validation: np.ndarray
   holdout: np.ndarray
   counts: np.ndarray
+  target_counts: np.ndarray
 
 
 def split_pool(labels: np.ndarray, num_classes: int, imbalance_factor: float, *,
                profile: str = "exp", validation_per_class: int = 0,
-               holdout_per_class: int = 0, n_max: int = 0, seed: int = 0) -> Split:
+               holdout_per_class: int = 0, n_max: int = 0, seed: int = 0,
+               validation_from: str = "pool") -> Split:
   """Deterministically splits a labelled pool into LT-train, validation and holdout indices.
 
-  Within each class one seeded permutation orders the images: the first `holdout_per_class` go to
-  the local test split, the next `validation_per_class` to validation, and the long-tailed subset
-  takes the first n_c of the rest. The permutation depends only on (seed, class), so the same config
-  gives the same indices on every machine.
+  Within each class one seeded permutation orders the images and the first `holdout_per_class`
+  go to the local test split. `pool`: the next `validation_per_class` go to validation, n_max is
+  what then remains in the smallest class, and the long-tailed subset takes the first n_c of the
+  rest. `leftover`: n_max is what remains after the holdout alone, validation takes the last
+  `validation_per_class` images of the class (the same ones whatever the imbalance factor) and
+  the subset the first min(n_c, remaining - validation_per_class). The permutation depends only
+  on (seed, class), so the same config gives the same indices on every machine.
 
   Args:
     labels: [N] int labels of the pool.
@@ -84,12 +96,16 @@ def split_pool(labels: np.ndarray, num_classes: int, imbalance_factor: float, *,
     profile: `exp` or `step`.
     validation_per_class: images per class set aside for validation.
     holdout_per_class: images per class set aside as a local balanced test split.
-    n_max: images of the largest class; 0 means all that remain in the smallest class pool.
+    n_max: images of the largest class; 0 means all that the smallest class pool allows.
     seed: config seed.
+    validation_from: `pool` or `leftover` (above).
 
   Returns:
     A `Split`.
   """
+  if validation_from not in VALIDATION_FROM:
+    raise errors.InputError(f"data.validation_from={validation_from!r}: accepted "
+                            f"{', '.join(VALIDATION_FROM)}.")
   labels = np.asarray(labels)
   per_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
   available = np.array([len(p) for p in per_class]) - validation_per_class - holdout_per_class
@@ -99,23 +115,30 @@ def split_pool(labels: np.ndarray, num_classes: int, imbalance_factor: float, *,
         f"Class {worst} has {len(per_class[worst])} images, fewer than validation_per_class="
         f"{validation_per_class} + holdout={holdout_per_class} + 1. Lower data.validation_per_class or "
         "the holdout K.")
-  cap = int(available.min())
+  leftover = validation_from == "leftover"
+  cap = int(available.min()) + (validation_per_class if leftover else 0)
   if n_max <= 0:
     n_max = cap
   elif n_max > cap:
     raise errors.InputError(f"data.n_max={n_max} but only {cap} images remain in the smallest class after "
                      "validation/holdout; lower data.n_max (0 uses what remains).")
-  counts = longtail_counts(n_max, num_classes, imbalance_factor, profile)
+  target = longtail_counts(n_max, num_classes, imbalance_factor, profile)
   train, val, hold = [], [], []
   for c, idx in enumerate(per_class):
     rng = np.random.default_rng([seed, c])
     order = idx[rng.permutation(len(idx))]
     hold.append(order[:holdout_per_class])
-    val.append(order[holdout_per_class:holdout_per_class + validation_per_class])
-    start = holdout_per_class + validation_per_class
-    train.append(order[start:start + counts[c]])
+    rest = order[holdout_per_class:]
+    if leftover:
+      val.append(rest[len(rest) - validation_per_class:])
+      train.append(rest[:min(target[c], len(rest) - validation_per_class)])
+    else:
+      val.append(rest[:validation_per_class])
+      train.append(rest[validation_per_class:validation_per_class + target[c]])
   cat = lambda xs: np.concatenate(xs).astype(np.int64)
-  return Split(train=cat(train), validation=cat(val), holdout=cat(hold), counts=counts)
+  counts = np.asarray([len(t) for t in train], np.int64)
+  return Split(train=cat(train), validation=cat(val), holdout=cat(hold), counts=counts,
+               target_counts=target)
 
 
 def shot_groups(counts: np.ndarray, rule: str = "thirds") -> dict[str, np.ndarray]:

@@ -43,11 +43,14 @@ class Pool:
     labels: [N] int64 in [0, C).
     class_names: C names, in label order.
     resized: how many images had another size and were resized (`data.resize`).
+    formats: the image file suffixes read (e.g. ('.jpg',): a lossy copy; ('.png',): lossless);
+      () for sources that are not files.
   """
   images: np.ndarray
   labels: np.ndarray
   class_names: tuple[str, ...]
   resized: int = 0
+  formats: tuple[str, ...] = ()
 
   @property
   def num_classes(self) -> int:
@@ -200,7 +203,12 @@ def _by_class(items: list[tuple[str, str, object]], class_names: list[str], imag
   images, resized = _decode_all([(f"{where}/{rel}", data) for _, rel, data in items], image_size,
                                 resize)
   labels = np.asarray([index[c] for c, _, _ in items], np.int64)
-  return Pool(images, labels, names, resized)
+  return Pool(images, labels, names, resized, _formats(rel for _, rel, _ in items))
+
+
+def _formats(paths) -> tuple[str, ...]:
+  """The sorted lower-case suffixes of image file paths."""
+  return tuple(sorted({pathlib.PurePosixPath(p).suffix.lower() for p in paths}))
 
 
 def _is_image(name: str) -> bool:
@@ -264,7 +272,7 @@ def _listfile(path: str, root: str, image_size: int, resize: str = "squash") -> 
                               "relative to.")
   images, resized = _decode_all([(p, os.path.join(root, p)) for p in paths], image_size, resize)
   num_classes = int(labels.max()) + 1
-  return Pool(images, labels, tuple(str(c) for c in range(num_classes)), resized)
+  return Pool(images, labels, tuple(str(c) for c in range(num_classes)), resized, _formats(paths))
 
 
 def fingerprint(path: str) -> list:
@@ -293,12 +301,13 @@ def _cached(load, path: str, spec, kind: str) -> Pool:
     try:
       meta = json.loads(files[2].read_text())
       return Pool(np.load(files[0]), np.load(files[1]), tuple(meta["class_names"]),
-                  meta["resized"])
+                  meta["resized"], tuple(meta["formats"]))
     except (ValueError, OSError, KeyError):
       pass  # A half-written or corrupt cache is rebuilt below.
   pool = load()
   cache.mkdir(parents=True, exist_ok=True)
-  meta = json.dumps({"class_names": list(pool.class_names), "resized": pool.resized})
+  meta = json.dumps({"class_names": list(pool.class_names), "resized": pool.resized,
+                     "formats": list(pool.formats)})
   for f, write in ((files[0], lambda out: np.save(out, pool.images)),
                    (files[1], lambda out: np.save(out, pool.labels)),
                    (files[2], lambda out: out.write(meta.encode()))):

@@ -85,6 +85,7 @@ def check_config(config) -> None:
   p.one_of("data.imbalance_profile", longtail.PROFILES)
   p.at_least("data.imbalance_factor", 1)
   p.at_least("data.validation_per_class", 0)
+  p.one_of("data.validation_from", longtail.VALIDATION_FROM)
   p.at_least("data.n_max", 0)
   p.at_least("data.image_size", 1)
   p.one_of("data.resize", sources.RESIZES)

@@ -80,3 +80,38 @@ def test_shot_groups():
   assert list(thirds["many"]) == [0, 1, 2, 3] and list(thirds["few"]) == [7, 8, 9]
   thresholds = longtail.shot_groups(counts, "thresholds")
   assert list(thresholds["medium"]) == [4, 5, 6] and list(thresholds["few"]) == [7, 8, 9]
+
+
+@pytest.mark.parametrize("n_max,num_classes,imbalance,head,tail", [
+    (5000, 10, 100, [5000, 2997, 1796], [139, 83, 50]),
+    (5000, 10, 50, [5000, 3237, 2096], [238, 154, 100]),
+    (5000, 10, 10, [5000, 3871, 2997], [834, 645, 500]),
+    (500, 100, 100, [500, 477, 455], [5, 5, 5]),
+    (500, 100, 50, [500, 480, 462], [10, 10, 10]),
+    (500, 100, 10, [500, 488, 477], [52, 51, 50])])
+def test_cifar_lt_counts_are_the_published_formula(n_max, num_classes, imbalance, head, tail):
+  """floor(n_max * IF^(-c / (C - 1))) in float64, as the published CIFAR-LT construction."""
+  counts = longtail.longtail_counts(n_max, num_classes, imbalance)
+  assert counts[:3].tolist() == head and counts[-3:].tolist() == tail
+  assert counts.tolist() == [int(n_max * imbalance**(-c / (num_classes - 1)))
+                             for c in range(num_classes)]
+
+
+def test_leftover_validation_costs_only_the_classes_without_spare_images():
+  labels = _pool(5000)
+  split = longtail.split_pool(labels, 10, 100, validation_per_class=100, validation_from="leftover")
+  published = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+  np.testing.assert_array_equal(split.target_counts, published)
+  np.testing.assert_array_equal(split.counts, [4900, *published[1:]])
+  np.testing.assert_array_equal(np.bincount(labels[split.train], minlength=10), split.counts)
+  np.testing.assert_array_equal(np.bincount(labels[split.validation], minlength=10), [100] * 10)
+  assert not set(split.train) & set(split.validation)
+  # The validation images are the same whatever the imbalance factor.
+  other = longtail.split_pool(labels, 10, 10, validation_per_class=100, validation_from="leftover")
+  np.testing.assert_array_equal(other.validation, split.validation)
+  assert not set(other.train) & set(other.validation)
+  # `pool` sets validation aside first: every class loses 2%.
+  pool = longtail.split_pool(labels, 10, 100, validation_per_class=100)
+  assert pool.counts.tolist() == [4900, 2937, 1760, 1055, 632, 379, 227, 136, 81, 49]
+  with pytest.raises(ValueError, match="validation_from='somewhere'"):
+    longtail.split_pool(labels, 10, 100, validation_from="somewhere")

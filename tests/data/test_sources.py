@@ -1,3 +1,4 @@
+import io
 import tarfile
 import time
 
@@ -184,3 +185,64 @@ def test_shared_cifar10_tarball(tmp_path):
   again = sources.load_pool("folder", "train", cfg)
   assert time.time() - start < 2.0, "a cached load of CIFAR-sized data should take under 2 s"
   assert again.images.shape == pool.images.shape
+  # The real test split beside it: 1,000 per class, the same classes, no training image in it.
+  test_path = SHARED_CIFAR.with_name("cifar10-test-jpeg.tar.gz")
+  test = sources.load_pool("folder", "test", _data_config(tmp_path, test_path=str(test_path),
+                                                          image_size=32))
+  assert test.class_names == pool.class_names and test.formats == (".jpg",)
+  np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
+  assert not {x.tobytes() for x in test.images} & {x.tobytes() for x in pool.images}
+
+
+def _tarball(path, top, files):
+  """A .tar.gz of `top/<class>/<name>` PNGs from {(class, name): [H, W, 3] uint8}."""
+  with tarfile.open(path, "w:gz") as archive:
+    for (cls, name), image in files.items():
+      buffer = io.BytesIO()
+      Image.fromarray(image).save(buffer, format="PNG")
+      info = tarfile.TarInfo(f"{top}/{cls}/{name}")
+      info.size = buffer.tell()
+      buffer.seek(0)
+      archive.addfile(info, buffer)
+
+
+def test_cifar100_layout_keeps_same_named_files_of_two_classes_apart(tmp_path):
+  """CIFAR-100 files two classes (`baby`, `girl`) under one name: keyed by (class, file), both
+  are kept, each under its own label, in sorted class-name order."""
+  rng = np.random.default_rng(0)
+  files = {(c, f"{c}_{i}.png"): rng.integers(0, 255, (8, 8, 3), np.uint8)
+           for c in ("apple", "baby", "girl") for i in range(4)}
+  files[("baby", "baby_s_000333.png")] = rng.integers(0, 255, (8, 8, 3), np.uint8)
+  files[("girl", "baby_s_000333.png")] = rng.integers(0, 255, (8, 8, 3), np.uint8)
+  _tarball(tmp_path / "train.tar.gz", "train", files)
+  pool = sources.load_pool("folder", "train", _data_config(tmp_path,
+                                                           train_path=str(tmp_path / "train.tar.gz")))
+  assert pool.class_names == ("apple", "baby", "girl") and pool.formats == (".png",)
+  np.testing.assert_array_equal(np.bincount(pool.labels), [4, 5, 5])
+  for label, cls in ((1, "baby"), (2, "girl")):
+    matches = [i for i in range(len(pool.labels))
+               if np.array_equal(pool.images[i], files[(cls, "baby_s_000333.png")])]
+    assert len(matches) == 1 and pool.labels[matches[0]] == label
+
+
+def test_real_test_split_is_the_test_files_and_never_a_training_image(tmp_path):
+  rng = np.random.default_rng(1)
+  train = {(c, f"{i:04d}.png"): rng.integers(0, 255, (8, 8, 3), np.uint8)
+           for c in ("a", "b", "c") for i in range(40)}
+  test = {(c, f"{i:04d}.png"): rng.integers(0, 255, (8, 8, 3), np.uint8)
+          for c in ("a", "b", "c") for i in range(6)}
+  _tarball(tmp_path / "train.tar.gz", "train", train)
+  _tarball(tmp_path / "test.tar.gz", "test", test)
+  spec = _data_config(tmp_path, train_source="folder", train_path=str(tmp_path / "train.tar.gz"),
+                      test_source="folder", test_path=str(tmp_path / "test.tar.gz"),
+                      imbalance_factor=4.0, validation_per_class=5, validation_from="leftover",
+                      normalize=False)
+  data = dataset.load_dataset(spec, seed=0)
+  np.testing.assert_array_equal(np.bincount(data.test_labels), [6, 6, 6])
+  np.testing.assert_array_equal(data.counts, [35, 20, 10])  # n_max 40, the first gives 5 up
+  np.testing.assert_array_equal(data.target_counts, [40, 20, 10])
+  pixels = lambda x: np.round(data.preprocessor.invert(x) * 255).astype(np.uint8)
+  key = lambda images: {image.tobytes() for image in images}
+  assert key(pixels(data.test_images)) == key(test.values())
+  seen = key(pixels(np.concatenate([data.train_images, data.val_images])))
+  assert seen <= key(train.values()) and not seen & key(test.values())
