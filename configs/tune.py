@@ -6,8 +6,10 @@
       --config.tuning.search.grouping.lambda_1='(0.5, 1.0, 2.0)'
 
 `search` names what is searched: `hierarchical` (the plugin's lambdas, grouping strategy and
-number of groups), `distill` (MTT's start window and image lr) or `labels` (the soft labels' lr,
-method datm). Every combination of `tuning.search` is one run evaluated on validation;
+number of groups), `grouping` (the grouping strategy, number of groups (0: as `max_imbalance`
+cuts them) and two-stage architecture, method mtt+two_stage: one distillation serves every
+candidate), `distill` (MTT's start window and image lr) or `labels` (the soft labels' lr, method
+datm). Every combination of `tuning.search` is one run evaluated on validation;
 `W/selection.md` lists them, `W/selection.json` names the choice. Resumable: rerun the same command.
 """
 
@@ -18,23 +20,26 @@ from configs import cifar10_lt, common, digits_lt
 SEARCHES = {
     "hierarchical": {"grouping": {"lambda_1": (0.5, 1.0), "lambda_2": (0.5, 1.0),
                                   "strategy": ("frequency", "similarity"), "num_groups": (2, 3)}},
+    "grouping": {"grouping": {"strategy": ("frequency", "similarity"), "num_groups": (0, 2, 3)},
+                 "two_stage": {"arch": ("separate", "shared")}},
     "distill": {"distill": {"max_start_epoch": (10, 20), "lr_img": (100.0, 1000.0)}},
     "labels": {"datm": {"lr_label": (2.0, 10.0)}},
 }
-DEFAULT_METHOD = {"hierarchical": "mtt+hierarchical", "distill": "mtt", "labels": "datm"}
+DEFAULT_METHOD = {"hierarchical": "mtt+hierarchical", "grouping": "mtt+two_stage", "distill": "mtt",
+                  "labels": "datm"}
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, dataset="digits", profile="cpu", source="folder", method="",
-                          imbalance_factor=100.0, ipc=10, search="hierarchical")
+  args = common.parse_arg(arg, dataset="digits", profile="cpu", source="folder", test="real",
+                          method="", imbalance_factor=100.0, ipc=10, search="hierarchical")
   if args.search not in SEARCHES:
     raise ValueError(f"search must be one of {sorted(SEARCHES)}, got {args.search!r}.")
   if args.dataset == "digits":
     c = digits_lt.get_config(f"profile={args.profile}")
   elif args.dataset in ("cifar10", "cifar100"):
     c = cifar10_lt.cifar_config(
-        f"profile={args.profile},source={args.source},imbalance_factor={args.imbalance_factor},"
-        f"ipc={args.ipc}", args.dataset)
+        f"profile={args.profile},source={args.source},test={args.test},"
+        f"imbalance_factor={args.imbalance_factor},ipc={args.ipc}", args.dataset)
   else:
     raise ValueError(f"dataset must be digits, cifar10 or cifar100, got {args.dataset!r}.")
   c.unlock()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
-import shutil
 import time
 from typing import Sequence
 
@@ -14,7 +13,7 @@ import numpy as np
 from ltdd_jax import errors, reporting
 from ltdd_jax.evaluation import protocol as protocol_lib
 from ltdd_jax.methods import distill, registry
-from ltdd_jax.run import locks, pipeline
+from ltdd_jax.run import locks, pipeline, resume
 
 COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
            "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
@@ -85,10 +84,7 @@ def reuse_distillation(source: pathlib.Path | None, cell: pathlib.Path) -> None:
   """`X+two_stage` (`X+rectify`) evaluates the set X distils (`source`, from `distilling_cell`):
   copy X's finished distillation checkpoints, so the cell's distillation resumes at its last
   iteration instead of running again."""
-  if source is None or not (source / "synthetic.npz").exists():
-    return
-  if not (cell / "distill_ckpt").exists():
-    shutil.copytree(source / "distill_ckpt", cell / "distill_ckpt")
+  resume.copy_distillation(source, cell)
 
 
 def diverged(source: pathlib.Path | None) -> bool:

@@ -197,3 +197,17 @@ def check_workdir(config, workdir, expert_root, stages=STAGES) -> None:
       check(config, directory, "experts", classifier)
   if "distill" in stages and method.distils:
     check(config, pathlib.Path(workdir) / "distill_ckpt", "distill")
+
+
+def copy_distillation(source: pathlib.Path | None, workdir: pathlib.Path) -> bool:
+  """Copies the finished distillation of the run in `source` (its `distill_ckpt/`) into
+  `workdir`, unless `workdir` has one of its own: a run whose distillation settings are the same
+  (`stage_values(config, "distill")`) then resumes at the last iteration instead of distilling
+  again. Returns whether it copied."""
+  if source is None or not (pathlib.Path(source) / "synthetic.npz").exists():
+    return False
+  target = pathlib.Path(workdir) / "distill_ckpt"
+  if target.exists():
+    return False
+  shutil.copytree(pathlib.Path(source) / "distill_ckpt", target)
+  return True

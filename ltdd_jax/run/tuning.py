@@ -3,7 +3,8 @@
 Each candidate (one value per searched key, every combination of `tuning.search`) is a full run
 (experts -> distillation -> evaluation) in `<workdir>/<candidate>/`, evaluated on the validation
 split only (`validation_report.json`); experts are shared by every candidate whose expert settings
-agree. The choice is the candidate with the highest validation accuracy; the test split is never
+agree, and a distillation by every candidate whose distillation settings agree (a search over
+evaluation-only keys, e.g. the grouping of `+two_stage`, distils once). The choice is the candidate with the highest validation accuracy; the test split is never
 read. `selection.md` / `selection.csv` list what was tried, `selection.json` the choice.
 """
 
@@ -76,6 +77,8 @@ def run_search(config, workdir) -> dict:
   for cell in locks.each_free(folders, done, "candidate"):  # Locked while it runs.
     i, values, c = folders[cell]
     print(f"[tuning] candidate {i + 1}/{len(grid)}: {values}", flush=True)
+    if resume.copy_distillation(same_distillation(c, cell, folders), cell):
+      print(f"[tuning] candidate {i + 1} takes the distillation of an earlier one", flush=True)
     ctx = pipeline.setup(c, cell)
     syn = pipeline.stage_distill(ctx)
     pipeline.stage_evaluate(ctx, "synthetic", ctx.method.two_stage, "validation", syn=syn)
@@ -83,6 +86,17 @@ def run_search(config, workdir) -> dict:
   chosen = choose(rows)
   write_tables(workdir, rows, len(grid), chosen)
   return {"chosen": chosen, "rows": rows}
+
+
+def same_distillation(config, folder: pathlib.Path, folders: dict) -> pathlib.Path | None:
+  """Another candidate's folder holding a finished distillation made with the same distillation
+  settings as `config`'s, or None."""
+  wanted = resume.stage_values(config, "distill")
+  for other, (_, _, other_config) in folders.items():
+    if (other != folder and (other / "synthetic.npz").exists()
+        and resume.stage_values(other_config, "distill") == wanted):
+      return other
+  return None
 
 
 def collect(workdir: pathlib.Path, grid) -> list[dict]:

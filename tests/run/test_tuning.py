@@ -30,6 +30,10 @@ def test_choice_reads_validation_only(tmp_path, monkeypatch, capsys):
   clean = tuning.run_search(config, tmp_path / "clean")
   assert len(clean["rows"]) == 2 and clean["chosen"] in ({"grouping.num_groups": 2},
                                                          {"grouping.num_groups": 3})
+  # The grouping only changes the evaluation of mtt+two_stage: one distillation serves both.
+  assert "candidate 2 takes the distillation of an earlier one" in capsys.readouterr().out
+  first, second = sorted((tmp_path / "clean").glob("*/synthetic.npz"))
+  np.testing.assert_array_equal(np.load(first)["images"], np.load(second)["images"])
   table = (tmp_path / "clean" / "selection.md").read_text()
   assert "(chosen)" in table and "2 of 2 candidates finished" in table
   assert json.loads((tmp_path / "clean" / "selection.json").read_text())["split"] == "validation"
@@ -75,6 +79,8 @@ def test_candidates_share_experts_only_when_their_expert_settings_agree(tmp_path
 @pytest.mark.parametrize("search,method,keys", [
     ("hierarchical", "mtt+hierarchical", {"grouping.lambda_1", "grouping.lambda_2",
                                           "grouping.strategy", "grouping.num_groups"}),
+    ("grouping", "mtt+two_stage", {"grouping.strategy", "grouping.num_groups",
+                                   "two_stage.arch"}),
     ("distill", "mtt", {"distill.max_start_epoch", "distill.lr_img"}),
     ("labels", "datm", {"datm.lr_label"}),
 ])
@@ -88,3 +94,21 @@ def test_tune_config_searches(search, method, keys):
     checks.check_config(tuning.candidate_config(config, values, pathlib.Path("/tmp/unused")))
   with pytest.raises(ValueError, match="search must be one of"):
     tune.get_config("search=window")
+
+
+def test_candidates_share_a_distillation_only_when_its_settings_agree(tmp_path):
+  config = _search_config(tmp_path)
+  values = [{"grouping.num_groups": 2}, {"grouping.num_groups": 3}]
+  def folders_of(method):
+    config.method = method
+    configs = [tuning.candidate_config(config, v, tmp_path) for v in values]
+    folders = {tmp_path / method / tuning.candidate_name(v): (i, v, c)
+               for i, (v, c) in enumerate(zip(values, configs))}
+    first = next(iter(folders))
+    first.mkdir(parents=True)
+    (first / "synthetic.npz").write_bytes(b"")
+    return folders, configs
+  folders, configs = folders_of("mtt+two_stage")
+  assert tuning.same_distillation(configs[1], list(folders)[1], folders) == list(folders)[0]
+  folders, configs = folders_of("mtt+hierarchical")  # the grouping is part of its objective
+  assert tuning.same_distillation(configs[1], list(folders)[1], folders) is None
