@@ -49,7 +49,6 @@ def get_config(arg=None):
   if args.profile == "evidence":
     c.benchmark.methods = EVIDENCE
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor
-  c.benchmark.per_class_if = max(factors)  # IF of the per-class accuracy figure
   # Settings each imbalance factor's and each IPC's cells take (the published per-factor LTDD
   # values; the paper profile's per-IPC values). A grid overridden to other factors or IPCs
   # needs entries for them.

@@ -196,24 +196,45 @@ def class_ticks(num_classes: int, limit: int = 20) -> np.ndarray:
   return np.arange(0, num_classes, max(1, -(-num_classes // limit)))
 
 
+MANY_CLASSES = 20  # above this, per-class charts order classes by count and mark thirds
+
+
+def count_bands(counts) -> tuple[np.ndarray, list[np.ndarray]]:
+  """(class order by decreasing training count, the many / medium / few thirds of that order)."""
+  order = np.argsort(-np.asarray(counts), kind="stable")
+  return order, np.array_split(np.arange(len(order)), 3)
+
+
 def per_class_chart(per_class_acc, counts, path: str | os.PathLike, title: str = "",
                     stds=None, class_names=None) -> None:
   """Bar chart of per-class accuracy (left axis) with the class's training count (right axis),
-  at least 800 px wide, its x axis labelled with the class names (`class_names`; default ids)."""
+  at least 800 px wide, its x axis labelled with the class names (`class_names`; default ids).
+  With more than `MANY_CLASSES` classes (CIFAR-100) the classes go by decreasing count, every
+  k-th is named, and the many / medium / few thirds are shaded with their mean accuracy."""
   per_class_acc = np.asarray(per_class_acc)
+  counts = np.asarray(counts)
+  names = ([str(c) for c in range(len(per_class_acc))] if class_names is None
+           else [str(n) for n in class_names])
+  many = len(per_class_acc) > MANY_CLASSES
+  order, bands = count_bands(counts) if many else (np.arange(len(per_class_acc)), [])
   x = np.arange(len(per_class_acc))
-  fig, ax = plt.subplots(figsize=(max(8.0, len(x) * 0.4), 3.5))
-  ax.bar(x, 100 * per_class_acc, yerr=None if stds is None else 100 * np.asarray(stds),
-         color="tab:blue", alpha=0.8)
+  fig, ax = plt.subplots(figsize=(10.0 if many else max(8.0, len(x) * 0.4), 3.5))
+  ax.bar(x, 100 * per_class_acc[order],
+         yerr=None if stds is None else 100 * np.asarray(stds)[order],
+         color="tab:blue", alpha=0.8, width=0.8)
+  for band, label, shade in zip(bands, ("many", "medium", "few"), ("0.93", "0.86", "0.93")):
+    ax.axvspan(band[0] - 0.5, band[-1] + 0.5, color=shade, zorder=0)
+    mean = 100 * per_class_acc[order[band]].mean()
+    ax.hlines(mean, band[0] - 0.5, band[-1] + 0.5, colors="k", linestyles="--", linewidth=1)
+    ax.text(band.mean(), 96, f"{label} {mean:.1f}%", ha="center", va="top", fontsize=8)
   ticks = class_ticks(len(x))
-  names = [str(c) for c in x] if class_names is None else [str(n) for n in class_names]
-  ax.set_xticks(ticks, [names[t] for t in ticks], rotation=45 if len(x) > 5 else 0,
+  ax.set_xticks(ticks, [names[order[t]] for t in ticks], rotation=45 if len(x) > 5 else 0,
                 ha="right" if len(x) > 5 else "center", fontsize=7)
-  ax.set_xlabel("class (label order)")
+  ax.set_xlabel("class (by decreasing training count)" if many else "class (label order)")
   ax.set_ylabel("test accuracy (%)")
   ax.set_ylim(0, 100)
   twin = ax.twinx()
-  twin.plot(x, counts, "o-", color="tab:red", markersize=3)
+  twin.plot(x, counts[order], "o-" if not many else "-", color="tab:red", markersize=3)
   twin.set_ylabel("training images", color="tab:red")
   ax.set_title(title, fontsize=9)
   fig.tight_layout()

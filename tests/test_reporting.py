@@ -45,3 +45,15 @@ def test_per_class_chart_names_classes_and_is_wide_enough(tmp_path, monkeypatch)
   reporting.per_class_chart(np.full(10, 0.5), np.arange(10, 0, -1), tmp_path / "d.png",
                             class_names=names[:10])
   assert ticks["labels"] == names[:10] and Image.open(tmp_path / "d.png").size[0] >= 800
+
+
+def test_per_class_chart_of_100_classes_stays_chart_sized(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  counts = (500 * 50.0 ** (-np.arange(100) / 99)).astype(int)
+  acc = np.linspace(0.9, 0.1, 100)
+  reporting.per_class_chart(acc, counts, tmp_path / "c100.png", "CIFAR-100-LT",
+                            class_names=[f"class{c}" for c in range(100)])
+  width, height = Image.open(tmp_path / "c100.png").size
+  assert width == 1000 and height == 350  # not 100 x 0.4 inches wide
+  order, bands = reporting.count_bands(counts[::-1])
+  assert order[0] == 99 and [len(b) for b in bands] == [34, 33, 33]

@@ -240,7 +240,7 @@ def write_tables(workdir: pathlib.Path, rows: list[dict], num_cells: int,
 
 
 def write_figures(workdir: pathlib.Path, rows: list[dict], config) -> None:
-  """accuracy_heatmap.png (method x (IF, IPC)) and per_class_if<IF>.png."""
+  """accuracy_heatmap.png (method x (IF, IPC)) and per_class_if<IF>.png for every factor."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   distilled = [r for r in rows if r["ipc"] is not None]
   if distilled:
@@ -261,28 +261,46 @@ def write_figures(workdir: pathlib.Path, rows: list[dict], config) -> None:
     fig.tight_layout()
     fig.savefig(workdir / "accuracy_heatmap.png", dpi=100)
     plt.close(fig)
-  target = config.benchmark.per_class_if
-  chosen = [r for r in rows if r["imbalance_factor"] == target and r.get("per_class_acc")]
-  if chosen:
-    # One panel per IPC; a base method keeps its colour, its plug-ins change the line style.
-    ipcs = list(dict.fromkeys(r["ipc"] for r in chosen if r["ipc"] is not None)) or [None]
-    parsed = {r["method"]: registry.parse(r["method"].split(" [")[0]) for r in chosen}
-    bases = list(dict.fromkeys(m.base.name for m in parsed.values()))
-    styles = {(): "-", ("two_stage",): "--", ("hierarchical",): ":"}
-    fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.5), sharey=True,
-                             squeeze=False)
-    for ax, ipc in zip(axes[0], ipcs):
-      for r in chosen:
-        if r["ipc"] not in (ipc, None):  # the full set (ipc None) shows in every panel
-          continue
-        m = parsed[r["method"]]
-        ax.plot(r["per_class_acc"], marker=".",
-                linestyle=styles.get(tuple(p.name for p in m.plugins), "-."),
-                color=f"C{bases.index(m.base.name) % 10}", label=r["method"])
-      ax.set_title(f"IF {target:g}, IPC {_fmt(ipc)}", fontsize=9)
-      ax.set_xlabel("class (decreasing training count)")
-    axes[0, 0].set_ylabel("test accuracy (%)")
-    axes[0, -1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(workdir / f"per_class_if{target:g}.png", dpi=100)
-    plt.close(fig)
+  for factor in dict.fromkeys(r["imbalance_factor"] for r in rows):
+    chosen = [r for r in rows if r["imbalance_factor"] == factor and r.get("per_class_acc")]
+    if chosen:
+      per_class_figure(workdir / f"per_class_if{factor:g}.png", chosen, factor)
+
+
+def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> None:
+  """per_class_if<IF>.png: per-class accuracy of every row of one imbalance factor, one panel per
+  IPC; a base method keeps its colour, its plug-ins change the line style. Classes go by
+  decreasing training count (the long-tailed label order); with more than
+  `reporting.MANY_CLASSES` the lines are running means over C/10 classes, so 100 classes stay
+  readable, and the many / medium / few thirds are shaded."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ipcs = list(dict.fromkeys(r["ipc"] for r in rows if r["ipc"] is not None)) or [None]
+  parsed = {r["method"]: registry.parse(r["method"].split(" [")[0]) for r in rows}
+  bases = list(dict.fromkeys(m.base.name for m in parsed.values()))
+  styles = {(): "-", ("two_stage",): "--", ("hierarchical",): ":"}
+  num_classes = len(rows[0]["per_class_acc"])
+  window = max(1, num_classes // 10) if num_classes > reporting.MANY_CLASSES else 1
+  fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.5), sharey=True,
+                           squeeze=False)
+  for ax, ipc in zip(axes[0], ipcs):
+    if window > 1:
+      for band, shade in zip(np.array_split(np.arange(num_classes), 3), ("0.93", "0.86", "0.93")):
+        ax.axvspan(band[0] - 0.5, band[-1] + 0.5, color=shade, zorder=0)
+    for r in rows:
+      if r["ipc"] not in (ipc, None):  # the full set (ipc None) shows in every panel
+        continue
+      m = parsed[r["method"]]
+      acc = np.asarray(r["per_class_acc"], np.float64)
+      if window > 1:
+        acc = np.convolve(acc, np.ones(window) / window, mode="valid")
+      ax.plot(np.arange(len(acc)) + (window - 1) / 2, acc, marker="." if window == 1 else None,
+              linestyle=styles.get(tuple(p.name for p in m.plugins), "-."),
+              color=f"C{bases.index(m.base.name) % 10}", label=r["method"])
+    ax.set_title(f"IF {factor:g}, IPC {_fmt(ipc)}", fontsize=9)
+    ax.set_xlabel("class (decreasing training count)"
+                  + (f"; running mean of {window}" if window > 1 else ""))
+  axes[0, 0].set_ylabel("test accuracy (%)")
+  axes[0, -1].legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

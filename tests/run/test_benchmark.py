@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ltdd_jax import errors
@@ -137,3 +138,12 @@ def test_a_diverging_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch
   with pytest.raises(errors.DivergedError, match="expert training"):
     benchmark.run_grid(config, tmp_path)
   assert not (tmp_path / "if10_ipc2_mtt" / "failed.txt").exists()
+
+
+def test_per_class_figures_for_every_factor_and_100_classes(tmp_path):
+  rows = [{"imbalance_factor": f, "ipc": ipc, "method": m, "test_acc_mean": 1.0,
+           "per_class_acc": list(np.linspace(80, 10, 100))}
+          for f in (10.0, 50.0) for ipc in (1, 10) for m in ("mtt", "mtt+two_stage [shared]")]
+  benchmark.write_figures(tmp_path, rows, None)
+  for name in ("accuracy_heatmap.png", "per_class_if10.png", "per_class_if50.png"):
+    assert (tmp_path / name).stat().st_size > 1000, name
