@@ -96,6 +96,14 @@ def make_classifier(spec: ModelSpec, num_classes: int, arch: str | None = None,
   return Classifier(make_backbone(spec, arch, width), make_head(spec, num_classes))
 
 
+def with_stored_stats(model: Classifier) -> Classifier:
+  """The same classifier (same parameters) with its batch norms normalising with the stored
+  statistics of the `batch_stats` collection instead of each batch's own (ConvNet only)."""
+  if not isinstance(model.backbone, ConvNet) or model.backbone.norm != "batch":
+    raise errors.InputError("Stored batch-norm statistics need a ConvNet with model.norm='batch'.")
+  return model.clone(backbone=model.backbone.clone(stored_stats=True))
+
+
 def make_multi_head(spec: ModelSpec, sizes: tuple[int, ...]) -> MultiHead:
   """Linear heads of `sizes` outputs each on one backbone's features (`MultiHead`)."""
   return MultiHead(tuple(int(n) for n in sizes), init=spec.init)
@@ -123,4 +131,5 @@ def for_inference(model: Classifier) -> Classifier:
 
 __all__ = ["ARCHS", "INITS", "AlexNet", "Classifier", "ConvNet", "Dense", "ModelSpec", "MultiHead",
            "ResNet18", "VGG11", "for_inference", "head_segments", "make_backbone",
-           "make_classifier", "make_head", "make_multi_head", "num_outputs", "resolve_conv_impl"]
+           "make_classifier", "make_head", "make_multi_head", "num_outputs", "resolve_conv_impl",
+           "with_stored_stats"]

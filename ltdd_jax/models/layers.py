@@ -124,9 +124,17 @@ class Dense(nn.Module):
 
 
 class Norm(nn.Module):
-  """Instance norm, stateless batch norm (current batch statistics) or identity, with affine."""
+  """Instance norm, batch norm or identity, with affine.
+
+  Batch norm normalises with the current batch's statistics, or with stored ones
+  (`stored_stats`: the `batch_stats` collection's `mean` and `var` [C], e.g. recalibrated per class
+  by `methods.statistics`). It records what its input looked like in the `moments` collection
+  when that collection is mutable (a no-op otherwise): per image, the spatial mean and mean
+  square of each channel ([N, C] each), from which any group of images' mean and variance follow.
+  """
   kind: str = "instance"
   epsilon: float = 1e-5
+  stored_stats: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -136,10 +144,16 @@ class Norm(nn.Module):
       axes = (1, 2)
     elif self.kind == "batch":
       axes = (0, 1, 2)
+      self.sow("moments", "input", (x.mean(axis=(1, 2)), jnp.square(x).mean(axis=(1, 2))))
     else:
       raise errors.InputError(f"Unknown norm {self.kind!r}; accepted: {NORMS}.")
-    mean = x.mean(axis=axes, keepdims=True)
-    var = jnp.square(x - mean).mean(axis=axes, keepdims=True)
+    if self.kind == "batch" and self.stored_stats:
+      channels = x.shape[-1]
+      mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,)).value
+      var = self.variable("batch_stats", "var", jnp.ones, (channels,)).value
+    else:
+      mean = x.mean(axis=axes, keepdims=True)
+      var = jnp.square(x - mean).mean(axis=axes, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
     bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))

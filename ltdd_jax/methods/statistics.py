@@ -1,0 +1,178 @@
+"""Batch-norm statistics of a trained network, per class: what statistics matching aligns with.
+
+A batch-norm network trained on a long-tailed set keeps running statistics dominated by the head
+classes. Here they are measured again, exactly and per class, by one frozen pass over the training
+set (`class_statistics`): for every batch-norm layer l and class c, the per-channel mean and
+variance of the layer's input over the class's images. The balanced target of a layer is the
+uniform average over classes (`ClassStatistics.balanced`), so that every class counts the same
+whatever its number of images. `statistics_loss` is the distance between a synthetic batch's
+statistics and these targets, globally and class by class.
+
+Every batch-norm layer records its input's per-image first and second moments when the `moments`
+collection is mutable (`models.layers.Norm`); means and variances of any group of images follow
+from them exactly (`group_moments`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ltdd_jax import errors
+
+Moments = list[tuple[jax.Array, jax.Array]]  # per layer: ([N, ch] means, [N, ch] mean squares)
+
+
+def _natural(path: tuple[str, ...]) -> tuple:
+  """Sort key of a module path that orders `Norm_2` before `Norm_10`."""
+  return tuple(int(p) if p.isdigit() else p for part in path for p in re.split(r"(\d+)", part))
+
+
+def image_moments(model, params, images: jax.Array, batch_stats=None) -> Moments:
+  """Per batch-norm layer, in network order: (per-image spatial mean [N, ch], per-image spatial
+  mean square [N, ch]) of the layer's input.
+
+  Args:
+    model: a classifier whose backbone uses batch norm (`model.norm=batch`).
+    params: its parameters.
+    images: [N, H, W, C].
+    batch_stats: the `batch_stats` collection when the backbone normalises with stored statistics
+      (`stored_stats`); None: each layer normalises with the batch's own (training mode).
+  """
+  variables = {"params": params}
+  if batch_stats is not None:
+    variables["batch_stats"] = batch_stats
+  _, state = model.apply(variables, images, mutable=["moments"])
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["moments"]))
+  if not flat:
+    raise errors.InputError("The network has no batch-norm layer (model.norm must be 'batch' for "
+                            "statistics matching).")
+  return [tuple(flat[path][0]) for path in sorted(flat, key=_natural)]
+
+
+def group_moments(first: jax.Array, second: jax.Array, groups: jax.Array,
+                  num_groups: int) -> tuple[jax.Array, jax.Array]:
+  """(mean [G, ch], variance [G, ch]) of each group's images from their per-image moments
+  ([N, ch] each; `groups` [N] ints). A group without images gets zeros."""
+  onehot = jax.nn.one_hot(groups, num_groups, dtype=first.dtype)  # [N, G]
+  size = jnp.maximum(onehot.sum(0), 1.0)[:, None]
+  mean = onehot.T @ first / size
+  return mean, onehot.T @ second / size - jnp.square(mean)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassStatistics:
+  """Per-class input statistics of every batch-norm layer of a network.
+
+  Attributes:
+    means: per layer, [C, ch]: class c's per-channel mean of the layer's input.
+    variances: per layer, [C, ch]: the same for the variance (biased, over images and pixels).
+    counts: [C] images of each class the statistics were measured on.
+  """
+  means: tuple[np.ndarray, ...]
+  variances: tuple[np.ndarray, ...]
+  counts: np.ndarray
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.counts)
+
+  def balanced(self) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Per layer, the balanced global target (mean [ch], variance [ch]): the uniform average of
+    the classes' statistics (a class's weight does not follow its number of images)."""
+    return (tuple(m.mean(0) for m in self.means), tuple(v.mean(0) for v in self.variances))
+
+  def batch_stats(self, model, image_shape: tuple[int, ...]) -> dict:
+    """The `batch_stats` collection that makes `model` (built with `stored_stats`:
+    `models.with_stored_stats`) normalise every batch-norm layer with the balanced global
+    target."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
+    if "batch_stats" not in shapes:
+      raise errors.InputError("The network does not normalise with stored statistics; build it "
+                              "with models.with_stored_stats.")
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes["batch_stats"]))
+    layers = sorted({path[:-1] for path in flat}, key=_natural)
+    means, variances = self.balanced()
+    if len(layers) != len(means):
+      raise errors.InputError(f"The network has {len(layers)} batch-norm layers; the statistics "
+                              f"have {len(means)}.")
+    out = {}
+    for layer, mean, var in zip(layers, means, variances):
+      out[(*layer, "mean")], out[(*layer, "var")] = jnp.asarray(mean), jnp.asarray(var)
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def class_statistics(model, params, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                     batch_size: int) -> ClassStatistics:
+  """Every batch-norm layer's per-class input statistics, by one frozen pass over `images`.
+
+  The pass runs in training mode (each batch normalised with its own statistics, as the network
+  trained) on batches of one class each, so that a class's statistics never depend on another
+  class's images; the moments of a class's batches are accumulated exactly (sums of the
+  per-image first and second moments), so the means and variances are those of the class's whole
+  set of layer inputs, not an exponential average.
+
+  Args:
+    model, params: the trained batch-norm network.
+    images: [N, H, W, C] its training images; labels: [N] their classes.
+    num_classes: C (every class needs an image).
+    batch_size: images per forward pass.
+  """
+  labels = np.asarray(labels)
+  counts = np.bincount(labels, minlength=num_classes)
+  if (counts == 0).any():
+    raise errors.InputError(f"Classes {np.flatnonzero(counts == 0).tolist()} have no images to "
+                            "measure batch-norm statistics on.")
+  moments_fn = jax.jit(lambda p, x: image_moments(model, p, x))
+  sums = None
+  for c in range(num_classes):
+    index = np.flatnonzero(labels == c)
+    for start in range(0, len(index), batch_size):
+      moments = moments_fn(params, jnp.asarray(images[index[start:start + batch_size]]))
+      totals = [(np.asarray(f).astype(np.float64).sum(0), np.asarray(s).astype(np.float64).sum(0))
+                for f, s in moments]
+      if sums is None:
+        sums = [(np.zeros((num_classes, len(f))), np.zeros((num_classes, len(f))))
+                for f, _ in totals]
+      for (first, second), (f, s) in zip(sums, totals):
+        first[c] += f
+        second[c] += s
+  means = tuple((first / counts[:, None]).astype(np.float32) for first, _ in sums)
+  variances = tuple((second / counts[:, None] - np.square(first / counts[:, None]))
+                    .astype(np.float32) for first, second in sums)
+  return ClassStatistics(means, variances, counts)
+
+
+def statistics_loss(moments: Moments, labels: jax.Array, targets: ClassStatistics,
+                    class_weight: float = 1.0) -> jax.Array:
+  """Distance of a batch's batch-norm statistics from the targets, summed over layers:
+  ||mean(S) - mu_l||_2 + ||var(S) - sigma2_l||_2 against the balanced global target, plus
+  `class_weight` times the same per class against class c's own statistics, averaged over the
+  classes the batch holds.
+
+  Args:
+    moments: the batch's per-image moments (`image_moments`), per layer.
+    labels: [N] the class each image stands for.
+    targets: the `ClassStatistics` of the real training set.
+    class_weight: weight of the class-wise term.
+  """
+  global_means, global_vars = targets.balanced()
+  num_classes = targets.num_classes
+  present = jnp.zeros(num_classes).at[labels].set(1.0)
+  total = 0.0
+  for (first, second), mu, var, class_mu, class_var in zip(
+      moments, global_means, global_vars, targets.means, targets.variances):
+    batch_mean = first.mean(0)
+    batch_var = second.mean(0) - jnp.square(batch_mean)
+    total = total + jnp.linalg.norm(batch_mean - mu) + jnp.linalg.norm(batch_var - var)
+    if class_weight:
+      mean_c, var_c = group_moments(first, second, labels, num_classes)
+      per_class = (jnp.linalg.norm(mean_c - class_mu, axis=-1)
+                   + jnp.linalg.norm(var_c - class_var, axis=-1))
+      total = total + class_weight * (per_class * present).sum() / present.sum()
+  return total
