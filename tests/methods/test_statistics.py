@@ -20,8 +20,18 @@ def _network(num_classes=3, image=(8, 8, 1)):
 def _data(per_class=(7, 4, 2), seed=0):
   rng = np.random.default_rng(seed)
   labels = np.repeat(np.arange(len(per_class)), per_class)
-  images = rng.normal(size=(len(labels), 8, 8, 1)).astype(np.float32) + labels[:, None, None, None]
-  return images, labels
+  images = rng.normal(size=(len(labels), 8, 8, 1)) + labels[:, None, None, None]
+  return images.astype(np.float32), labels
+
+
+def _calibrated():
+  """(model, params, images, their class statistics, the stored-statistics model, its
+  batch_stats) of the tiny network and data."""
+  model, params = _network()
+  images, labels = _data()
+  stats = statistics.class_statistics(model, params, images, labels, 3, batch_size=64)
+  stored = models.with_stored_stats(model)
+  return model, params, images, stats, stored, stats.batch_stats(stored, (8, 8, 1))
 
 
 def _conv_inputs(model, params, images):
@@ -66,11 +76,7 @@ def test_balanced_target_is_the_uniform_class_average():
 
 
 def test_stored_statistics_normalise_every_batch_the_same_way():
-  model, params = _network()
-  images, labels = _data()
-  stats = statistics.class_statistics(model, params, images, labels, 3, batch_size=64)
-  stored = models.with_stored_stats(model)
-  batch_stats = stats.batch_stats(stored, (8, 8, 1))
+  model, params, images, stats, stored, batch_stats = _calibrated()
   apply = lambda x: stored.apply({"params": params, "batch_stats": batch_stats}, x)
   # With stored statistics an image's logits do not depend on the rest of its batch.
   np.testing.assert_allclose(apply(images)[:3], apply(images[:3]), rtol=1e-5, atol=1e-5)
@@ -94,11 +100,7 @@ def test_group_moments_give_each_groups_mean_and_variance():
 
 
 def test_statistics_loss_falls_and_moves_only_the_pixels():
-  model, params = _network()
-  images, labels = _data()
-  stats = statistics.class_statistics(model, params, images, labels, 3, batch_size=64)
-  stored = models.with_stored_stats(model)
-  batch_stats = stats.batch_stats(stored, (8, 8, 1))
+  model, params, images, stats, stored, batch_stats = _calibrated()
   syn_labels = jnp.array([0, 1, 2])
   syn = jnp.asarray(np.random.default_rng(2).normal(size=(3, 8, 8, 1)), jnp.float32)
   before = jax.tree.map(np.asarray, params)
