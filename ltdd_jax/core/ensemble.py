@@ -83,6 +83,10 @@ class Recipe:
     decay_epoch: from this epoch (0-based) on the lr is lr * 0.1 (the evaluation protocol's step
       at half the epochs); None: constant.
     ensemble_impl: how the networks run in one program (`over_ensemble`).
+    kernel: one network's epoch, (apply_fn, spec, state, key, lr, data) -> (state, loss), when
+      not `training.train_epoch` (e.g. the statistics-matching observers' two-view epoch); a
+      frozen dataclass or a module-level function, so that recipes compare and hash by value.
+      Its `data` holds the 0-based `epoch` besides the trainer's arrays.
   """
   model: Any
   train: training.TrainSpec
@@ -93,6 +97,7 @@ class Recipe:
   keys: seeds.EpochKeys
   decay_epoch: int | None = None
   ensemble_impl: str = "auto"
+  kernel: Any = None
 
   def lr_at(self, epoch: int) -> float:
     """The lr of epoch `epoch` (0-based)."""
@@ -102,11 +107,13 @@ class Recipe:
 
 
 @functools.lru_cache(maxsize=32)
-def epoch_program(model, spec: training.TrainSpec, ensemble_impl: str) -> Callable:
+def epoch_program(model, spec: training.TrainSpec, ensemble_impl: str,
+                  kernel: Callable | None = None) -> Callable:
   """jit((states [K, ...], keys [K], lr, data) -> (states, losses [K])): one epoch of every
-  network, built once per (model, spec, impl). The states are not donated: they are a few MB at
-  most (the activations dominate), and callers keep the initial ones."""
-  kernel = functools.partial(training.train_epoch, make_apply(model), spec)
+  network (`kernel`, default `training.train_epoch`), built once per (model, spec, impl,
+  kernel). The states are not donated: they are a few MB at most (the activations dominate), and
+  callers keep the initial ones."""
+  kernel = functools.partial(kernel or training.train_epoch, make_apply(model), spec)
   return jax.jit(over_ensemble(kernel, (0, 0, None, None), ensemble_impl))
 
 
@@ -162,14 +169,15 @@ def train(recipe: Recipe, states: PyTree, data: dict, mesh, *, store: Store | No
     first, states = store.restore(states)
   states = parallel.shard_leading(states, mesh)
   data = parallel.replicate({k: jnp.asarray(v) for k, v in data.items()}, mesh)
-  program = epoch_program(recipe.model, recipe.train, recipe.ensemble_impl)
+  program = epoch_program(recipe.model, recipe.train, recipe.ensemble_impl, recipe.kernel)
   progress = reporting.Progress(label, recipe.epochs, start=first)
   if first:
     progress.note(f"resuming from epoch {first}/{recipe.epochs}")
   with interrupts.safe_points():
     for epoch in range(first, recipe.epochs):
       states, losses = program(states, recipe.keys(epoch, recipe.num_models),
-                               jnp.float32(recipe.lr_at(epoch)), data)
+                               jnp.float32(recipe.lr_at(epoch)),
+                               {**data, "epoch": jnp.int32(epoch)})
       losses = np.asarray(losses)
       done = epoch + 1
       last = done == recipe.epochs

@@ -16,11 +16,16 @@ Every function here is pure and written for one network.
 
 from __future__ import annotations
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from ltdd_jax import errors
+from ltdd_jax import errors, models
+from ltdd_jax.core import augment, training
 
 NORMALISATIONS = ("mean", "sum")
 
@@ -39,6 +44,14 @@ def debias_weights(counts: np.ndarray, q: float, normalise: str = "mean") -> np.
     return (weights / weights.sum()).astype(np.float32)
   raise errors.InputError(f"Unknown debias normalisation {normalise!r}; accepted: "
                           f"{', '.join(NORMALISATIONS)}.")
+
+
+def debias_weights_of(labels: jax.Array, num_classes: int, q: float,
+                      normalise: str = "mean") -> jax.Array:
+  """`debias_weights` of the class counts of `labels` ([N] ints), traced (inside the kernel)."""
+  weights = jnp.maximum(jnp.bincount(labels, length=num_classes), 1).astype(jnp.float32) ** -q
+  scale = num_classes if normalise == "mean" else 1.0
+  return weights / weights.sum() * scale
 
 
 def debias_alpha(step: jax.Array | int, total_steps: int) -> jax.Array:
@@ -111,3 +124,83 @@ def mix_views(key: jax.Array, images: jax.Array, targets: jax.Array, partner_ima
   kept = 1.0 - box.mean()  # the share of the image that is still the batch's own
   cutmix_targets = kept * targets + (1.0 - kept) * partner_targets
   return (mixup, mixup_targets), (cutmix, cutmix_targets)
+
+
+class ObserverNet(nn.Module):
+  """A classifier with the heads the robust term needs: backbone(images) -> features, then
+  `head` (logits [N, C]), `projector` (z [N, D]) and `predictor` (p = predictor(z) [N, D]).
+  Its parameters hold a plain classifier's {'backbone', 'head'} (`as_classifier`)."""
+  backbone: nn.Module
+  num_classes: int
+  projection_dim: int = 128
+  weight_init: str = "torch"
+
+  @nn.compact
+  def __call__(self, images):
+    features = self.backbone(images)
+    logits = models.Dense(self.num_classes, init=self.weight_init, name="head")(features)
+    z = models.Dense(self.projection_dim, init=self.weight_init, name="projector")(features)
+    p = models.Dense(self.projection_dim, init=self.weight_init, name="predictor")(z)
+    return logits, z, p
+
+
+def as_classifier(net: ObserverNet, spec: models.ModelSpec) -> models.Classifier:
+  """The observer as a plain classifier (backbone + head) over the same parameters."""
+  return models.Classifier(net.backbone, models.make_head(spec, net.num_classes))
+
+
+@dataclasses.dataclass(frozen=True)
+class ObserverKernel:
+  """One epoch of an observer (or teacher) network: L = robust_weight * consistency +
+  debias_weight * debias over two mixed views of each batch (`mix_views`), with the partner
+  batch drawn class-balanced and alpha = (t / T)^2 over the T = epochs x steps of training. A
+  `core.ensemble.Recipe` kernel (hashable, so its program compiles once).
+
+  Attributes:
+    epochs: the training's epochs (T of the alpha schedule).
+    q, normalise: the debias weights (`debias_weights`).
+    robust_weight, debias_weight: gamma_1 and gamma_2.
+  """
+  epochs: int
+  q: float = 0.8
+  normalise: str = "mean"
+  robust_weight: float = 1.0
+  debias_weight: float = 1.0
+
+  def __call__(self, apply_fn, spec: training.TrainSpec, state, key, lr, data):
+    images, labels = jnp.asarray(data["images"]), jnp.asarray(data["labels"])
+    order_key, partner_key, step_key = jax.random.split(key, 3)
+    batches = training.epoch_indices(order_key, labels, spec)
+    partners = training.epoch_indices(
+        partner_key, labels, dataclasses.replace(spec, sampling="class_balanced"))
+    onehot = jax.nn.one_hot(labels, spec.num_classes)
+    weights = debias_weights_of(labels, spec.num_classes, self.q, self.normalise)
+    total = self.epochs * spec.steps_per_epoch
+    first = data["epoch"] * spec.steps_per_epoch
+    tx = training.sgd(spec, lr)
+
+    def loss_fn(params, views, alpha):
+      (v1, t1), (v2, t2) = views
+      l1, z1, p1 = apply_fn(params, v1)
+      l2, z2, p2 = apply_fn(params, v2)
+      debias = 0.5 * (debias_loss(l1, t1, weights, alpha) + debias_loss(l2, t2, weights, alpha))
+      return (self.robust_weight * consistency_loss((z1, z2), (p1, p2))
+              + self.debias_weight * debias)
+
+    def step(carry, inputs):
+      params, opt_state = carry
+      idx, partner, k, s = inputs
+      k_aug, k_partner, k_mix = jax.random.split(k, 3)
+      x, y = images[idx], images[partner]
+      if spec.augment is not None:
+        x, y = augment.augment(k_aug, x, spec.augment), augment.augment(k_partner, y, spec.augment)
+      views = mix_views(k_mix, x, onehot[idx], y, onehot[partner])
+      loss, grads = jax.value_and_grad(loss_fn)(params, views, debias_alpha(first + s, total))
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    steps = spec.steps_per_epoch
+    (params, opt_state), losses = jax.lax.scan(
+        step, (state["params"], state["opt_state"]),
+        (batches, partners, jax.random.split(step_key, steps), jnp.arange(steps)))
+    return {"params": params, "opt_state": opt_state}, losses.mean()

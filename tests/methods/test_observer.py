@@ -59,3 +59,25 @@ def test_mixed_views_mix_their_targets_by_the_share_they_took():
   np.testing.assert_allclose(cutmix_t.sum(-1), 1.0, rtol=1e-6)
   box = observer.cutmix_box(key, jnp.float32(0.75), 32, 32)
   assert 0 < float(box.mean()) <= 0.25 + 1e-6  # at most (1 - lam) of the image, less at a border
+
+
+def test_observer_kernel_trains_through_the_one_ensemble_trainer(tiny):
+  from ltdd_jax import models, parallel, seeds  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.core import ensemble, training  # pylint: disable=g-import-not-at-top
+  _, data, _ = tiny
+  spec = models.ModelSpec(depth=2, width=8, norm="batch")
+  net = observer.ObserverNet(models.make_backbone(spec), 10, 16)
+  train = training.TrainSpec(batch_size=128, steps_per_epoch=8, momentum=0.9, weight_decay=5e-4,
+                             num_classes=10)
+  recipe = ensemble.Recipe(net, train, 0.05, 3, 2, init_seed=0, keys=seeds.EpochKeys(1),
+                           kernel=observer.ObserverKernel(epochs=3))
+  def diverged(done, losses):
+    return AssertionError(f"diverged at {done}: {losses}")
+  params = ensemble.train(recipe, ensemble.init_states(recipe, data.image_shape),
+                          {"images": data.train_images, "targets": data.train_labels,
+                           "labels": data.train_labels}, parallel.make_mesh(1),
+                          diverged=diverged)["params"]
+  assert sorted(params) == ["backbone", "head", "predictor", "projector"]
+  logits = ensemble.logits(observer.as_classifier(net, spec), params, data.test_images)
+  accuracy = (logits.argmax(-1) == data.test_labels[None]).mean(-1)
+  assert logits.shape == (2, len(data.test_labels), 10) and (accuracy > 0.3).all(), accuracy

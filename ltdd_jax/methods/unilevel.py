@@ -1,0 +1,168 @@
+"""Statistics-matching synthesis (uni-level: Cui et al., AAAI 2026): images recovered from a
+frozen observer's per-class batch-norm statistics, labelled by a teacher.
+
+The observer and the teacher are batch-norm networks trained on the long-tailed set with the
+robust and debias terms (`methods.observer`); their statistics are recalibrated per class by one
+frozen pass (`methods.statistics`), and each then normalises with its balanced target. The
+synthetic images start from real crops the teacher scores best (`initial_images`), and Adam moves
+their pixels to minimise the teacher's cross-entropy on them plus the distance between their
+per-layer statistics (under the observer) and the balanced global and class-wise targets
+(`synthesis_loss`), each step on a random resized crop and flip of every image (`random_views`).
+Their labels are the teacher's logits on the final images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ltdd_jax import errors
+from ltdd_jax.core import training
+from ltdd_jax.methods import statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisSpec:
+  """How the images are recovered (`config.unilevel`).
+
+  Attributes:
+    ipc: images per class.
+    iterations: Adam steps on the pixels.
+    lr, beta1, beta2: Adam's.
+    ce_weight: weight of the teacher's cross-entropy.
+    statistics_weight: weight of the batch-norm statistics distance.
+    class_weight: weight of its class-wise term (beside the global one).
+    first_multiplier: the first batch-norm layer's terms count this many times.
+    crops: crops per real image scored for the initialisation.
+    min_scale: random resized crops keep at least this share of the image's area.
+    seed: crops, views.
+  """
+  ipc: int
+  iterations: int = 1000
+  lr: float = 0.05
+  beta1: float = 0.5
+  beta2: float = 0.9
+  ce_weight: float = 1.0
+  statistics_weight: float = 0.01
+  class_weight: float = 1.0
+  first_multiplier: float = 10.0
+  crops: int = 5
+  min_scale: float = 0.5
+  seed: int = 0
+
+
+def resized_crop(image: jax.Array, top: jax.Array, left: jax.Array, side: jax.Array) -> jax.Array:
+  """The square of `side` (a fraction of the image, in (0, 1]) at (`top`, `left`) (fractions of
+  the height and width) resized back to the image's [H, W, C] (bilinear)."""
+  height, width = image.shape[:2]
+  scale = jnp.array([1.0 / side, 1.0 / side])
+  translation = jnp.array([-top * height / side, -left * width / side])
+  return jax.image.scale_and_translate(image, image.shape, (0, 1), scale, translation, "linear",
+                                       antialias=False)
+
+
+def random_views(key: jax.Array, images: jax.Array, min_scale: float) -> jax.Array:
+  """A random resized crop (area share uniform in [min_scale, 1], square) and a random
+  horizontal flip of every image of [N, H, W, C]."""
+  k_side, k_top, k_left, k_flip = jax.random.split(key, 4)
+  n = images.shape[0]
+  side = jnp.sqrt(jax.random.uniform(k_side, (n,), minval=min_scale, maxval=1.0))
+  top = jax.random.uniform(k_top, (n,)) * (1.0 - side)
+  left = jax.random.uniform(k_left, (n,)) * (1.0 - side)
+  views = jax.vmap(resized_crop)(images, top, left, side)
+  flip = jax.random.bernoulli(k_flip, 0.5, (n,))
+  return jnp.where(flip[:, None, None, None], views[:, :, ::-1], views)
+
+
+def select_crops(scores: np.ndarray, slots: int) -> list[tuple[int, int]]:
+  """(image, crop) pairs filling `slots`, in rounds: each round every image offers its best
+  crop not yet taken, and the best-scored offers fill the open slots; rounds repeat until the
+  slots are full (a class with fewer images than slots gives several crops of an image).
+
+  Args:
+    scores: [M, K] score of crop k of real image m (higher: better).
+    slots: images to choose.
+  """
+  ranked = np.argsort(-scores, axis=1, kind="stable")
+  chosen = []
+  for rank in range(scores.shape[1]):
+    offers = sorted(range(len(scores)), key=lambda m: -scores[m, ranked[m, rank]])
+    chosen += [(m, int(ranked[m, rank])) for m in offers[:slots - len(chosen)]]
+    if len(chosen) == slots:
+      return chosen
+  raise errors.InputError(f"{len(scores)} images x {scores.shape[1]} crops cannot fill {slots} "
+                          "slots; raise unilevel.crops.")
+
+
+def initial_images(spec: SynthesisSpec, teacher_logits, images: np.ndarray, labels: np.ndarray,
+                   num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """([C * ipc, H, W, C] images, [C * ipc] labels): per class, `spec.crops` random resized crops
+  of each real image scored by the teacher (minus its cross-entropy on the image's class), the
+  best chosen in rounds (`select_crops`).
+
+  Args:
+    teacher_logits: images [B, H, W, C] -> logits [B, C] (the frozen teacher).
+  """
+  key = jax.random.key(spec.seed)
+  out_images, out_labels = [], []
+  views_fn = jax.jit(lambda k, x: random_views(k, x, spec.min_scale))
+  for c in range(num_classes):
+    real = images[labels == c]
+    if not len(real):
+      raise errors.InputError(f"Class {c} has no images to start its synthetic images from.")
+    crops = np.stack([np.asarray(views_fn(jax.random.fold_in(key, c * spec.crops + k), real))
+                      for k in range(spec.crops)], axis=1)  # [M, K, H, W, C]
+    flat = crops.reshape(-1, *crops.shape[2:])
+    logits = np.concatenate([np.asarray(teacher_logits(flat[i:i + 1000]))
+                             for i in range(0, len(flat), 1000)])
+    scores = np.asarray(jax.nn.log_softmax(logits)[:, c]).reshape(len(real), spec.crops)
+    for m, k in select_crops(scores, spec.ipc):
+      out_images.append(crops[m, k])
+      out_labels.append(c)
+  return np.stack(out_images).astype(np.float32), np.asarray(out_labels, np.int32)
+
+
+def synthesis_loss(spec: SynthesisSpec, teacher_logits, observer_moments,
+                   targets: statistics.ClassStatistics, views: jax.Array,
+                   labels: jax.Array) -> jax.Array:
+  """ce_weight * CE(teacher(views), labels) + statistics_weight * the observer's batch-norm
+  statistics distance (`statistics.statistics_loss`, the first layer's terms x
+  first_multiplier)."""
+  ce = training.cross_entropy(teacher_logits(views), labels)
+  moments = observer_moments(views)
+  layer_weights = [spec.first_multiplier] + [1.0] * (len(moments) - 1)
+  distance = sum(w * statistics.statistics_loss([m], labels, _layer(targets, l), spec.class_weight)
+                 for l, (w, m) in enumerate(zip(layer_weights, moments)))
+  return spec.ce_weight * ce + spec.statistics_weight * distance
+
+
+def _layer(targets: statistics.ClassStatistics, layer: int) -> statistics.ClassStatistics:
+  """The statistics of one layer alone."""
+  return statistics.ClassStatistics((targets.means[layer],), (targets.variances[layer],),
+                                    targets.counts)
+
+
+def optimizer(spec: SynthesisSpec) -> optax.GradientTransformation:
+  """Adam on the pixels with the spec's lr and betas."""
+  return optax.adam(spec.lr, b1=spec.beta1, b2=spec.beta2)
+
+
+def synthesis_step(spec: SynthesisSpec, teacher_logits, observer_moments,
+                   targets: statistics.ClassStatistics):
+  """jit((images, opt_state, key, labels) -> (images, opt_state, loss)): one Adam step of the
+  pixels on a random view of every image; the networks are constants."""
+  tx = optimizer(spec)
+
+  def step(images, opt_state, key, labels):
+    def loss_fn(pixels):
+      views = random_views(key, pixels, spec.min_scale)
+      return synthesis_loss(spec, teacher_logits, observer_moments, targets, views, labels)
+    loss, grads = jax.value_and_grad(loss_fn)(images)
+    updates, opt_state = tx.update(grads, opt_state, images)
+    return optax.apply_updates(images, updates), opt_state, loss
+
+  return jax.jit(step)
