@@ -72,9 +72,9 @@ class TrainSpec:
     loss: `ce` or `balanced_softmax` (logits + log prior, Ren et al. 2020).
     augment: DSA applied to every batch (None: no augmentation).
     head_only: update only params['head'] (classifier re-training); the rest stays bit-identical.
-    num_strata: class-balanced sampling balances `data["strata"]` over this many values (the
-      classes of a group network's images, so each class is drawn equally often); 0: it balances
-      `labels` over `num_classes`.
+    num_strata: class-balanced sampling balances `data["strata"]` over this many values (e.g.
+      the classes of a group network's images, so each class is drawn equally often, or the
+      groups of a shared two-stage network's); 0: it balances `labels` over `num_classes`.
     segments: the logits are consecutive heads of these sizes (`models.MultiHead`) and the loss
       is the sum of each head's cross-entropy against its slice of the targets
       (`segmented_cross_entropy`); (): one head.

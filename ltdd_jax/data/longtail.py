@@ -4,7 +4,7 @@ DESIGN §1: class c keeps n_c = floor(n_max * IF^(-c/(C-1))) images (`exp`), or 
 the first / second half of the classes (`step`). A local test split (`holdout:K`) is set aside from
 the training pool *before* the long-tailed subset is drawn. Validation is too (`pool`), or it takes
 the images the long-tailed subset leaves over (`leftover`), so that only classes without enough
-left over give up training images: with CIFAR-10's real test split, n_max = 5,000 and 100
+left over give up training images (at CIFAR's factors of 10 and above, the largest alone): with CIFAR-10's real test split, n_max = 5,000 and 100
 validation images per class, IF 100 keeps 4,900 2,997 1,796 ... 50 (the published counts but the
 first) where `pool` would keep 4,900 2,937 1,760 ... 49. Both stay balanced and never overlap the
 training images.

@@ -162,17 +162,21 @@ def failed_cells(workdir: pathlib.Path, grid) -> list[str]:
 
 
 def collect(workdir: pathlib.Path, grid) -> list[dict]:
-  """One row per finished cell, read from its report.json."""
+  """One row per finished cell, read from its report.json (a two-stage cell that compared
+  classifiers: one per classifier, its own architecture's first)."""
   rows = []
   for factor, ipc, method in grid:
     path = workdir / cell_name(factor, ipc, method) / "report.json"
     if not path.exists():
       continue
     r = json.loads(path.read_text())
-    # A two-stage cell that compared classifiers: a row each (`method [flat]`, `[separate]`,
-    # ...); the cell's wall time is on its first row, the others are `extra` rows of the cell.
-    variants = ({f"{method} [{name}]": figures for name, figures in r["classifiers"].items()}
-                if r.get("classifiers") else {method: r})
+    # A two-stage cell that compared classifiers: a row each, the cell's own architecture first
+    # (`method [separate]`) with the cell's wall time, then the `extra` rows of the others.
+    classifiers = r.get("classifiers") or {}
+    own = r.get("two_stage_arch")
+    order = sorted(classifiers, key=lambda name: name != own)
+    variants = ({f"{method} [{name}]": classifiers[name] for name in order} if classifiers
+                else {method: r})
     for i, (label, figures) in enumerate(variants.items()):
       row = {k: figures.get(k) for k in COLUMNS}
       row.update(dataset=r.get("dataset"), imbalance_factor=factor, ipc=ipc, method=label,
@@ -278,6 +282,7 @@ def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> Non
   parsed = {r["method"]: registry.parse(r["method"].split(" [")[0]) for r in rows}
   bases = list(dict.fromkeys(m.base.name for m in parsed.values()))
   styles = {(): "-", ("two_stage",): "--", ("hierarchical",): ":"}
+  markers = {"[flat]": "x", "[separate]": "o", "[shared]": "s"}  # a cell's compared classifiers
   num_classes = len(rows[0]["per_class_acc"])
   window = max(1, num_classes // 10) if num_classes > reporting.MANY_CLASSES else 1
   fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.5), sharey=True,
@@ -293,7 +298,9 @@ def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> Non
       acc = np.asarray(r["per_class_acc"], np.float64)
       if window > 1:
         acc = np.convolve(acc, np.ones(window) / window, mode="valid")
-      ax.plot(np.arange(len(acc)) + (window - 1) / 2, acc, marker="." if window == 1 else None,
+      marker = markers.get(r["method"].rpartition(" ")[2], ".")
+      ax.plot(np.arange(len(acc)) + (window - 1) / 2, acc, marker=marker, markevery=max(1, window),
+              markersize=4,
               linestyle=styles.get(tuple(p.name for p in m.plugins), "-."),
               color=f"C{bases.index(m.base.name) % 10}", label=r["method"])
     ax.set_title(f"IF {factor:g}, IPC {_fmt(ipc)}", fontsize=9)

@@ -185,6 +185,11 @@ def check_config(config) -> None:
   p.one_of("grouping.prediction", PREDICTIONS)
   p.one_of("two_stage.arch", two_stage.ARCHS)
   p.one_of("two_stage.compare", (True, False))
+  if (method.two_stage and config.grouping.stage1_loss == "balanced_softmax"
+      and (config.two_stage.arch == "shared" or config.two_stage.compare)):
+    p.add("grouping.stage1_loss", "the shared two-stage network (two_stage.arch=shared, or the "
+          "comparison two_stage.compare=True trains) fits its heads with plain cross-entropy; "
+          "set grouping.stage1_loss=ce, or two_stage.arch=separate with two_stage.compare=False")
   p.at_least("grouping.max_imbalance", 1)
   p.at_least("grouping.num_groups", 0)
   p.at_least("grouping.min_group_size", 1)

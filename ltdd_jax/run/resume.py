@@ -29,6 +29,9 @@ _NEUTRAL = ("data.cache_dir", "data.dataset", "model.conv_impl", "model.ensemble
             "experts.directory", "distill.iterations", "distill.checkpoint_every",
             "distill.log_every", "distill.eval_every", "distill.remat", "distill.remat_policy",
             "grouping.prediction")
+# Keys added after records were first written, with the value every earlier record stands for:
+# a record without one was made with that value.
+_ADDED = {"data.validation_from": "pool"}
 # metrics.jsonl records a discarded distillation leaves behind.
 _DISTILL_RECORDS = ("distill", "distill_validation", "distill_done", "label_init", "objectives",
                     "rectify_init", "rectify", "rectify_validation")
@@ -161,7 +164,9 @@ def check(config, directory, stage: str, classifier: bool = False) -> bool:
   except (ValueError, KeyError) as e:
     raise errors.InputError(f"{path} is unreadable ({e}); delete it (and the stage outputs beside "
                             "it if they are not from this config).") from e
-  diff = differences(recorded, stage_values(config, stage, classifier))
+  current = stage_values(config, stage, classifier)
+  recorded = {**{k: v for k, v in _ADDED.items() if k in current}, **recorded}
+  diff = differences(recorded, current)
   if not diff:
     return True
   if stage in _discarded(config):
@@ -209,5 +214,8 @@ def copy_distillation(source: pathlib.Path | None, workdir: pathlib.Path) -> boo
   target = pathlib.Path(workdir) / "distill_ckpt"
   if target.exists():
     return False
-  shutil.copytree(pathlib.Path(source) / "distill_ckpt", target)
+  partial = target.with_name(f".{target.name}.copying")  # renamed once whole
+  shutil.rmtree(partial, ignore_errors=True)
+  shutil.copytree(pathlib.Path(source) / "distill_ckpt", partial)
+  partial.rename(target)
   return True

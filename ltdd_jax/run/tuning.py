@@ -90,11 +90,11 @@ def run_search(config, workdir) -> dict:
 
 def same_distillation(config, folder: pathlib.Path, folders: dict) -> pathlib.Path | None:
   """Another candidate's folder holding a finished distillation made with the same distillation
-  settings as `config`'s, or None."""
-  wanted = resume.stage_values(config, "distill")
+  settings (and as many iterations) as `config`'s, or None."""
+  key = lambda c: (resume.stage_values(c, "distill"), c.distill.iterations)
+  wanted = key(config)
   for other, (_, _, other_config) in folders.items():
-    if (other != folder and (other / "synthetic.npz").exists()
-        and resume.stage_values(other_config, "distill") == wanted):
+    if other != folder and (other / "synthetic.npz").exists() and key(other_config) == wanted:
       return other
   return None
 

@@ -24,10 +24,10 @@ def test_benchmark_grid_runs_resumes_and_tabulates(tmp_path):
   table = table.splitlines()
   # header, rule, full, random, and random+two_stage's three classifiers (one cell)
   assert len(table) == 2 + 5
-  assert [line.split(" | ")[2] for line in table[-3:]] == [
-      f"random+two_stage [{name}]" for name in ("flat", "separate", "shared")]
+  assert [line.split(" | ")[2] for line in table[-3:]] == [  # the cell's own classifier first
+      f"random+two_stage [{name}]" for name in ("separate", "flat", "shared")]
   # The two-stage cell's flat network is the flat cell's: same set, same seed, same figures.
-  assert table[-3].split(" | ")[4:11] == table[-4].split(" | ")[4:11]
+  assert table[-2].split(" | ")[4:11] == table[-4].split(" | ")[4:11]
   assert summary.startswith("3 of 3 cells finished; sum of cell wall times")
   two_stage = json.loads((tmp_path / "if10_ipc2_random-two_stage" / "report.json").read_text())
   assert "group_acc" in two_stage and "within_group_acc" in two_stage

@@ -52,6 +52,8 @@ BAD_CONFIGS = [
     ({"grouping.prediction": "argmax"}, "grouping.prediction='argmax'"),
     ({"grouping.stage1_sampling": "per_group"}, "grouping.stage1_sampling='per_group'"),
     ({"method": "mtt+two_stage", "two_stage.arch": "joint"}, "two_stage.arch='joint'"),
+    ({"method": "random+two_stage", "grouping.stage1_loss": "balanced_softmax"},
+     "shared two-stage network"),
     ({"grouping.manual": ((0, 1),)}, "ignored unless grouping.strategy=manual"),
     ({"method": "mtt+two_stage", "grouping.strategy": "manual"}, "needs the groups"),
     ({"method": "mtt+hierarchical", "grouping.lambda_1": 0.0, "grouping.lambda_2": 0.0},

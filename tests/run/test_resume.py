@@ -190,3 +190,17 @@ def test_a_command_checks_only_the_stages_it_reads(tmp_path):
     pipeline.setup(mtt, run)  # a pipeline would resume that distillation: it must refuse
   ctx = pipeline.setup(mtt, run, stages=("experts",))  # what launch.analyze_groups checks
   assert ctx.method.name == "mtt"
+
+
+def test_a_record_from_before_a_key_existed_stands_for_its_old_value(tmp_path):
+  config = tiny_config(tmp_path)
+  directory = tmp_path / "experts"
+  resume.claim(config, directory, "experts")
+  record = json.loads((directory / resume.RECORD).read_text())
+  del record["values"]["data.validation_from"]  # written before the key existed
+  (directory / resume.RECORD).write_text(json.dumps(record))
+  assert resume.check(config, directory, "experts")  # it was made with the old value, "pool"
+  changed = config.copy_and_resolve_references()
+  changed.data.validation_from = "leftover"
+  with pytest.raises(errors.ResumeMismatchError, match="data.validation_from: 'pool' -> 'leftover'"):
+    resume.check(changed, directory, "experts")

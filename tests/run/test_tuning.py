@@ -110,5 +110,8 @@ def test_candidates_share_a_distillation_only_when_its_settings_agree(tmp_path):
     return folders, configs
   folders, configs = folders_of("mtt+two_stage")
   assert tuning.same_distillation(configs[1], list(folders)[1], folders) == list(folders)[0]
+  longer = configs[1].copy_and_resolve_references()
+  longer.distill.iterations += 1  # a longer distillation is not the one there
+  assert tuning.same_distillation(longer, list(folders)[1], folders) is None
   folders, configs = folders_of("mtt+hierarchical")  # the grouping is part of its objective
   assert tuning.same_distillation(configs[1], list(folders)[1], folders) is None
