@@ -206,6 +206,34 @@ def base_config() -> ml_collections.ConfigDict:
   # network, the other architecture) and records them under report.json's `classifiers`.
   c.two_stage.compare = True
 
+  # Statistics matching (method=unilevel, ltdd_jax/run/synthesize.py; Cui et al., AAAI 2026;
+  # docs/protocol.md names the source of every value): an observer and a teacher (batch-norm
+  # ConvNets of the run's depth and width) trained with the robust and debias terms, their
+  # batch-norm statistics recalibrated per class, images recovered from teacher-scored real crops.
+  c.unilevel = ml_collections.ConfigDict()
+  c.unilevel.observer_epochs = 200
+  c.unilevel.observer_lr = 0.01
+  c.unilevel.observer_momentum = 0.9
+  c.unilevel.observer_weight_decay = 5e-3
+  c.unilevel.observer_batch_size = 64
+  c.unilevel.observer_dsa = True
+  c.unilevel.observer_projection_dim = 128
+  c.unilevel.observer_q = 0.8                 # debias weights ~ n_k^-q
+  c.unilevel.observer_normalise = "mean"      # mean | sum: the weights average 1 | sum to 1
+  c.unilevel.observer_robust_weight = 1.0     # gamma_1 (consistency)
+  c.unilevel.observer_debias_weight = 1.0     # gamma_2
+  c.unilevel.recalibration_batch = 256
+  c.unilevel.iterations = 1000
+  c.unilevel.lr = 0.05                        # Adam on the pixels
+  c.unilevel.beta1 = 0.5
+  c.unilevel.beta2 = 0.9
+  c.unilevel.ce_weight = 1.0                  # the teacher's cross-entropy on the images
+  c.unilevel.statistics_weight = 0.01         # the batch-norm statistics distance
+  c.unilevel.class_weight = 1.0               # its class-wise term beside the global one
+  c.unilevel.first_multiplier = 10.0          # the first batch-norm layer counts this many times
+  c.unilevel.crops = 5                        # crops per real image scored for the start
+  c.unilevel.min_scale = 0.5                  # random resized crops keep at least this area
+
   # +rectify (ADSA-style soft-label rectification, ltdd_jax/methods/rectify.py): labels become
   # softmax(logits - tau log pi) with pi the training class frequencies.
   c.rectify = ml_collections.ConfigDict()

@@ -31,6 +31,10 @@ def get_config(arg=None):
   c.distill.lr_img, c.distill.lr_lr, c.distill.syn_lr_init = 1000.0, 1e-5, 0.1
   c.distill.batch_syn = 50
   c.datm.initial_max_start_epoch, c.datm.window_grow_every = 4, 40
+  # Statistics matching: observers with the experts' batch and lr for their epochs, a short
+  # synthesis (not tuned on digits).
+  c.unilevel.observer_epochs, c.unilevel.observer_batch_size = 20, 16
+  c.unilevel.observer_lr, c.unilevel.iterations = 0.05, 200
   c.evaluate.num_models, c.evaluate.epochs, c.evaluate.full_epochs = 5, 300, 300
   c.evaluate.full_lr = 0.05
   c.evaluate.batch_size = 256

@@ -16,6 +16,7 @@ EXPERT_DATA = 0                # experts: initialisation and batch order / augme
 CLASSIFIER_EXPERT_DATA = 1     # LTDD's classifier-only experts: batch order / augmentation
 EVALUATION_DATA = 7919         # evaluation networks: batch order / augmentation
 WITHIN_GROUP_NETWORKS = 1      # + g: the seed of group g's within-group evaluation networks
+OBSERVERS = 104729             # statistics matching: the observer and teacher networks
 # numpy stream tags (the last entry of the generator's seed sequence).
 RANDOM_SELECTION = 17          # `random` baseline and real-image initialisation: [seed, class, 17]
 CORRECT_SELECTION = 29         # images the labelling experts classify correctly: [seed, class, 29]

@@ -1,7 +1,9 @@
 """Every method and plugin by name: `config.method` (e.g. 'ltdd+hierarchical') parsed once.
 
 A base method makes the set: a trajectory-matching method (`mtt`, `datm`, `ltdd`: DESIGN §4), a
-selection of real images (`random`, `herding`) or the whole long-tailed set (`full`). Plugins
+statistics-matching one (`unilevel`: images recovered from a batch-norm observer's per-class
+statistics, labelled by a teacher), a selection of real images (`random`, `herding`) or the whole
+long-tailed set (`full`). Plugins
 change how a set is made or evaluated: `+two_stage` evaluates it with the two-stage classifier,
 `+hierarchical` distils against group and within-group experts (and is evaluated two-stage),
 `+rectify` removes the head bias of a set's soft labels (`methods.rectify`; soft-label bases only).
@@ -14,7 +16,8 @@ import dataclasses
 
 from ltdd_jax import errors
 
-MATCHING, SELECTION, WHOLE_SET = "matching", "selection", "whole_set"
+MATCHING, STATISTICS, SELECTION, WHOLE_SET = "matching", "statistics", "selection", "whole_set"
+SYNTHESIS = (MATCHING, STATISTICS)  # the kinds that make a synthetic set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +26,10 @@ class Base:
 
   Attributes:
     name: its name in `config.method`.
-    kind: `matching` (distils against experts), `selection` (picks real images) or `whole_set`.
-    soft_labels: learns DATM-style soft labels initialised from expert logits.
+    kind: `matching` (distils against experts), `statistics` (recovers images from batch-norm
+      statistics), `selection` (picks real images) or `whole_set`.
+    soft_labels: its set carries soft labels: learned DATM-style from expert logits (matching),
+      or a teacher's (statistics).
     grow_window: DATM's growing start-epoch window (`ltdd`: only with `ltdd.grow_window`).
     ltdd: LTDD's options (DAM, ED) apply, as `config.ltdd` sets them.
     needs_experts: reads the flat experts (matching, and herding's features).
@@ -56,6 +61,7 @@ BASES = {b.name: b for b in (
          config_sections=("datm",)),
     Base("ltdd", MATCHING, soft_labels=True, ltdd=True, needs_experts=True,
          config_sections=("datm", "ltdd")),
+    Base("unilevel", STATISTICS, soft_labels=True, config_sections=("unilevel",)),
     Base("random", SELECTION),
     Base("herding", SELECTION, needs_experts=True),
     Base("full", WHOLE_SET),
@@ -66,7 +72,7 @@ PLUGINS = {p.name: p for p in (
     Plugin("rectify", distils=False, two_stage=False, needs_soft_labels=True),
 )}
 MATCHING_METHODS = tuple(n for n, b in BASES.items() if b.kind == MATCHING)
-BASELINES = tuple(n for n, b in BASES.items() if b.kind != MATCHING)
+BASELINES = tuple(n for n, b in BASES.items() if b.kind not in SYNTHESIS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +114,11 @@ class Method:
     return self.base.kind == MATCHING
 
   @property
+  def synthesizes(self) -> bool:
+    """Makes a synthetic set (trajectory or statistics matching)."""
+    return self.base.kind in SYNTHESIS
+
+  @property
   def hierarchical(self) -> bool:
     return self.has("hierarchical")
 
@@ -133,6 +144,8 @@ class Method:
   @property
   def distills_with(self) -> tuple[str, ...]:
     """The config sections its distillation depends on besides data, model and experts."""
+    if self.base.kind == STATISTICS:
+      return ("distill", *self.base.config_sections)
     if not self.distils:
       return ()
     return (("distill", *self.base.config_sections)
@@ -170,7 +183,7 @@ def parse(method: str, *, dam: bool = True, ed: bool = True, ltdd_grow_window: b
           f"{method}: +{plugin.name} acts on soft labels, and {base_name}'s set has hard labels; "
           f"use it with {soft}.")
   rectifies = any(p.name == "rectify" for p in plugins)
-  options = Options(soft_labels=base.soft_labels,
+  options = Options(soft_labels=base.soft_labels and base.kind == MATCHING,
                     grow_window=base.grow_window or (base.ltdd and ltdd_grow_window),
                     dam=base.ltdd and dam, ed=base.ltdd and ed,
                     rectify_init=rectifies and rectify_at in ("init", "both"))

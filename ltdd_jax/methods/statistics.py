@@ -108,40 +108,43 @@ class ClassStatistics:
 
 
 def class_statistics(model, params, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                     batch_size: int) -> ClassStatistics:
+                     batch_size: int, seed: int = 0) -> ClassStatistics:
   """Every batch-norm layer's per-class input statistics, by one frozen pass over `images`.
 
-  The pass runs in training mode (each batch normalised with its own statistics, as the network
-  trained) on batches of one class each, so that a class's statistics never depend on another
-  class's images; the moments of a class's batches are accumulated exactly (sums of the
-  per-image first and second moments), so the means and variances are those of the class's whole
-  set of layer inputs, not an exponential average.
+  The pass runs as the network trained (each batch normalised with its own statistics) over
+  shuffled batches of `batch_size` (the last one filled up with images from the start, which are
+  not counted twice), and every image's moments are accumulated exactly into its class's (sums of
+  the per-image first and second moments), so a class's means and variances are those of all its
+  layer inputs in the pass, not an exponential average. One compiled program serves every batch.
 
   Args:
     model, params: the trained batch-norm network.
     images: [N, H, W, C] its training images; labels: [N] their classes.
     num_classes: C (every class needs an image).
     batch_size: images per forward pass.
+    seed: the batches' order.
   """
   labels = np.asarray(labels)
   counts = np.bincount(labels, minlength=num_classes)
   if (counts == 0).any():
     raise errors.InputError(f"Classes {np.flatnonzero(counts == 0).tolist()} have no images to "
                             "measure batch-norm statistics on.")
-  moments_fn = jax.jit(lambda p, x: image_moments(model, p, x))
+  n = len(labels)
+  batch = min(batch_size, n)
+
+  @jax.jit
+  def class_sums(x, y, counted):
+    onehot = jax.nn.one_hot(y, num_classes) * counted[:, None]  # [B, C]
+    return [(onehot.T @ first, onehot.T @ second) for first, second in image_moments(model, params, x)]
+
+  order = np.random.default_rng(seed).permutation(n)
   sums = None
-  for c in range(num_classes):
-    index = np.flatnonzero(labels == c)
-    for start in range(0, len(index), batch_size):
-      moments = moments_fn(params, jnp.asarray(images[index[start:start + batch_size]]))
-      totals = [(np.asarray(f).astype(np.float64).sum(0), np.asarray(s).astype(np.float64).sum(0))
-                for f, s in moments]
-      if sums is None:
-        sums = [(np.zeros((num_classes, len(f))), np.zeros((num_classes, len(f))))
-                for f, _ in totals]
-      for (first, second), (f, s) in zip(sums, totals):
-        first[c] += f
-        second[c] += s
+  for start in range(0, n, batch):
+    index = order[np.arange(start, start + batch) % n]
+    counted = (np.arange(start, start + batch) < n).astype(np.float32)
+    out = class_sums(jnp.asarray(images[index]), jnp.asarray(labels[index]), jnp.asarray(counted))
+    out = [(np.asarray(f).astype(np.float64), np.asarray(q).astype(np.float64)) for f, q in out]
+    sums = out if sums is None else [(a + f, b + q) for (a, b), (f, q) in zip(sums, out)]
   means = tuple((first / counts[:, None]).astype(np.float32) for first, _ in sums)
   variances = tuple((second / counts[:, None] - np.square(first / counts[:, None]))
                     .astype(np.float32) for first, second in sums)

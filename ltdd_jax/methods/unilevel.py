@@ -65,17 +65,21 @@ def resized_crop(image: jax.Array, top: jax.Array, left: jax.Array, side: jax.Ar
                                        antialias=False)
 
 
-def random_views(key: jax.Array, images: jax.Array, min_scale: float) -> jax.Array:
-  """A random resized crop (area share uniform in [min_scale, 1], square) and a random
-  horizontal flip of every image of [N, H, W, C]."""
+def random_view(key: jax.Array, image: jax.Array, min_scale: float) -> jax.Array:
+  """A random resized crop (area share uniform in [min_scale, 1], square) of one [H, W, C]
+  image, flipped horizontally half the time."""
   k_side, k_top, k_left, k_flip = jax.random.split(key, 4)
-  n = images.shape[0]
-  side = jnp.sqrt(jax.random.uniform(k_side, (n,), minval=min_scale, maxval=1.0))
-  top = jax.random.uniform(k_top, (n,)) * (1.0 - side)
-  left = jax.random.uniform(k_left, (n,)) * (1.0 - side)
-  views = jax.vmap(resized_crop)(images, top, left, side)
-  flip = jax.random.bernoulli(k_flip, 0.5, (n,))
-  return jnp.where(flip[:, None, None, None], views[:, :, ::-1], views)
+  side = jnp.sqrt(jax.random.uniform(k_side, minval=min_scale, maxval=1.0))
+  top = jax.random.uniform(k_top) * (1.0 - side)
+  left = jax.random.uniform(k_left) * (1.0 - side)
+  view = resized_crop(image, top, left, side)
+  return jnp.where(jax.random.bernoulli(k_flip), view[:, ::-1], view)
+
+
+def random_views(key: jax.Array, images: jax.Array, min_scale: float) -> jax.Array:
+  """`random_view` of every image of [N, H, W, C], each with its own key."""
+  keys = jax.random.split(key, images.shape[0])
+  return jax.vmap(lambda k, x: random_view(k, x, min_scale))(keys, images)
 
 
 def select_crops(scores: np.ndarray, slots: int) -> list[tuple[int, int]]:
@@ -99,31 +103,46 @@ def select_crops(scores: np.ndarray, slots: int) -> list[tuple[int, int]]:
 
 
 def initial_images(spec: SynthesisSpec, teacher_logits, images: np.ndarray, labels: np.ndarray,
-                   num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  """([C * ipc, H, W, C] images, [C * ipc] labels): per class, `spec.crops` random resized crops
-  of each real image scored by the teacher (minus its cross-entropy on the image's class), the
-  best chosen in rounds (`select_crops`).
+                   num_classes: int, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+  """([C * ipc, H, W, C] images, [C * ipc] labels): `spec.crops` random resized crops of every
+  real image scored by the teacher (its log-probability of the image's class), the best of each
+  class chosen in rounds (`select_crops`).
+
+  Crop k of image m is a function of (seed, m, k) alone, so the chosen crops are made again
+  rather than kept: the scores of N x crops images are all that is held. Every forward pass has
+  `batch_size` images (the last one padded), so one program serves the whole set.
 
   Args:
-    teacher_logits: images [B, H, W, C] -> logits [B, C] (the frozen teacher).
+    teacher_logits: images [B, H, W, C] -> logits [B, C] (the frozen teacher, each image's logits
+      independent of the rest of its batch).
   """
-  key = jax.random.key(spec.seed)
-  out_images, out_labels = [], []
-  views_fn = jax.jit(lambda k, x: random_views(k, x, spec.min_scale))
+  labels = np.asarray(labels)
+  n = len(labels)
+  counts = np.bincount(labels, minlength=num_classes)
+  if (counts == 0).any():
+    raise errors.InputError(f"Class {int(np.flatnonzero(counts == 0)[0])} has no images to start "
+                            "its synthetic images from.")
+  base = jax.random.key(spec.seed)
+  key_of = jax.vmap(lambda m, k: jax.random.fold_in(jax.random.fold_in(base, m), k))
+  views = jax.jit(jax.vmap(lambda key, image: random_view(key, image, spec.min_scale)))
+  score = jax.jit(lambda x, y: jnp.take_along_axis(
+      jax.nn.log_softmax(teacher_logits(x)), y[:, None], axis=1)[:, 0])
+  batch = min(batch_size, n)
+  scores = np.zeros((n, spec.crops), np.float32)
+  for start in range(0, n, batch):
+    index = np.arange(start, start + batch) % n  # the last batch wraps around
+    x, y = jnp.asarray(images[index]), jnp.asarray(labels[index])
+    for k in range(spec.crops):
+      keys = key_of(jnp.asarray(index), jnp.full(batch, k))
+      scores[index[:min(batch, n - start)], k] = np.asarray(score(views(keys, x), y))[:n - start]
+  chosen = []
   for c in range(num_classes):
-    real = images[labels == c]
-    if not len(real):
-      raise errors.InputError(f"Class {c} has no images to start its synthetic images from.")
-    crops = np.stack([np.asarray(views_fn(jax.random.fold_in(key, c * spec.crops + k), real))
-                      for k in range(spec.crops)], axis=1)  # [M, K, H, W, C]
-    flat = crops.reshape(-1, *crops.shape[2:])
-    logits = np.concatenate([np.asarray(teacher_logits(flat[i:i + 1000]))
-                             for i in range(0, len(flat), 1000)])
-    scores = np.asarray(jax.nn.log_softmax(logits)[:, c]).reshape(len(real), spec.crops)
-    for m, k in select_crops(scores, spec.ipc):
-      out_images.append(crops[m, k])
-      out_labels.append(c)
-  return np.stack(out_images).astype(np.float32), np.asarray(out_labels, np.int32)
+    members = np.flatnonzero(labels == c)
+    chosen += [(members[m], k) for m, k in select_crops(scores[members], spec.ipc)]
+  index = np.asarray([m for m, _ in chosen])
+  keys = key_of(jnp.asarray(index), jnp.asarray([k for _, k in chosen]))
+  return (np.asarray(views(keys, jnp.asarray(images[index])), np.float32),
+          labels[index].astype(np.int32))
 
 
 def synthesis_loss(spec: SynthesisSpec, teacher_logits, observer_moments,

@@ -109,9 +109,11 @@ def make_multi_head(spec: ModelSpec, sizes: tuple[int, ...]) -> MultiHead:
   return MultiHead(tuple(int(n) for n in sizes), init=spec.init)
 
 
-def num_outputs(model: Classifier) -> int:
-  """The outputs of a classifier's linear head (all heads together for a `MultiHead`)."""
-  return model.head.features
+def num_outputs(model) -> int:
+  """The outputs of a classifier's linear head (all heads together for a `MultiHead`; a module
+  that builds its head inside, e.g. the statistics-matching observer, says `num_classes`)."""
+  head = getattr(model, "head", None)
+  return head.features if head is not None else model.num_classes
 
 
 def head_segments(model: Classifier) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from absl import logging
 from ltdd_jax import errors, models
 from ltdd_jax.core import augment, ensemble, matching, training
 from ltdd_jax.data import longtail, sources
-from ltdd_jax.methods import grouping, rectify, registry, two_stage
+from ltdd_jax.methods import grouping, observer, rectify, registry, two_stage
 from ltdd_jax.models import layers
 from ltdd_jax.run import specs
 
@@ -137,6 +137,25 @@ def check_config(config) -> None:
       p.add("distill.max_start_epoch", f"+ distill.expert_epochs ({config.distill.expert_epochs}) "
             f"= {need} exceeds experts.epochs ({config.experts.epochs}); lower them or train "
             "longer experts")
+  if method.base.kind == registry.STATISTICS:
+    for key in ("unilevel.observer_epochs", "unilevel.observer_batch_size",
+                "unilevel.observer_projection_dim", "unilevel.recalibration_batch",
+                "unilevel.iterations", "unilevel.crops", "distill.checkpoint_every",
+                "distill.log_every"):
+      p.at_least(key, 1)
+    for key in ("unilevel.observer_lr", "unilevel.lr"):
+      p.positive(key)
+    for key in ("unilevel.observer_q", "unilevel.observer_weight_decay",
+                "unilevel.observer_robust_weight", "unilevel.observer_debias_weight",
+                "unilevel.ce_weight", "unilevel.statistics_weight", "unilevel.class_weight",
+                "unilevel.first_multiplier"):
+      p.at_least(key, 0)
+    p.one_of("unilevel.observer_normalise", observer.NORMALISATIONS)
+    if not 0 < config.unilevel.min_scale <= 1:
+      p.add("unilevel.min_scale", "is the least area share a crop keeps: in (0, 1]")
+    for key in ("unilevel.beta1", "unilevel.beta2"):
+      if not 0 <= getattr(config.unilevel, key.split(".")[1]) < 1:
+        p.add(key, "Adam's betas are in [0, 1)")
   if method.options.soft_labels:
     p.at_least("datm.lr_label", 0)  # 0 keeps the initial soft labels
     p.at_least("datm.label_momentum", 0)
@@ -258,6 +277,11 @@ def check_with_data(config, data) -> None:
     for c in short_classes(counts, ipc):
       logging.warning("distill.ipc=%d: class %d (%s) has %d training images; they are repeated "
                       "to reach it.", ipc, c, data.class_names[c], int(counts[c]))
+  if method.base.kind == registry.STATISTICS and (counts * config.unilevel.crops < ipc).any():
+    c = int(np.flatnonzero(counts * config.unilevel.crops < ipc)[0])
+    p.add("unilevel.crops", f"class {c} has {int(counts[c])} training images: x "
+          f"{config.unilevel.crops} crops they cannot start distill.ipc={ipc} images; raise "
+          "unilevel.crops or lower distill.ipc")
   if plugins and config.grouping.strategy == "manual":
     try:
       grouping.Grouping(tuple(tuple(int(c) for c in g) for g in config.grouping.manual),

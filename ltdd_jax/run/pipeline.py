@@ -34,6 +34,7 @@ from ltdd_jax.methods import two_stage as two_stage_lib
 from ltdd_jax.run import checks, locks, resume
 from ltdd_jax.run import context as context_lib
 from ltdd_jax.run import specs as specs_lib
+from ltdd_jax.run import synthesize
 
 
 def setup(config, workdir, data=None, stages=resume.STAGES) -> context_lib.RunContext:
@@ -187,8 +188,23 @@ def hierarchical_objectives(ctx: context_lib.RunContext,
 
 
 def stage_distill(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
-  """Experts (if missing), then distillation (flat, or hierarchical for `+hierarchical`); writes
-  synthetic.npz and the PNG grid, and returns the set."""
+  """The run's synthetic set: trajectory matching (`distil_by_matching`) or statistics matching
+  (`synthesize.stage_synthesize`), its labels rectified under `+rectify`; writes synthetic.npz and
+  the PNG grid, and returns the set."""
+  if ctx.method.base.kind == registry.STATISTICS:
+    syn = synthesize.stage_synthesize(ctx)
+  else:
+    syn = distil_by_matching(ctx)
+  if rectifies_final(ctx):
+    syn = rectify_set(ctx, syn, ctx.method.two_stage)
+  ipc = ctx.specs.init.ipc
+  syn.save(ctx.workdir, ctx.data.preprocessor, f"{ctx.config.method} synthetic set, IPC {ipc}",
+           per_class=min(ipc, 10))
+  return syn
+
+
+def distil_by_matching(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
+  """Experts (if missing), then distillation (flat, or hierarchical for `+hierarchical`)."""
   config, workdir, specs = ctx.config, ctx.workdir, ctx.specs
   expert_set, classifier_set = stage_experts(ctx)
   start = time.time()
@@ -216,14 +232,8 @@ def stage_distill(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
 
   state = distill.run_distillation(specs.distill, objectives, init, workdir / "distill_ckpt",
                                    ctx.mesh, metrics=ctx.metrics, validate=validate)
-  syn = synthetic.DistilledSet.from_state(state, names, label_record)
-  if rectifies_final(ctx):
-    syn = rectify_set(ctx, syn, ctx.method.two_stage)
-  ipc = specs.init.ipc
-  syn.save(workdir, ctx.data.preprocessor, f"{config.method} synthetic set, IPC {ipc}",
-           per_class=min(ipc, 10))
   ctx.metrics.write_once("distill_done", specs.distill.iterations, seconds=time.time() - start)
-  return syn
+  return synthetic.DistilledSet.from_state(state, names, label_record)
 
 
 def log_label_init(metrics: reporting.MetricsWriter, record: dict) -> None:
@@ -504,7 +514,7 @@ def run_pipeline(config, workdir, data=None) -> dict:
   clock = reporting.WallClock(ctx.workdir, started=started).start()
   method = ctx.method
   try:  # Every plugin is evaluated with the two-stage classifier.
-    if method.distils:
+    if method.synthesizes:
       return stage_evaluate(ctx, "synthetic", method.two_stage, syn=stage_distill(ctx),
                             clock=clock, stage="pipeline")
     return stage_evaluate(ctx, method.base.name, method.two_stage, clock=clock, stage="pipeline")

@@ -17,10 +17,11 @@ import shutil
 import tempfile
 
 from ltdd_jax import errors, reporting
+from ltdd_jax.methods import registry
 from ltdd_jax.run import locks, specs
 
 RECORD = "run_spec.json"
-STAGES = ("experts", "distill")
+STAGES = ("experts", "observers", "distill")
 MIN_FREE_BYTES = 64 * 2**20
 # Keys whose value does not change what a stage computes: bookkeeping, the iteration count a run
 # may be extended to, evaluation-only settings, and the implementation choices that compute the
@@ -77,13 +78,20 @@ def stage_values(config, stage: str, classifier: bool = False) -> dict:
   """The config values the outputs of `stage` depend on.
 
   experts: seed, data, dsa, model and experts (the classifier-only keys only for `classifier`
-  sets); distill: those plus the method, distill, datm, ltdd and (hierarchical) grouping keys.
+  sets); observers (statistics matching): seed, data, dsa, model and the `unilevel.observer_*`
+  keys; distill: the experts' values (the observers' for statistics matching) plus the method,
+  distill, datm, ltdd, (hierarchical) grouping and unilevel keys.
   """
   if stage not in STAGES:
     raise errors.InputError(f"Unknown stage {stage!r}; accepted: {STAGES}.")
   flat = flatten(config)
   method = specs.method(config)
-  sections = ["data.", "dsa.", "model.", "experts."]
+  if stage == "observers":
+    keep = {k: v for k, v in flat.items()
+            if k.startswith(("data.", "dsa.", "model.", "unilevel.observer_")) and k not in _NEUTRAL}
+    return {**keep, "seed": config.seed}
+  statistics = method.base.kind == registry.STATISTICS
+  sections = ["data.", "dsa.", "model."] + ([] if statistics else ["experts."])
   if stage == "distill":  # Only the option groups the method reads.
     sections += [f"{s}." for s in method.distills_with]
   keep = {k: v for k, v in flat.items() if k.startswith(tuple(sections)) and k not in _NEUTRAL}
@@ -187,6 +195,8 @@ def check_workdir(config, workdir, expert_root, stages=STAGES) -> None:
   _discarded(config)  # An unknown stage name fails even when nothing mismatches.
   method = specs.method(config)
   if not method.base.needs_experts:
+    if "distill" in stages and method.synthesizes:  # statistics matching: its synthesis
+      check(config, pathlib.Path(workdir) / "distill_ckpt", "distill")
     return
   expert_root = pathlib.Path(expert_root)
   ed = method.options.ed

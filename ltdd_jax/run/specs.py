@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from ltdd_jax import models
-from ltdd_jax.core import augment, matching
+from ltdd_jax import models, seeds
+from ltdd_jax.core import augment, ensemble, matching, training
 from ltdd_jax.data import dataset
 from ltdd_jax.evaluation import protocol as protocol_lib
 from ltdd_jax.methods import distill, experts, grouping, hierarchical, rectify, registry
-from ltdd_jax.methods import synthetic, two_stage
+from ltdd_jax.methods import observer, synthetic, two_stage, unilevel
 
 
 def _tuples(value):
@@ -174,3 +174,38 @@ class Specs:
                init=init_spec(config, run_method), grouping=grouping_spec(config),
                hierarchical=hierarchical_spec(config, run_method),
                rectify=rectify_spec(config))
+
+
+def observer_recipe(config, data) -> tuple[ensemble.Recipe, models.ModelSpec]:
+  """The statistics-matching observer and teacher (`config.unilevel.observer_*`): two batch-norm
+  ConvNets of the run's depth and width trained in one program with the robust and debias terms
+  (`observer.ObserverKernel`), network 0 the observer, network 1 the teacher."""
+  u = config.unilevel
+  spec = dataclasses.replace(model(config), norm="batch")
+  net = observer.ObserverNet(models.make_backbone(spec), data.num_classes,
+                             u.observer_projection_dim, spec.init)
+  n = len(data.train_labels)
+  train = training.TrainSpec(
+      batch_size=min(u.observer_batch_size, n),
+      steps_per_epoch=training.steps_per_epoch(n, min(u.observer_batch_size, n)),
+      momentum=u.observer_momentum, weight_decay=u.observer_weight_decay,
+      num_classes=data.num_classes, augment=dsa(config, u.observer_dsa))
+  kernel = observer.ObserverKernel(epochs=u.observer_epochs, q=u.observer_q,
+                                   normalise=u.observer_normalise,
+                                   robust_weight=u.observer_robust_weight,
+                                   debias_weight=u.observer_debias_weight)
+  recipe = ensemble.Recipe(
+      net, train, u.observer_lr, u.observer_epochs, 2,
+      init_seed=seeds.offset(config.seed, seeds.OBSERVERS),
+      keys=seeds.EpochKeys(seeds.offset(config.seed, seeds.OBSERVERS), first_fold=1),
+      ensemble_impl=spec.ensemble_impl, kernel=kernel)
+  return recipe, spec
+
+
+def synthesis_spec(config) -> unilevel.SynthesisSpec:
+  """How the statistics-matching images are recovered (`config.unilevel`'s synthesis keys)."""
+  u = config.unilevel
+  return unilevel.SynthesisSpec(
+      ipc=config.distill.ipc, iterations=u.iterations, lr=u.lr, beta1=u.beta1, beta2=u.beta2,
+      ce_weight=u.ce_weight, statistics_weight=u.statistics_weight, class_weight=u.class_weight,
+      first_multiplier=u.first_multiplier, crops=u.crops, min_scale=u.min_scale, seed=config.seed)

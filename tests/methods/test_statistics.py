@@ -44,20 +44,22 @@ def _conv_inputs(model, params, images):
 def test_recalibrated_statistics_are_the_exact_class_statistics():
   model, params = _network()
   images, labels = _data()
-  # One batch per class: every layer's statistics are those of the class's own pass.
+  # One batch holds every image: each class's statistics are those of its images' layer inputs.
   stats = statistics.class_statistics(model, params, images, labels, 3, batch_size=64)
   assert len(stats.means) == 2
   chex.assert_shape(stats.means[0], (3, 4))
+  inputs = _conv_inputs(model, params, images)
   for c in range(3):
-    inputs = _conv_inputs(model, params, images[labels == c])
     for layer, x in enumerate(inputs):
-      np.testing.assert_allclose(stats.means[layer][c], x.mean((0, 1, 2)), atol=1e-5)
-      np.testing.assert_allclose(stats.variances[layer][c], x.var((0, 1, 2)), atol=1e-5)
-  # Several batches per class: the first layer's input does not depend on the batch, and the
-  # accumulated moments are still the exact ones (not an average of batch variances).
-  split = statistics.class_statistics(model, params, images, labels, 3, batch_size=3)
+      np.testing.assert_allclose(stats.means[layer][c], x[labels == c].mean((0, 1, 2)), atol=1e-5)
+      np.testing.assert_allclose(stats.variances[layer][c], x[labels == c].var((0, 1, 2)),
+                                 atol=1e-5)
+  # Several batches (the last one filled up from the start): the first layer's input does not
+  # depend on the batch, and the accumulated moments are still exact, every image counted once.
+  split = statistics.class_statistics(model, params, images, labels, 3, batch_size=5)
+  np.testing.assert_array_equal(split.counts, [7, 4, 2])
   for c in range(3):
-    x = _conv_inputs(model, params, images[labels == c])[0]
+    x = inputs[0][labels == c]
     np.testing.assert_allclose(split.means[0][c], x.mean((0, 1, 2)), atol=1e-5)
     np.testing.assert_allclose(split.variances[0][c], x.var((0, 1, 2)), atol=1e-5)
 
