@@ -172,6 +172,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.cross_arch_width = 64    # base width of resnet18 / vgg11 / alexnet
   c.evaluate.test_batch_size = 1000
   c.evaluate.checkpoint_seconds = 300.0  # least time between saves of an evaluation (resume)
+  # fixed: networks fit each image's stored (soft) label; relabel: they fit a teacher's softmax on
+  # every augmented batch (the statistics-matching observers' teacher, trained on the LT set).
+  c.evaluate.protocol = "fixed"          # fixed | relabel
+  c.evaluate.relabel_temperature = 1.0
 
   c.grouping = ml_collections.ConfigDict()
   c.grouping.strategy = "frequency"   # frequency | similarity | manual

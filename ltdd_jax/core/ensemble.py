@@ -168,7 +168,7 @@ def train(recipe: Recipe, states: PyTree, data: dict, mesh, *, store: Store | No
   if store is not None:
     first, states = store.restore(states)
   states = parallel.shard_leading(states, mesh)
-  data = parallel.replicate({k: jnp.asarray(v) for k, v in data.items()}, mesh)
+  data = parallel.replicate(jax.tree.map(jnp.asarray, data), mesh)
   program = epoch_program(recipe.model, recipe.train, recipe.ensemble_impl, recipe.kernel)
   progress = reporting.Progress(label, recipe.epochs, start=first)
   if first:

@@ -205,7 +205,7 @@ def init_state(spec: TrainSpec, params: PyTree) -> PyTree:
 
 
 def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Array, lr: jax.Array,
-                data: dict) -> tuple[PyTree, jax.Array]:
+                data: dict, targets_fn: Callable | None = None) -> tuple[PyTree, jax.Array]:
   """One epoch of SGD for one network (`core.ensemble` maps it over an ensemble).
 
   Args:
@@ -217,6 +217,8 @@ def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Arra
     data: {images [N, H, W, C], targets [N] ints or [N, C] soft targets, labels [N] ints (class-
       balanced sampling and the balanced-softmax prior), optionally strata [N] ints (what class-
       balanced sampling balances instead of labels: `spec.num_strata`)}.
+    targets_fn: (data, augmented batch [B, H, W, C]) -> its targets [B, C], in place of the
+      stored ones (a teacher relabelling every batch: `RelabelKernel`); None: `data["targets"]`.
 
   Returns:
     (state, mean training loss of the epoch).
@@ -242,7 +244,7 @@ def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Arra
     x = images[idx]
     if spec.augment is not None:
       x = augment.augment(k, x, spec.augment)
-    t = targets[idx]
+    t = targets[idx] if targets_fn is None else targets_fn(data, x)
     if spec.head_only:  # Differentiate w.r.t. the head alone; the backbone is a constant.
       loss, grads = jax.value_and_grad(lambda h: loss_fn({**p, "head": h}, x, t))(p["head"])
       updates, opt_state = tx.update(grads, opt_state, p["head"])
@@ -255,3 +257,24 @@ def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Arra
   (params, opt_state), losses = jax.lax.scan(step, (state["params"], state["opt_state"]),
                                              (batches, keys))
   return {"params": params, "opt_state": opt_state}, losses.mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class RelabelKernel:
+  """`train_epoch` whose targets a frozen teacher computes on every augmented batch:
+  softmax(teacher(x) / temperature), the teacher's variables in `data["teacher"]` (FKD-style
+  relabelling: the student never fits a stored label). A `core.ensemble.Recipe` kernel.
+
+  Attributes:
+    teacher: the teacher's Flax module (applied as teacher.apply(data["teacher"], x)).
+    temperature: the softmax temperature of its logits.
+  """
+  teacher: Any
+  temperature: float = 1.0
+
+  def __call__(self, apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Array,
+               lr: jax.Array, data: dict) -> tuple[PyTree, jax.Array]:
+    def targets(data, images):
+      logits = jax.lax.stop_gradient(self.teacher.apply(data["teacher"], images))
+      return jax.nn.softmax(logits / self.temperature, axis=-1)
+    return train_epoch(apply_fn, spec, state, key, lr, data, targets_fn=targets)

@@ -16,7 +16,9 @@ import dataclasses
 import hashlib
 import pathlib
 import time
+from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -149,6 +151,30 @@ class Protocol:
     return ensemble.logits(model, params, images, self.test_batch_size, self.model.ensemble_impl)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Teacher:
+  """A frozen network that relabels every augmented training batch (`evaluate.protocol=relabel`):
+  the evaluation networks fit softmax(teacher(x) / temperature) instead of the set's stored
+  targets.
+
+  Attributes:
+    model: its Flax module.
+    variables: its variables ({'params', 'batch_stats'} for a stored-statistics network).
+    temperature: the softmax temperature.
+  """
+  model: Any
+  variables: dict
+  temperature: float = 1.0
+
+  def digest(self) -> bytes:
+    """SHA-256 of the teacher (module, variables, temperature): part of what an evaluation's
+    saved state is fingerprinted with."""
+    digest = hashlib.sha256(repr((self.model, self.temperature)).encode())
+    for leaf in jax.tree.leaves(self.variables):
+      digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.digest()
+
+
 class EvaluationDivergedError(errors.DivergedError):
   """The evaluation networks' loss stopped being finite (the set's lr is too high for them)."""
 
@@ -164,7 +190,8 @@ def subfolder(directory: pathlib.Path | None, name: str) -> pathlib.Path | None:
   return None if directory is None else pathlib.Path(directory) / name
 
 
-def set_fingerprint(train_set: LabelledSet, recipe: ensemble.Recipe, num_models: int) -> np.ndarray:
+def set_fingerprint(train_set: LabelledSet, recipe: ensemble.Recipe, num_models: int,
+                    teacher: Teacher | None = None) -> np.ndarray:
   """[32] uint8 SHA-256 of what an evaluation trains on (images, targets, lr, epochs, T) and how
   (the recipe: model, training spec with DSA, keys): a saved state whose fingerprint differs was
   made by another evaluation and is not resumed."""
@@ -175,6 +202,8 @@ def set_fingerprint(train_set: LabelledSet, recipe: ensemble.Recipe, num_models:
     digest.update(array.tobytes())
   digest.update(repr((float(train_set.lr), int(train_set.epochs), int(num_models),
                       repr(recipe))).encode())
+  if teacher is not None:
+    digest.update(teacher.digest())
   return np.frombuffer(digest.digest(), np.uint8).copy()
 
 
@@ -219,7 +248,8 @@ class TimedStore:
 
 def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
                    balance: training.Balance = training.Balance(), strata: np.ndarray | None = None,
-                   checkpoint_dir: pathlib.Path | None = None, label: str = "evaluate"):
+                   checkpoint_dir: pathlib.Path | None = None, label: str = "evaluate",
+                   teacher: Teacher | None = None):
   """Trains `protocol.num_models` fresh networks of `model` on a labelled set; params [T, ...].
 
   Args:
@@ -230,6 +260,7 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
     balance: sampling / loss overrides (the protocol's: instance, ce).
     strata: [N] what class-balanced draws balance instead of the targets' classes
       (`training.over_classes`); None: the targets' classes.
+    teacher: relabels every augmented batch (`Teacher`); None: the set's targets are fitted.
     checkpoint_dir: where the ensemble's state is saved (at most every
       `protocol.checkpoint_seconds`, and when trained) and resumed from; None: no saves.
     label: progress label.
@@ -239,9 +270,12 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
       returned, is not finite (nothing non-finite is saved).
   """
   recipe = protocol.recipe(model, train_set, balance)
+  if teacher is not None:
+    recipe = dataclasses.replace(recipe, kernel=training.RelabelKernel(teacher.model,
+                                                                       teacher.temperature))
   store = None
   if checkpoint_dir is not None:
-    fingerprint = set_fingerprint(train_set, recipe, protocol.num_models)
+    fingerprint = set_fingerprint(train_set, recipe, protocol.num_models, teacher)
     store = TimedStore(checkpoint_dir, fingerprint, protocol.checkpoint_seconds)
 
   def diverged(done, losses):
@@ -253,19 +287,22 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
           "labels": hard_labels(train_set.targets)}
   if strata is not None:
     data["strata"] = strata
+  if teacher is not None:
+    data["teacher"] = teacher.variables
   states = ensemble.train(recipe, ensemble.init_states(recipe, train_set.images.shape[1:]), data,
                           mesh, store=store, diverged=diverged, label=label)
   return states["params"]
 
 
 def evaluate_set(protocol: Protocol, train_set: LabelledSet, held_out: HeldOut, mesh,
-                 checkpoint_dir: pathlib.Path | None = None) -> dict:
+                 checkpoint_dir: pathlib.Path | None = None, teacher: Teacher | None = None) -> dict:
   """Trains on a labelled set with the protocol and tests on a balanced held-out split (`test` for
   reported numbers, `validation` for model selection and tuning: DESIGN §1, never test).
 
   Every architecture in `protocol.archs` is evaluated; the top-level fields are the first one's,
   and `archs` holds one row per architecture. With `checkpoint_dir`, each architecture's training
-  resumes from `<checkpoint_dir>/<arch>`.
+  resumes from `<checkpoint_dir>/<arch>`. With a `teacher`, every network fits its relabelling of
+  each augmented batch (`evaluate.protocol=relabel`).
 
   Returns:
     A report dict with `report.REPORT_FIELDS` and more (see `metrics.classification_metrics`).
@@ -277,7 +314,7 @@ def evaluate_set(protocol: Protocol, train_set: LabelledSet, held_out: HeldOut, 
     model = models.make_classifier(protocol.model, held_out.num_classes, arch, width)
     params = train_networks(protocol, model, train_set, mesh,
                             checkpoint_dir=subfolder(checkpoint_dir, arch),
-                            label=f"evaluate {train_set.method} {arch}")
+                            label=f"evaluate {train_set.method} {arch}", teacher=teacher)
     logits = protocol.logits(model, params, held_out.images)
     rows[arch] = metrics.classification_metrics(logits.argmax(-1), held_out.labels,
                                                 held_out.counts, protocol.shot_rule)

@@ -22,6 +22,7 @@ from ltdd_jax.run import specs
 SHOT_RULES = ("thirds", "thresholds")
 INIT_MODES = ("real", "noise")
 PREDICTIONS = ("soft", "hard")
+EVALUATION_PROTOCOLS = ("fixed", "relabel")
 
 
 class _Problems:
@@ -202,6 +203,12 @@ def check_config(config) -> None:
   # Grouping (the two-stage classifier and hierarchical distillation).
   p.one_of("grouping.strategy", grouping.STRATEGIES)
   p.one_of("grouping.prediction", PREDICTIONS)
+  p.one_of("evaluate.protocol", EVALUATION_PROTOCOLS)
+  p.positive("evaluate.relabel_temperature")
+  if config.evaluate.protocol == "relabel" and method.two_stage:
+    p.add("evaluate.protocol", "relabels the flat networks' class targets; the two-stage "
+          "classifier's stages have none to relabel: use it with a method without +two_stage or "
+          "+hierarchical")
   p.one_of("two_stage.arch", two_stage.ARCHS)
   p.one_of("two_stage.compare", (True, False))
   if (method.two_stage and config.grouping.stage1_loss == "balanced_softmax"

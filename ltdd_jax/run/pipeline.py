@@ -413,7 +413,8 @@ def evaluate_labelled(ctx: context_lib.RunContext, train_set: protocol_lib.Label
   held_out = protocol_lib.HeldOut.of(ctx.data, split)
   protocol = ctx.specs.protocol
   if not two_stage:
-    return protocol_lib.evaluate_set(protocol, train_set, held_out, ctx.mesh, checkpoint_dir)
+    return protocol_lib.evaluate_set(protocol, train_set, held_out, ctx.mesh, checkpoint_dir,
+                                     teacher=relabel_teacher(ctx))
   spec = specs_lib.two_stage_spec(ctx.config, stage_grouping(ctx))
   if rectify_stages is not None:
     spec = dataclasses.replace(spec, rectify=rectify_stages[0], tau=rectify_stages[1],
@@ -437,6 +438,18 @@ def evaluate_labelled(ctx: context_lib.RunContext, train_set: protocol_lib.Label
   report["classifiers"] = {name: {k: reports[name][k] for k in COMPARED_FIELDS
                                   if k in reports[name]} for name in CLASSIFIERS}
   return report
+
+
+def relabel_teacher(ctx: context_lib.RunContext) -> protocol_lib.Teacher | None:
+  """The teacher of `evaluate.protocol=relabel` (None under `fixed`): the statistics-matching
+  teacher trained on the run's LT set (`synthesize.stage_observers`, shared by every run of the
+  same data and observer settings), normalising with its recalibrated balanced statistics."""
+  if ctx.config.evaluate.protocol != "relabel":
+    return None
+  classifier, params = synthesize.stage_observers(ctx)
+  own, _, stored, batch_stats = synthesize.calibrated(ctx, classifier, params, 1)
+  return protocol_lib.Teacher(stored, {"params": own, "batch_stats": batch_stats},
+                              ctx.config.evaluate.relabel_temperature)
 
 
 def report_name(method: registry.Method, which: str, split: str) -> str:
@@ -487,6 +500,7 @@ def stage_evaluate(ctx: context_lib.RunContext, which: str = "synthetic", two_st
   else:
     raise errors.InputError(f"--set={which!r}: accepted synthetic, synthetic:PATH, "
                             f"{', '.join(registry.BASELINES)}.")
+  report["evaluation_protocol"] = ctx.config.evaluate.protocol
   report["wall_seconds"] = time.time() - start if clock is None else clock.total
   report["segment_seconds"] = time.time() - start if clock is None else clock.segment
   report.update(extra)

@@ -4,6 +4,9 @@ import subprocess
 import sys
 
 import chex
+import flax.linen as flax_nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -223,3 +226,36 @@ def test_readme_notebook_example_runs():
   exec(block, scope)  # pylint: disable=exec-used
   assert scope["report"]["ipc"] == 5 and scope["report"]["num_images"] == 50
   assert scope["report"]["test_acc_mean"] > 50  # far above chance (10%) on digits
+
+
+class _Oracle(flax_nn.Module):
+  """A teacher that knows each training image's class: the logits stored beside its copy of the
+  image (nearest stored image), 1e4 on the true class: exactly one-hot after a softmax."""
+
+  @flax_nn.compact
+  def __call__(self, x):
+    stored = self.variable("memory", "images", jnp.zeros, (1, *x.shape[1:])).value
+    logits = self.variable("memory", "logits", jnp.zeros, (1, 10)).value
+    distance = jnp.square(x[:, None] - stored[None]).sum((2, 3, 4))
+    return logits[distance.argmin(1)]
+
+
+def test_relabel_with_a_one_hot_teacher_is_the_fixed_protocol(tiny):
+  config, data, _ = tiny
+  protocol = dataclasses.replace(specs.protocol(config), augment=None, num_models=2)
+  images, labels = data.train_images[:60], data.train_labels[:60]
+  labelled = evaluate.LabelledSet(images, labels, labels, 0.05, 3, None, "random")
+  held_out = evaluate.HeldOut.of(data, "test")
+  fixed = evaluate.evaluate_set(protocol, labelled, held_out, parallel.make_mesh(1))
+  teacher = evaluate.Teacher(_Oracle(), {"memory": {
+      "images": jnp.asarray(images), "logits": 1e4 * jax.nn.one_hot(jnp.asarray(labels), 10)}})
+  relabelled = evaluate.evaluate_set(protocol, labelled, held_out, parallel.make_mesh(1),
+                                     teacher=teacher)
+  np.testing.assert_allclose(relabelled["test_acc_per_model"], fixed["test_acc_per_model"])
+  np.testing.assert_allclose(relabelled["per_class_acc"], fixed["per_class_acc"])
+  # A teacher that relabels every image as class 0 is what the networks then learn.
+  wrong = evaluate.Teacher(_Oracle(), {"memory": {
+      "images": jnp.asarray(images), "logits": 1e4 * jax.nn.one_hot(jnp.zeros(60, int), 10)}})
+  zeros = evaluate.evaluate_set(protocol, labelled, held_out, parallel.make_mesh(1),
+                                teacher=wrong)
+  assert zeros["per_class_acc"][0] == 100.0 and np.mean(zeros["per_class_acc"][1:]) < 5.0

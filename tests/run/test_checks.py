@@ -52,6 +52,8 @@ BAD_CONFIGS = [
     ({"grouping.prediction": "argmax"}, "grouping.prediction='argmax'"),
     ({"grouping.stage1_sampling": "per_group"}, "grouping.stage1_sampling='per_group'"),
     ({"method": "mtt+two_stage", "two_stage.arch": "joint"}, "two_stage.arch='joint'"),
+    ({"evaluate.protocol": "teacher"}, "evaluate.protocol='teacher'"),
+    ({"method": "mtt+two_stage", "evaluate.protocol": "relabel"}, "relabels the flat networks"),
     ({"method": "random+two_stage", "grouping.stage1_loss": "balanced_softmax"},
      "shared two-stage network"),
     ({"grouping.manual": ((0, 1),)}, "ignored unless grouping.strategy=manual"),

@@ -44,6 +44,16 @@ def test_unilevel_end_to_end_resumes_and_takes_rectify(tmp_path, monkeypatch):
   assert any(r["stage"] == "observers" for r in lines)
   observers = list((tmp_path / "experts").glob("observers_*"))
   assert len(observers) == 1 and (observers[0] / "meta.json").exists()
+  # Any set under the teacher-relabel protocol, with the observers' teacher already trained.
+  relabel = subprocess.run(
+      [sys.executable, "-m", "launch.evaluate", "--config=configs/digits_lt.py", CLI_DSA,
+       f"--workdir={tmp_path}", f"--config.data.cache_dir={tmp_path}/cache", "--set=random",
+       "--config.method=unilevel", "--config.evaluate.protocol=relabel", *TINY],
+      capture_output=True, text=True)
+  assert relabel.returncode == 0, relabel.stderr[-3000:]
+  assert "[experts" not in relabel.stderr  # the teacher is the run's own, not trained again
+  report = json.loads((tmp_path / "report_random.json").read_text())
+  assert report["evaluation_protocol"] == "relabel" and report["method"] == "random"
   # Resumed with the run's own config: the observers and the synthesis are done, nothing trains.
   config = ml_collections.ConfigDict(json.loads((tmp_path / "config.json").read_text()))
   def no_training(*args, **kwargs):
