@@ -11,6 +11,7 @@ import pytest
 from conftest import CLI_DSA, tiny_config
 from ltdd_jax import errors
 from ltdd_jax.core import ensemble
+from ltdd_jax.methods import observer
 from ltdd_jax.run import pipeline
 
 TINY = ["--config.model.depth=2", "--config.model.width=8", "--config.unilevel.observer_epochs=2",
@@ -44,26 +45,22 @@ def test_unilevel_end_to_end_resumes_and_takes_rectify(tmp_path, monkeypatch):
   assert any(r["stage"] == "observers" for r in lines)
   observers = list((tmp_path / "experts").glob("observers_*"))
   assert len(observers) == 1 and (observers[0] / "meta.json").exists()
-  # Any set under the teacher-relabel protocol, with the observers' teacher already trained.
-  relabel = subprocess.run(
-      [sys.executable, "-m", "launch.evaluate", "--config=configs/digits_lt.py", CLI_DSA,
-       f"--workdir={tmp_path}", f"--config.data.cache_dir={tmp_path}/cache", "--set=random",
-       "--config.method=unilevel", "--config.evaluate.protocol=relabel", *TINY],
-      capture_output=True, text=True)
-  assert relabel.returncode == 0, relabel.stderr[-3000:]
-  assert "[experts" not in relabel.stderr  # the teacher is the run's own, not trained again
-  report = json.loads((tmp_path / "report_random.json").read_text())
-  assert report["evaluation_protocol"] == "relabel" and report["method"] == "random"
   # Resumed with the run's own config: the observers and the synthesis are done, nothing trains.
   config = ml_collections.ConfigDict(json.loads((tmp_path / "config.json").read_text()))
-  def no_training(*args, **kwargs):
-    raise AssertionError("a finished run trained again")
-  monkeypatch.setattr(ensemble, "train", no_training)
+  train = ensemble.train
+  def no_observers(recipe, *args, **kwargs):
+    assert not isinstance(recipe.kernel, observer.ObserverKernel), "the observers trained again"
+    return train(recipe, *args, **kwargs)
+  monkeypatch.setattr(ensemble, "train", no_observers)
   again = pipeline.stage_distill(pipeline.setup(config, tmp_path))
   with np.load(tmp_path / "synthetic.npz") as syn:
     np.testing.assert_array_equal(again.images, syn["images"])
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
   assert len([r for r in lines if r["stage"] == "synthesize"]) == 4
+  # Any set under the teacher-relabel protocol, the observers' teacher already trained.
+  config.evaluate.protocol = "relabel"
+  report = pipeline.stage_evaluate(pipeline.setup(config, tmp_path), "random")
+  assert report["evaluation_protocol"] == "relabel" and report["method"] == "random"
 
 
 def test_too_few_crops_for_the_ipc_fail_before_training(tmp_path):
