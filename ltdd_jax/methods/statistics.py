@@ -152,7 +152,7 @@ def class_statistics(model, params, images: np.ndarray, labels: np.ndarray, num_
 
 
 def statistics_loss(moments: Moments, labels: jax.Array, targets: ClassStatistics,
-                    class_weight: float = 1.0) -> jax.Array:
+                    class_weight: float = 1.0, layer_weights=None) -> jax.Array:
   """Distance of a batch's batch-norm statistics from the targets, summed over layers:
   ||mean(S) - mu_l||_2 + ||var(S) - sigma2_l||_2 against the balanced global target, plus
   `class_weight` times the same per class against class c's own statistics, averaged over the
@@ -163,19 +163,23 @@ def statistics_loss(moments: Moments, labels: jax.Array, targets: ClassStatistic
     labels: [N] the class each image stands for.
     targets: the `ClassStatistics` of the real training set.
     class_weight: weight of the class-wise term.
+    layer_weights: each layer's weight (None: 1 each).
   """
   global_means, global_vars = targets.balanced()
   num_classes = targets.num_classes
   present = jnp.zeros(num_classes).at[labels].set(1.0)
+  if layer_weights is None:
+    layer_weights = [1.0] * len(moments)
   total = 0.0
-  for (first, second), mu, var, class_mu, class_var in zip(
-      moments, global_means, global_vars, targets.means, targets.variances):
+  for (first, second), mu, var, class_mu, class_var, weight in zip(
+      moments, global_means, global_vars, targets.means, targets.variances, layer_weights):
     batch_mean = first.mean(0)
     batch_var = second.mean(0) - jnp.square(batch_mean)
-    total = total + jnp.linalg.norm(batch_mean - mu) + jnp.linalg.norm(batch_var - var)
+    layer = jnp.linalg.norm(batch_mean - mu) + jnp.linalg.norm(batch_var - var)
     if class_weight:
       mean_c, var_c = group_moments(first, second, labels, num_classes)
       per_class = (jnp.linalg.norm(mean_c - class_mu, axis=-1)
                    + jnp.linalg.norm(var_c - class_var, axis=-1))
-      total = total + class_weight * (per_class * present).sum() / present.sum()
+      layer = layer + class_weight * (per_class * present).sum() / present.sum()
+    total = total + weight * layer
   return total

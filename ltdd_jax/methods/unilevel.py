@@ -154,15 +154,9 @@ def synthesis_loss(spec: SynthesisSpec, teacher_logits, observer_moments,
   ce = training.cross_entropy(teacher_logits(views), labels)
   moments = observer_moments(views)
   layer_weights = [spec.first_multiplier] + [1.0] * (len(moments) - 1)
-  distance = sum(w * statistics.statistics_loss([m], labels, _layer(targets, l), spec.class_weight)
-                 for l, (w, m) in enumerate(zip(layer_weights, moments)))
+  distance = statistics.statistics_loss(moments, labels, targets, spec.class_weight,
+                                        layer_weights)
   return spec.ce_weight * ce + spec.statistics_weight * distance
-
-
-def _layer(targets: statistics.ClassStatistics, layer: int) -> statistics.ClassStatistics:
-  """The statistics of one layer alone."""
-  return statistics.ClassStatistics((targets.means[layer],), (targets.variances[layer],),
-                                    targets.counts)
 
 
 def optimizer(spec: SynthesisSpec) -> optax.GradientTransformation:

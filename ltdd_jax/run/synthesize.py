@@ -64,6 +64,12 @@ def calibrated(ctx: context_lib.RunContext, classifier, params, k: int):
   return own, stats, stored, stats.batch_stats(stored, ctx.data.image_shape)
 
 
+def batched(fn, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+  """`fn` (a jitted forward pass) over `images` in batches, concatenated."""
+  return np.concatenate([np.asarray(fn(images[i:i + batch_size]))
+                         for i in range(0, len(images), batch_size)])
+
+
 def stage_synthesize(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
   """Observers (if missing), recalibration, initialisation and synthesis; writes synthetic.npz and
   its PNG grid and returns the set, labelled with the teacher's logits."""
@@ -76,9 +82,8 @@ def stage_synthesize(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
   moments = lambda x: statistics.image_moments(stored, obs_params, x, obs_bs)
   spec = specs_lib.synthesis_spec(config)
   teacher_fn = jax.jit(teacher)
-  accuracy = float((np.concatenate([np.asarray(teacher_fn(data.val_images[i:i + 1000])).argmax(-1)
-                                    for i in range(0, len(data.val_images), 1000)])
-                    == data.val_labels).mean() * 100) if len(data.val_labels) else None
+  accuracy = (float((batched(teacher_fn, data.val_images).argmax(-1) == data.val_labels).mean()
+                     * 100) if len(data.val_labels) else None)
   ctx.metrics.write_once("observers_recalibrated", 0, teacher_val_acc=accuracy)
   directory = ctx.workdir / "distill_ckpt"
   resume.claim(config, directory, "distill")
@@ -107,8 +112,7 @@ def stage_synthesize(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
         store.save(done, {"images": pixels, "opt_state": opt_state})
       if done < spec.iterations:
         interrupts.check(f"synthesis iteration {done}/{spec.iterations}")
-  logits = np.concatenate([np.asarray(teacher_fn(pixels[i:i + 1000]))
-                           for i in range(0, len(pixels), 1000)])
+  logits = batched(teacher_fn, np.asarray(pixels))
   syn = synthetic.DistilledSet(
       np.asarray(pixels, np.float32), labels, np.asarray(config.evaluate.lr, np.float32),
       label_logits=logits.astype(np.float32),
