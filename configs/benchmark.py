@@ -17,9 +17,13 @@ METHODS = ("random", "herding", "mtt", "datm", "ltdd", "random+two_stage", "herd
 HIERARCHICAL = ("mtt+hierarchical", "ltdd+hierarchical")
 # The soft-label sets rectified (ADSA-style): each cell evaluates its base cell's set again.
 RECTIFIED = ("datm+rectify", "ltdd+rectify")
+# Rows that take a named set of overrides (`method@variant`, `benchmark.variants`): LTDD-style
+# without its class-frequency-weighted inner loss, and tau chosen on the validation split.
+VARIANTS = ("ltdd@no_dam", "ltdd+rectify@no_dam", "datm+rectify@validation",
+            "ltdd+rectify@validation", "ltdd+rectify@no_dam_validation")
 # The evidence grid: the baselines, the three matching methods and both plugins on MTT and LTDD.
 EVIDENCE = ("random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+two_stage",
-            "mtt+hierarchical", "ltdd+hierarchical") + RECTIFIED
+            "mtt+hierarchical", "ltdd+hierarchical") + RECTIFIED + VARIANTS
 
 
 def get_config(arg=None):
@@ -49,6 +53,14 @@ def get_config(arg=None):
   if args.profile == "evidence":
     c.benchmark.methods = EVIDENCE
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor
+  # `method@name` rows: the cell's config with these overrides applied last. A `+two_stage` or
+  # `+rectify` row takes the set of its base row with the same variant only where the variant
+  # changes the distillation (`no_dam`), and of the plain base row otherwise (`validation`).
+  c.benchmark.variants = ml_collections.ConfigDict({
+      "no_dam": {"ltdd": {"dam": False}},
+      "validation": {"rectify": {"mode": "validation"}},
+      "no_dam_validation": {"ltdd": {"dam": False}, "rectify": {"mode": "validation"}},
+  })
   # Settings each imbalance factor's and each IPC's cells take (the published per-factor LTDD
   # values; the paper profile's per-IPC values). A grid overridden to other factors or IPCs
   # needs entries for them.

@@ -70,8 +70,10 @@ def test_evidence_grid_has_the_methods_and_full_rows():
   assert cells[0] == (100.0, None, "full") and cells[1][:2] == (100.0, 10)
   methods = {m for _, ipc, m in cells if ipc is not None}
   assert methods == {"random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+two_stage",
-                     "mtt+hierarchical", "ltdd+hierarchical", "datm+rectify", "ltdd+rectify"}
-  assert len(cells) == 2 * (1 + 2 * 11)
+                     "mtt+hierarchical", "ltdd+hierarchical", "datm+rectify", "ltdd+rectify",
+                     "ltdd@no_dam", "ltdd+rectify@no_dam", "datm+rectify@validation",
+                     "ltdd+rectify@validation", "ltdd+rectify@no_dam_validation"}
+  assert len(cells) == 2 * (1 + 2 * 16)
   assert c.benchmark.ipc_settings.ipc1.distill.batch_syn == 10
 
 

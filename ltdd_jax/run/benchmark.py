@@ -13,7 +13,7 @@ import numpy as np
 from ltdd_jax import errors, reporting
 from ltdd_jax.evaluation import protocol as protocol_lib
 from ltdd_jax.methods import distill, registry
-from ltdd_jax.run import locks, pipeline, resume
+from ltdd_jax.run import checks, locks, pipeline, resume
 
 COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
            "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
@@ -41,8 +41,15 @@ def cells(config) -> list[tuple[float, int | None, str]]:
 
 
 def cell_name(factor: float, ipc: int | None, method: str) -> str:
-  """A cell's folder name, e.g. `if100_ipc10_mtt-two_stage` (`if10_full` for the full set)."""
+  """A cell's folder name, e.g. `if100_ipc10_mtt-two_stage` (`if10_full` for the full set,
+  `if10_ipc1_ltdd-rectify@no_dam` for a variant)."""
   return f"if{factor:g}_" + ("" if ipc is None else f"ipc{ipc}_") + method.replace("+", "-")
+
+
+def split_variant(method: str) -> tuple[str, str | None]:
+  """'ltdd+rectify@no_dam' -> ('ltdd+rectify', 'no_dam'); a row without `@` has no variant."""
+  name, at, variant = method.partition("@")
+  return name, (variant if at else None)
 
 
 def _settings(table, key: str) -> dict:
@@ -65,19 +72,58 @@ def cell_config(config, factor: float, ipc: int | None, method: str, workdir: pa
   if ipc is not None:
     c.distill.ipc = ipc
     c.update(_settings(config.benchmark.ipc_settings, f"ipc{ipc}"))
-  c.method = method
+  name, variant = split_variant(method)
+  c.method = name
+  if variant is not None:  # A named set of overrides (`benchmark.variants`), applied last.
+    variants = config.benchmark.get("variants") or {}
+    if variant not in variants:
+      raise errors.InputError(
+          f"benchmark.methods row {method!r} names variant {variant!r}, which benchmark.variants "
+          f"does not define (it has {sorted(variants) or 'none'}); define it or drop '@{variant}'.")
+    try:
+      c.update(variants[variant].to_dict() if hasattr(variants[variant], "to_dict")
+               else dict(variants[variant]))
+    except (AttributeError, KeyError, TypeError) as e:
+      raise errors.InputError(f"benchmark.variants.{variant} sets a key the config does not have "
+                              f"({e}); fix the key's name.") from e
   c.experts.directory = str(workdir / f"if{factor:g}_experts")
   return c
 
 
 def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None, method: str,
-                    rectify_at: str = "final") -> pathlib.Path | None:
+                    config=None) -> pathlib.Path | None:
   """The cell whose set a method that only changes the evaluation takes (same factor and IPC):
-  X's for `X+two_stage`, `X+rectify` or both (rectifying at `final`); None for others."""
-  parsed = registry.parse(method, rectify_at=rectify_at)
+  X's for `X+two_stage`, `X+rectify` or both (rectifying at `final`); None for others.
+
+  A variant row `X+rectify@v` takes the set of the first of `X`, the grid's `X@w` rows and `X@v`
+  whose distillation settings are its own: `X`'s where v changes only the evaluation (e.g.
+  `rectify.mode`), `X@no_dam`'s for v = `no_dam_validation`. Telling them apart needs the grid's
+  `config`."""
+  name, variant = split_variant(method)
+  rectify_at = "final" if config is None else config.rectify.at
+  parsed = registry.parse(name, rectify_at=rectify_at)
   if parsed.distillation == parsed.name:
     return None
-  return workdir / cell_name(factor, ipc, parsed.distillation)
+  base = parsed.distillation
+  if variant is None or config is None:
+    return workdir / cell_name(factor, ipc, base)
+  rows = [f"{base}@{split_variant(m)[1]}" for m in config.benchmark.methods
+          if split_variant(m)[1] is not None and split_variant(m)[0] == base]
+  own = resume.stage_values(cell_config(config, factor, ipc, method, workdir), "distill")
+  source = next(candidate for candidate in dict.fromkeys([base, *rows, f"{base}@{variant}"])
+                if resume.stage_values(cell_config(config, factor, ipc, candidate, workdir),
+                                       "distill") == own)  # `X@v` itself always qualifies
+  return workdir / cell_name(factor, ipc, source)
+
+
+def check_cells(config, workdir: pathlib.Path, grid) -> None:
+  """Every cell's config checked before any cell runs, so a typo in the last row fails in
+  seconds (`InputError` naming the row), not after the first cells' experts."""
+  for factor, ipc, method in grid:
+    try:
+      checks.check_config(cell_config(config, factor, ipc, method, workdir))
+    except errors.InputError as e:
+      raise errors.InputError(f"benchmark cell IF {factor:g} IPC {ipc} {method}: {e}") from e
 
 
 def reuse_distillation(source: pathlib.Path | None, cell: pathlib.Path) -> None:
@@ -113,6 +159,7 @@ def run_grid(config, workdir) -> list[dict]:
   workdir.mkdir(parents=True, exist_ok=True)
   reporting.write_json(workdir / "config.json", config.to_dict())
   grid = cells(config)
+  check_cells(config, workdir, grid)
   start = time.time()
   folders = {workdir / cell_name(*cell): (i, cell) for i, cell in enumerate(grid)}
 
@@ -126,7 +173,7 @@ def run_grid(config, workdir) -> list[dict]:
     i, (factor, ipc, method) = folders[cell]
     print(f"[benchmark] cell {i + 1}/{len(grid)}: IF {factor:g} IPC {ipc} {method} "
           f"(elapsed {time.time() - start:.0f}s)", flush=True)
-    source = distilling_cell(workdir, factor, ipc, method, config.rectify.at)
+    source = distilling_cell(workdir, factor, ipc, method, config)
     if diverged(source):
       record_failure(cell, distill.DivergenceError.__name__,
                      f"evaluates the set of {source.name}, whose distillation diverged.")
@@ -191,7 +238,7 @@ def learned_lr(report: dict, method: str) -> str | None:
   """The student lr a distilled set carries, as the table shows it: one value for a flat set, one
   per objective (`groups`, `group_0`, ...) for a hierarchical one; None for the baselines, whose
   lr is the evaluation protocol's, not learned."""
-  if not registry.parse(method).distils:
+  if not registry.parse(split_variant(method)[0]).distils:
     return None
   if report.get("learned_lrs"):
     return " / ".join(f"{k} {v:.3g}" for k, v in report["learned_lrs"].items())
@@ -279,7 +326,8 @@ def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> Non
   readable, and the many / medium / few thirds are shaded."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   ipcs = list(dict.fromkeys(r["ipc"] for r in rows if r["ipc"] is not None)) or [None]
-  parsed = {r["method"]: registry.parse(r["method"].split(" [")[0]) for r in rows}
+  parsed = {r["method"]: registry.parse(split_variant(r["method"].split(" [")[0])[0])
+            for r in rows}
   bases = list(dict.fromkeys(m.base.name for m in parsed.values()))
   styles = {(): "-", ("two_stage",): "--", ("hierarchical",): ":"}
   markers = {"[flat]": "x", "[separate]": "o", "[shared]": "s"}  # a cell's compared classifiers

@@ -147,3 +147,52 @@ def test_per_class_figures_for_every_factor_and_100_classes(tmp_path):
   benchmark.write_figures(tmp_path, rows, None)
   for name in ("accuracy_heatmap.png", "per_class_if10.png", "per_class_if50.png"):
     assert (tmp_path / name).stat().st_size > 1000, name
+
+
+def test_variant_rows_take_their_overrides_and_the_right_base_set(tmp_path, monkeypatch):
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config("dataset=digits")
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.benchmark.ipcs = (1,)
+  config.benchmark.include_full = False
+  config.benchmark.methods = ("ltdd", "ltdd@no_dam", "ltdd+rectify@validation",
+                              "ltdd+rectify@no_dam_validation")
+  cell = benchmark.cell_config(config, 10.0, 1, "ltdd+rectify@no_dam_validation", tmp_path)
+  assert (cell.method, cell.ltdd.dam, cell.rectify.mode) == ("ltdd+rectify", False, "validation")
+  # `validation` changes only the evaluation: the plain row's set; `no_dam` changes the
+  # distillation: the `@no_dam` row's set.
+  source = lambda m: benchmark.distilling_cell(tmp_path, 10.0, 1, m, config).name
+  assert source("ltdd+rectify@validation") == "if10_ipc1_ltdd"
+  assert source("ltdd+rectify@no_dam_validation") == "if10_ipc1_ltdd@no_dam"
+  assert benchmark.distilling_cell(tmp_path, 10.0, 1, "ltdd@no_dam", config) is None
+  seen = {}
+  def fake_run(cell_config, workdir, data=None):
+    seen[workdir.name] = (cell_config.method, cell_config.ltdd.dam, cell_config.rectify.mode)
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = {"method": cell_config.method, "test_acc_mean": 50.0, "test_acc_std": 1.0,
+              "wall_seconds": 1.0, "num_images": 10}
+    (workdir / "report.json").write_text(json.dumps(report))
+  monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+  benchmark.run_grid(config, tmp_path)
+  assert seen == {"if10_ipc1_ltdd": ("ltdd", True, "adsa"),
+                  "if10_ipc1_ltdd@no_dam": ("ltdd", False, "adsa"),
+                  "if10_ipc1_ltdd-rectify@validation": ("ltdd+rectify", True, "validation"),
+                  "if10_ipc1_ltdd-rectify@no_dam_validation": ("ltdd+rectify", False,
+                                                                "validation")}
+  assert "| ltdd+rectify@no_dam_validation |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("row, message", [
+    ("mtt+rectfy", "Unknown method suffix 'rectfy'"),
+    ("ltdd@no_such", "variant 'no_such'"),
+    ("ltdd@typo", "sets a key the config does not have"),
+])
+def test_a_bad_row_fails_before_any_cell_runs(tmp_path, monkeypatch, row, message):
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config("dataset=digits")
+  with config.unlocked():
+    config.benchmark.variants.typo = {"ltdd": {"damm": False}}
+  config.benchmark.methods = ("random", "mtt", row)  # the bad row last
+  monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: pytest.fail("a cell ran"))
+  with pytest.raises(errors.InputError, match=message):
+    benchmark.run_grid(config, tmp_path)

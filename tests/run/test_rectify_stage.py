@@ -8,6 +8,8 @@ import pathlib
 import numpy as np
 import pytest
 
+from configs import benchmark as benchmark_config
+
 from ltdd_jax import errors
 from ltdd_jax.methods import rectify, registry, synthetic
 from ltdd_jax.run import benchmark, pipeline, specs
@@ -40,8 +42,9 @@ def test_plugin_needs_soft_labels_and_rectifying_at_init_changes_the_distillatio
   # A grid's rectified cell evaluates its base cell's set.
   assert benchmark.distilling_cell(pathlib.Path("W"), 10.0, 2,
                                    "datm+two_stage+rectify").name == "if10_ipc2_datm"
-  assert benchmark.distilling_cell(pathlib.Path("W"), 10.0, 2,
-                                   "datm+rectify", rectify_at="both") is None
+  grid = benchmark_config.get_config("dataset=digits")
+  grid.rectify.at = "both"
+  assert benchmark.distilling_cell(pathlib.Path("W"), 10.0, 2, "datm+rectify", grid) is None
 
 
 def test_an_existing_set_is_rectified_at_evaluation_and_keeps_its_learned_labels(tiny, tmp_path):
