@@ -6,11 +6,16 @@ import importlib.util
 import pathlib
 import sys
 
-from absl import app, flags
+from ltdd_jax import host_memory
+
+if getattr(sys.modules["__main__"].__spec__, "name", "").startswith("launch."):
+  host_memory.restart_with_huge_pages()  # before JAX is imported: a launcher run, not a test
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
-from ltdd_jax import errors, interrupts
-from ltdd_jax.run import locks
+from ltdd_jax import errors, interrupts  # pylint: disable=g-import-not-at-top
+from ltdd_jax.run import locks  # pylint: disable=g-import-not-at-top
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/digits_lt.py or configs/cifar10_lt.py:profile=cpu. "
@@ -115,6 +120,7 @@ def run(main, lock_workdir: bool = True) -> None:
 
   def guarded(argv):
     interrupts.install()
+    host_memory.retain_freed_buffers()
     try:
       if lock_workdir:
         locks.acquire(WORKDIR.value)
