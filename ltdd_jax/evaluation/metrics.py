@@ -51,6 +51,8 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, counts: 
       "per_class_acc_std": float(np.nanstd(per_class_mean)),
       "head_tail_gap": shot_acc["many"] - shot_acc["few"],
       "pred_kl_uniform": float(kl.mean()),
+      "train_counts": np.asarray(counts).astype(int).tolist(),
+      "shot_classes": {k: v.astype(int).tolist() for k, v in shots.items()},
   }
 
 

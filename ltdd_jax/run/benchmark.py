@@ -228,6 +228,8 @@ def collect(workdir: pathlib.Path, grid) -> list[dict]:
       row = {k: figures.get(k) for k in COLUMNS}
       row.update(dataset=r.get("dataset"), imbalance_factor=factor, ipc=ipc, method=label,
                  images=r.get("num_images"), per_class_acc=figures.get("per_class_acc"),
+                 train_counts=figures.get("train_counts", r.get("train_counts")),
+                 shot_classes=figures.get("shot_classes", r.get("shot_classes")),
                  learned_lr=learned_lr(r, method), wall_seconds=r.get("wall_seconds") if i == 0
                  else None, extra=i > 0)
       rows.append(row)
@@ -318,12 +320,27 @@ def write_figures(workdir: pathlib.Path, rows: list[dict], config) -> None:
       per_class_figure(workdir / f"per_class_if{factor:g}.png", chosen, factor)
 
 
+def class_order(row: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """The plotting order of a row's classes (decreasing training count; label order for reports
+  without `train_counts`) and each shot band's positions in it (`shot_classes`, the report's own
+  many / medium / few split; thirds of the order without it)."""
+  num_classes = len(row["per_class_acc"])
+  counts = row.get("train_counts")
+  order = (np.argsort(-np.asarray(counts), kind="stable") if counts is not None
+           else np.arange(num_classes))
+  shots = row.get("shot_classes")
+  if shots is None:
+    return order, dict(zip(("many", "medium", "few"), np.array_split(np.arange(num_classes), 3)))
+  position = np.argsort(order)  # class -> its place in the order
+  return order, {band: np.sort(position[np.asarray(classes, int)]) for band, classes in shots.items()}
+
+
 def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> None:
   """per_class_if<IF>.png: per-class accuracy of every row of one imbalance factor, one panel per
   IPC; a base method keeps its colour, its plug-ins change the line style. Classes go by
-  decreasing training count (the long-tailed label order); with more than
-  `reporting.MANY_CLASSES` the lines are running means over C/10 classes, so 100 classes stay
-  readable, and the many / medium / few thirds are shaded."""
+  decreasing training count; with more than `reporting.MANY_CLASSES` the lines are running means
+  over C/10 classes, so 100 classes stay readable, and the report's many / medium / few classes
+  are shaded."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   ipcs = list(dict.fromkeys(r["ipc"] for r in rows if r["ipc"] is not None)) or [None]
   parsed = {r["method"]: registry.parse(split_variant(r["method"].split(" [")[0])[0])
@@ -331,19 +348,21 @@ def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> Non
   bases = list(dict.fromkeys(m.base.name for m in parsed.values()))
   styles = {(): "-", ("two_stage",): "--", ("hierarchical",): ":"}
   markers = {"[flat]": "x", "[separate]": "o", "[shared]": "s"}  # a cell's compared classifiers
-  num_classes = len(rows[0]["per_class_acc"])
+  order, bands = class_order(rows[0])
+  num_classes = len(order)
   window = max(1, num_classes // 10) if num_classes > reporting.MANY_CLASSES else 1
   fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.5), sharey=True,
                            squeeze=False)
   for ax, ipc in zip(axes[0], ipcs):
     if window > 1:
-      for band, shade in zip(np.array_split(np.arange(num_classes), 3), ("0.93", "0.86", "0.93")):
-        ax.axvspan(band[0] - 0.5, band[-1] + 0.5, color=shade, zorder=0)
+      for (band, places), shade in zip(bands.items(), ("0.93", "0.86", "0.93")):
+        for place in places:
+          ax.axvspan(place - 0.5, place + 0.5, color=shade, zorder=0, linewidth=0)
     for r in rows:
       if r["ipc"] not in (ipc, None):  # the full set (ipc None) shows in every panel
         continue
       m = parsed[r["method"]]
-      acc = np.asarray(r["per_class_acc"], np.float64)
+      acc = np.asarray(r["per_class_acc"], np.float64)[order]
       if window > 1:
         acc = np.convolve(acc, np.ones(window) / window, mode="valid")
       marker = markers.get(r["method"].rpartition(" ")[2], ".")

@@ -15,6 +15,9 @@ def test_metrics_on_known_predictions():
   assert (b["many_acc"], b["medium_acc"], b["few_acc"], b["head_tail_gap"]) == (100, 0, 0, 100)
   np.testing.assert_allclose(b["pred_kl_uniform"], np.log(3))
   np.testing.assert_allclose(b["balanced_acc"], b["acc_mean"])
+  # What a figure needs to order the classes and shade the bands the figures were computed on.
+  assert b["train_counts"] == [100, 10, 1]
+  assert b["shot_classes"] == {"many": [0], "medium": [1], "few": [2]}
 
 
 def test_accuracy_keys_are_named_for_their_split():

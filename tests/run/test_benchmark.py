@@ -196,3 +196,15 @@ def test_a_bad_row_fails_before_any_cell_runs(tmp_path, monkeypatch, row, messag
   monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: pytest.fail("a cell ran"))
   with pytest.raises(errors.InputError, match=message):
     benchmark.run_grid(config, tmp_path)
+
+
+def test_per_class_figures_order_classes_by_count_and_shade_the_reports_bands():
+  # Labels not in count order, and a `thresholds` split whose bands are not thirds.
+  row = {"per_class_acc": [10.0, 90.0, 50.0, 70.0], "train_counts": [5, 500, 50, 200],
+         "shot_classes": {"many": [1, 3], "medium": [2], "few": [0]}}
+  order, bands = benchmark.class_order(row)
+  np.testing.assert_array_equal(order, [1, 3, 2, 0])  # 500, 200, 50, 5 images
+  assert {k: v.tolist() for k, v in bands.items()} == {"many": [0, 1], "medium": [2], "few": [3]}
+  old = {"per_class_acc": [1.0] * 6}  # a report from before the fields: label order, thirds
+  order, bands = benchmark.class_order(old)
+  assert order.tolist() == list(range(6)) and bands["few"].tolist() == [4, 5]
