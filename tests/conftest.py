@@ -1,7 +1,7 @@
 """Test setup: 4 fake CPU devices (multi-device tests need them; others use a 1-device mesh), and
 LLVM at -O0: at the tests' tiny shapes compiling dominates and the generated code's speed does not
 matter (bench/RESULTS.md has the measurement). The CLI tests' subprocesses inherit both, and
-malloc's huge-page tunable."""
+malloc's huge-page setting."""
 
 import os
 
@@ -9,11 +9,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The CLI tests' launchers start with malloc's huge-page tunable rather than restarting to add it
-# (`host_memory.restart_with_huge_pages`).
+# The CLI tests' launchers keep glibc's default pages rather than restarting with huge ones
+# (`host_memory.restart_with_huge_pages`): the tests are compile-bound, huge pages pay off in
+# long runs.
 if "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
   os.environ["GLIBC_TUNABLES"] = ":".join(
-      filter(None, (os.environ.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1")))
+      filter(None, (os.environ.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=0")))
 
 import pathlib  # pylint: disable=g-import-not-at-top
 
