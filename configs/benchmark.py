@@ -54,8 +54,9 @@ def get_config(arg=None):
     c.benchmark.methods = EVIDENCE
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor
   # `method@name` rows: the cell's config with these overrides applied last. A `+two_stage` or
-  # `+rectify` row takes the set of its base row with the same variant only where the variant
-  # changes the distillation (`no_dam`), and of the plain base row otherwise (`validation`).
+  # `+rectify` row takes the set of the first row with its distillation settings: the plain base
+  # row's for `validation` (evaluation only), the `@no_dam` row's for `no_dam` and
+  # `no_dam_validation`. A factor's cells share data and experts: variants may not change them.
   c.benchmark.variants = ml_collections.ConfigDict({
       "no_dam": {"ltdd": {"dam": False}},
       "validation": {"rectify": {"mode": "validation"}},

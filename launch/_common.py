@@ -8,11 +8,11 @@ import sys
 
 from ltdd_jax import host_memory
 
-if getattr(sys.modules["__main__"].__spec__, "name", "").startswith("launch."):
+if (host_memory.launched_module() or "").startswith("launch."):
   host_memory.restart_with_huge_pages()  # before JAX is imported: a launcher run, not a test
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from ltdd_jax import errors, interrupts  # pylint: disable=g-import-not-at-top
 from ltdd_jax.run import locks  # pylint: disable=g-import-not-at-top

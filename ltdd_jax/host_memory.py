@@ -24,11 +24,32 @@ THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def _mallopt():
-  """glibc's mallopt, or None where the C library is another."""
+  """glibc's mallopt, or None where the C library is another (or the platform is not Linux)."""
+  if not sys.platform.startswith("linux"):
+    return None
   try:
     return ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):
+  except (OSError, AttributeError, TypeError):
     return None
+
+
+def _thp_mode() -> str | None:
+  """The kernel's transparent-huge-page mode line, or None where it cannot be read."""
+  try:
+    return THP_MODE.read_text()
+  except OSError:
+    return None
+
+
+def launched_module() -> str | None:
+  """The module this process runs with `python [options] -m MODULE`, or None (a script, pytest,
+  an embedding, or `-m` of a wrapper such as pdb running it)."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  name = getattr(spec, "name", None)
+  argv = list(getattr(sys, "orig_argv", ()))
+  if not name or "-m" not in argv or argv.index("-m") + 1 >= len(argv):
+    return None
+  return name if argv[argv.index("-m") + 1] == name else None
 
 
 def retain_freed_buffers(trim_threshold: int = 2**30) -> bool:
@@ -39,11 +60,11 @@ def retain_freed_buffers(trim_threshold: int = 2**30) -> bool:
                                       and mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
-def huge_pages_wanted(environ, thp_mode: str | None) -> bool:
+def huge_pages_wanted(environ, thp_mode: str | None, glibc: bool) -> bool:
   """Whether a process with this environment should restart with the huge-page tunable: glibc,
   a kernel whose transparent huge pages are not off (`thp_mode`, the text of THP_MODE, None if
   absent), and no `glibc.malloc.hugetlb` setting of the user's (which also ends the restart)."""
-  if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "") or _mallopt() is None:
+  if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "") or not glibc:
     return False
   return thp_mode is not None and "[never]" not in thp_mode
 
@@ -51,9 +72,9 @@ def huge_pages_wanted(environ, thp_mode: str | None) -> bool:
 def restart_with_huge_pages() -> None:
   """Re-executes this process (same PID, same command line) with glibc's transparent-huge-page
   tunable added to GLIBC_TUNABLES, once; a no-op where `huge_pages_wanted` says no. Set
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=0 to opt out."""
-  thp_mode = THP_MODE.read_text() if THP_MODE.exists() else None
-  if not huge_pages_wanted(os.environ, thp_mode):
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=0 to opt out (of this; `retain_freed_buffers` still
+  applies)."""
+  if not huge_pages_wanted(os.environ, _thp_mode(), _mallopt() is not None):
     return
   tunables = ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), HUGE_PAGE_TUNABLE)))
   sys.stdout.flush()

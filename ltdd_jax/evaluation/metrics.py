@@ -22,7 +22,9 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, counts: 
     T) and its std
     over T, many/medium/few_acc, per_class_acc_std (spread over classes), head_tail_gap
     (many - few), pred_kl_uniform (KL of the predicted-class histogram from uniform, nats, mean over
-    T), balanced_acc (mean of per-class accuracy).
+    T), balanced_acc (mean of per-class accuracy); and what they were computed on, so a figure
+    can order and band the classes as the report does: train_counts [C] and shot_classes (the
+    many / medium / few class ids).
   """
   predictions = np.asarray(predictions)
   labels = np.asarray(labels)

@@ -13,7 +13,7 @@ import numpy as np
 from ltdd_jax import errors, reporting
 from ltdd_jax.evaluation import protocol as protocol_lib
 from ltdd_jax.methods import distill, registry
-from ltdd_jax.run import checks, locks, pipeline, resume
+from ltdd_jax.run import checks, locks, pipeline, resume, specs
 
 COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
            "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
@@ -64,6 +64,27 @@ def _settings(table, key: str) -> dict:
   return table[key].to_dict() if hasattr(table[key], "to_dict") else dict(table[key])
 
 
+# Keys a variant may not set: the row's method is its name, and the grid owns these.
+_GRID_KEYS = ("method", "benchmark", "experts.directory")
+
+
+def _variant_overrides(config, method: str, variant: str) -> dict:
+  """`benchmark.variants[variant]` as a nested dict, checked against `_GRID_KEYS`."""
+  variants = config.benchmark.get("variants") or {}
+  if variant not in variants:
+    raise errors.InputError(
+        f"benchmark.methods row {method!r} names variant {variant!r}, which benchmark.variants "
+        f"does not define (it has {sorted(variants) or 'none'}); define it or drop '@{variant}'.")
+  overrides = variants[variant]
+  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+  owned = [k for k in resume.flatten(overrides)
+           if any(k == g or k.startswith(f"{g}.") for g in _GRID_KEYS)]
+  if owned:
+    raise errors.InputError(f"benchmark.variants.{variant} sets {', '.join(owned)}, which the grid "
+                            "sets per row; name the method in the row instead.")
+  return overrides
+
+
 def cell_config(config, factor: float, ipc: int | None, method: str, workdir: pathlib.Path):
   """The pipeline config of one cell; experts are shared by every cell of an imbalance factor."""
   c = config.copy_and_resolve_references()
@@ -75,17 +96,15 @@ def cell_config(config, factor: float, ipc: int | None, method: str, workdir: pa
   name, variant = split_variant(method)
   c.method = name
   if variant is not None:  # A named set of overrides (`benchmark.variants`), applied last.
-    variants = config.benchmark.get("variants") or {}
-    if variant not in variants:
-      raise errors.InputError(
-          f"benchmark.methods row {method!r} names variant {variant!r}, which benchmark.variants "
-          f"does not define (it has {sorted(variants) or 'none'}); define it or drop '@{variant}'.")
+    overrides = _variant_overrides(config, method, variant)
     try:
-      c.update(variants[variant].to_dict() if hasattr(variants[variant], "to_dict")
-               else dict(variants[variant]))
-    except (AttributeError, KeyError, TypeError) as e:
+      c.update(overrides)
+    except (AttributeError, KeyError) as e:
       raise errors.InputError(f"benchmark.variants.{variant} sets a key the config does not have "
                               f"({e}); fix the key's name.") from e
+    except TypeError as e:
+      raise errors.InputError(f"benchmark.variants.{variant} gives a value of the wrong type ({e}); "
+                              "give the key's own type.") from e
   c.experts.directory = str(workdir / f"if{factor:g}_experts")
   return c
 
@@ -95,35 +114,53 @@ def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None, metho
   """The cell whose set a method that only changes the evaluation takes (same factor and IPC):
   X's for `X+two_stage`, `X+rectify` or both (rectifying at `final`); None for others.
 
-  A variant row `X+rectify@v` takes the set of the first of `X`, the grid's `X@w` rows and `X@v`
-  whose distillation settings are its own: `X`'s where v changes only the evaluation (e.g.
-  `rectify.mode`), `X@no_dam`'s for v = `no_dam_validation`. Telling them apart needs the grid's
-  `config`."""
+  With the grid's `config` (needed for variant rows), the row's own settings decide: `X+rectify@v`
+  takes the set of the first of `X`, the grid's `X@w` rows and `X@v` whose distillation settings
+  are its own: `X`'s where v changes only the evaluation (e.g. `rectify.mode`), `X@no_dam`'s for
+  v = `no_dam_validation`; a row whose variant makes its distillation its own (e.g.
+  `rectify.at=init` for `X+rectify`) distils itself (None)."""
   name, variant = split_variant(method)
-  rectify_at = "final" if config is None else config.rectify.at
-  parsed = registry.parse(name, rectify_at=rectify_at)
+  if config is None:
+    if variant is not None:
+      raise ValueError(f"distilling_cell needs the grid's config for the variant row {method!r}.")
+    parsed = registry.parse(name)
+    return (None if parsed.distillation == parsed.name
+            else workdir / cell_name(factor, ipc, parsed.distillation))
+  own_config = cell_config(config, factor, ipc, method, workdir)
+  parsed = specs.method(own_config)
   if parsed.distillation == parsed.name:
     return None
   base = parsed.distillation
-  if variant is None or config is None:
-    return workdir / cell_name(factor, ipc, base)
-  rows = [f"{base}@{split_variant(m)[1]}" for m in config.benchmark.methods
-          if split_variant(m)[1] is not None and split_variant(m)[0] == base]
-  own = resume.stage_values(cell_config(config, factor, ipc, method, workdir), "distill")
-  source = next(candidate for candidate in dict.fromkeys([base, *rows, f"{base}@{variant}"])
-                if resume.stage_values(cell_config(config, factor, ipc, candidate, workdir),
-                                       "distill") == own)  # `X@v` itself always qualifies
-  return workdir / cell_name(factor, ipc, source)
+  own = resume.stage_values(own_config, "distill")
+  rows = [m for m in config.benchmark.methods if "@" in m and split_variant(m)[0] == base]
+  candidates = [base, *rows] + ([f"{base}@{variant}"] if variant is not None else [])
+  source = next((c for c in dict.fromkeys(candidates) if c != method and resume.stage_values(
+      cell_config(config, factor, ipc, c, workdir), "distill") == own), None)
+  return None if source is None else workdir / cell_name(factor, ipc, source)
 
 
 def check_cells(config, workdir: pathlib.Path, grid) -> None:
   """Every cell's config checked before any cell runs, so a typo in the last row fails in
-  seconds (`InputError` naming the row), not after the first cells' experts."""
+  seconds (`InputError` naming the row), not after the first cells' experts; and within each
+  imbalance factor, every cell's data and expert settings equal (its cells share one dataset and
+  one expert folder, so a variant may not change them)."""
+  shared = {}
   for factor, ipc, method in grid:
     try:
-      checks.check_config(cell_config(config, factor, ipc, method, workdir))
+      c = cell_config(config, factor, ipc, method, workdir)
+      checks.check_config(c)
+      distilling_cell(workdir, factor, ipc, method, config)
     except errors.InputError as e:
       raise errors.InputError(f"benchmark cell IF {factor:g} IPC {ipc} {method}: {e}") from e
+    values = {k: v for k, v in resume.stage_values(c, "experts", classifier=True).items()}
+    first = shared.setdefault(factor, (method, values))
+    if values != first[1]:
+      changed = sorted(k for k in set(values) | set(first[1])
+                       if values.get(k) != first[1].get(k))
+      raise errors.InputError(
+          f"benchmark row {method!r} at IF {factor:g} changes {', '.join(changed)} against row "
+          f"{first[0]!r}: a factor's cells share one dataset and one expert set, so a variant may "
+          "not change data, model, augmentation or expert settings; run it as its own grid.")
 
 
 def reuse_distillation(source: pathlib.Path | None, cell: pathlib.Path) -> None:
@@ -157,9 +194,9 @@ def run_grid(config, workdir) -> list[dict]:
   on one folder split the cells, and the table waits for the cells the other one runs."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  reporting.write_json(workdir / "config.json", config.to_dict())
   grid = cells(config)
   check_cells(config, workdir, grid)
+  reporting.write_json(workdir / "config.json", config.to_dict())
   start = time.time()
   folders = {workdir / cell_name(*cell): (i, cell) for i, cell in enumerate(grid)}
 
@@ -222,9 +259,9 @@ def collect(workdir: pathlib.Path, grid) -> list[dict]:
     classifiers = r.get("classifiers") or {}
     own = r.get("two_stage_arch")
     order = sorted(classifiers, key=lambda name: name != own)
-    variants = ({f"{method} [{name}]": classifiers[name] for name in order} if classifiers
+    labelled = ({f"{method} [{name}]": classifiers[name] for name in order} if classifiers
                 else {method: r})
-    for i, (label, figures) in enumerate(variants.items()):
+    for i, (label, figures) in enumerate(labelled.items()):
       row = {k: figures.get(k) for k in COLUMNS}
       row.update(dataset=r.get("dataset"), imbalance_factor=factor, ipc=ipc, method=label,
                  images=r.get("num_images"), per_class_acc=figures.get("per_class_acc"),
@@ -337,7 +374,8 @@ def class_order(row: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
 def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> None:
   """per_class_if<IF>.png: per-class accuracy of every row of one imbalance factor, one panel per
-  IPC; a base method keeps its colour, its plug-ins change the line style. Classes go by
+  IPC; a base method keeps its colour, its plug-ins change the line style, a variant row
+  (`method@variant`) its marker. Classes go by
   decreasing training count; with more than `reporting.MANY_CLASSES` the lines are running means
   over C/10 classes, so 100 classes stay readable, and the report's many / medium / few classes
   are shaded."""
@@ -348,6 +386,8 @@ def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> Non
   bases = list(dict.fromkeys(m.base.name for m in parsed.values()))
   styles = {(): "-", ("two_stage",): "--", ("hierarchical",): ":"}
   markers = {"[flat]": "x", "[separate]": "o", "[shared]": "s"}  # a cell's compared classifiers
+  variants = list(dict.fromkeys(v for v in (split_variant(r["method"].split(" [")[0])[1]
+                                              for r in rows) if v is not None))
   order, bands = class_order(rows[0])
   num_classes = len(order)
   window = max(1, num_classes // 10) if num_classes > reporting.MANY_CLASSES else 1
@@ -365,7 +405,9 @@ def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> Non
       acc = np.asarray(r["per_class_acc"], np.float64)[order]
       if window > 1:
         acc = np.convolve(acc, np.ones(window) / window, mode="valid")
-      marker = markers.get(r["method"].rpartition(" ")[2], ".")
+      variant = split_variant(r["method"].split(" [")[0])[1]
+      marker = markers.get(r["method"].rpartition(" ")[2],
+                           "." if variant is None else "v^<>dp"[variants.index(variant) % 6])
       ax.plot(np.arange(len(acc)) + (window - 1) / 2, acc, marker=marker, markevery=max(1, window),
               markersize=4,
               linestyle=styles.get(tuple(p.name for p in m.plugins), "-."),

@@ -182,20 +182,39 @@ def test_variant_rows_take_their_overrides_and_the_right_base_set(tmp_path, monk
   assert "| ltdd+rectify@no_dam_validation |" in (tmp_path / "results.md").read_text()
 
 
+def test_a_variant_that_moves_rectification_to_init_distils_itself(tmp_path):
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config("dataset=digits")
+  with config.unlocked():
+    config.benchmark.variants.init = {"rectify": {"at": "init"}}
+  config.benchmark.methods = ("datm", "datm+rectify@init", "datm+two_stage+rectify@init")
+  assert benchmark.distilling_cell(tmp_path, 10.0, 1, "datm+rectify@init", config) is None
+  # Its two-stage row evaluates the set of a row with the same (init-rectified) distillation.
+  source = benchmark.distilling_cell(tmp_path, 10.0, 1, "datm+two_stage+rectify@init", config)
+  assert source is None or source.name != "if10_ipc1_datm"
+  with pytest.raises(ValueError, match="needs the grid's config"):
+    benchmark.distilling_cell(tmp_path, 10.0, 1, "datm+rectify@init")
+
+
 @pytest.mark.parametrize("row, message", [
     ("mtt+rectfy", "Unknown method suffix 'rectfy'"),
     ("ltdd@no_such", "variant 'no_such'"),
     ("ltdd@typo", "sets a key the config does not have"),
+    ("ltdd@owned", "which the grid sets per row"),
+    ("ltdd@wider", "changes model.width against row 'full'"),  # the factor's shared experts
 ])
 def test_a_bad_row_fails_before_any_cell_runs(tmp_path, monkeypatch, row, message):
   from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
   config = benchmark_config.get_config("dataset=digits")
   with config.unlocked():
     config.benchmark.variants.typo = {"ltdd": {"damm": False}}
+    config.benchmark.variants.owned = {"experts": {"directory": "elsewhere"}}
+    config.benchmark.variants.wider = {"model": {"width": 64}}
   config.benchmark.methods = ("random", "mtt", row)  # the bad row last
   monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: pytest.fail("a cell ran"))
   with pytest.raises(errors.InputError, match=message):
     benchmark.run_grid(config, tmp_path)
+  assert not (tmp_path / "config.json").exists()  # a rejected grid leaves its workdir as it was
 
 
 def test_per_class_figures_order_classes_by_count_and_shade_the_reports_bands():
