@@ -47,9 +47,13 @@ def launched_module() -> str | None:
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
   name = getattr(spec, "name", None)
   argv = list(getattr(sys, "orig_argv", ()))
-  if not name or "-m" not in argv or argv.index("-m") + 1 >= len(argv):
-    return None
-  return name if argv[argv.index("-m") + 1] == name else None
+  after = argv[argv.index("-m") + 1:] if "-m" in argv else []
+  return name if name and after[:1] == [name] else None
+
+
+def with_tunable(tunables: str | None, tunable: str) -> str:
+  """GLIBC_TUNABLES with `tunable` appended (`a=1:b=2` form); the value when there was none."""
+  return ":".join(filter(None, (tunables, tunable)))
 
 
 def retain_freed_buffers(trim_threshold: int = 2**30) -> bool:
@@ -76,7 +80,7 @@ def restart_with_huge_pages() -> None:
   applies)."""
   if not huge_pages_wanted(os.environ, _thp_mode(), _mallopt() is not None):
     return
-  tunables = ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), HUGE_PAGE_TUNABLE)))
+  tunables = with_tunable(os.environ.get("GLIBC_TUNABLES"), HUGE_PAGE_TUNABLE)
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],

@@ -12,9 +12,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CLI tests' launchers keep glibc's default pages rather than restarting with huge ones
 # (`host_memory.restart_with_huge_pages`): the tests are compile-bound, huge pages pay off in
 # long runs.
+from ltdd_jax import host_memory  # pylint: disable=g-import-not-at-top  (imports no JAX)
+
 if "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
-  os.environ["GLIBC_TUNABLES"] = ":".join(
-      filter(None, (os.environ.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=0")))
+  os.environ["GLIBC_TUNABLES"] = host_memory.with_tunable(os.environ.get("GLIBC_TUNABLES"),
+                                                          "glibc.malloc.hugetlb=0")
 
 import pathlib  # pylint: disable=g-import-not-at-top
 

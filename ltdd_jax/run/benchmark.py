@@ -47,8 +47,9 @@ def cell_name(factor: float, ipc: int | None, method: str) -> str:
 
 
 def split_variant(method: str) -> tuple[str, str | None]:
-  """'ltdd+rectify@no_dam' -> ('ltdd+rectify', 'no_dam'); a row without `@` has no variant."""
-  name, at, variant = method.partition("@")
+  """'ltdd+rectify@no_dam' -> ('ltdd+rectify', 'no_dam'); a row without `@` has no variant. A
+  table row's classifier suffix (`ltdd+two_stage@no_dam [shared]`) is dropped."""
+  name, at, variant = method.split(" [")[0].partition("@")
   return name, (variant if at else None)
 
 
@@ -152,11 +153,10 @@ def check_cells(config, workdir: pathlib.Path, grid) -> None:
       distilling_cell(workdir, factor, ipc, method, config)
     except errors.InputError as e:
       raise errors.InputError(f"benchmark cell IF {factor:g} IPC {ipc} {method}: {e}") from e
-    values = {k: v for k, v in resume.stage_values(c, "experts", classifier=True).items()}
+    values = resume.stage_values(c, "experts", classifier=True)
     first = shared.setdefault(factor, (method, values))
     if values != first[1]:
-      changed = sorted(k for k in set(values) | set(first[1])
-                       if values.get(k) != first[1].get(k))
+      changed = [line.partition(":")[0] for line in resume.differences(first[1], values)]
       raise errors.InputError(
           f"benchmark row {method!r} at IF {factor:g} changes {', '.join(changed)} against row "
           f"{first[0]!r}: a factor's cells share one dataset and one expert set, so a variant may "
@@ -381,13 +381,11 @@ def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> Non
   are shaded."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   ipcs = list(dict.fromkeys(r["ipc"] for r in rows if r["ipc"] is not None)) or [None]
-  parsed = {r["method"]: registry.parse(split_variant(r["method"].split(" [")[0])[0])
-            for r in rows}
+  parsed = {r["method"]: registry.parse(split_variant(r["method"])[0]) for r in rows}
   bases = list(dict.fromkeys(m.base.name for m in parsed.values()))
   styles = {(): "-", ("two_stage",): "--", ("hierarchical",): ":"}
   markers = {"[flat]": "x", "[separate]": "o", "[shared]": "s"}  # a cell's compared classifiers
-  variants = list(dict.fromkeys(v for v in (split_variant(r["method"].split(" [")[0])[1]
-                                              for r in rows) if v is not None))
+  variants = [v for v in dict.fromkeys(split_variant(r["method"])[1] for r in rows) if v]
   order, bands = class_order(rows[0])
   num_classes = len(order)
   window = max(1, num_classes // 10) if num_classes > reporting.MANY_CLASSES else 1
@@ -405,7 +403,7 @@ def per_class_figure(path: pathlib.Path, rows: list[dict], factor: float) -> Non
       acc = np.asarray(r["per_class_acc"], np.float64)[order]
       if window > 1:
         acc = np.convolve(acc, np.ones(window) / window, mode="valid")
-      variant = split_variant(r["method"].split(" [")[0])[1]
+      variant = split_variant(r["method"])[1]
       marker = markers.get(r["method"].rpartition(" ")[2],
                            "." if variant is None else "v^<>dp"[variants.index(variant) % 6])
       ax.plot(np.arange(len(acc)) + (window - 1) / 2, acc, marker=marker, markevery=max(1, window),
