@@ -53,14 +53,15 @@ def get_config(arg=None):
   if args.profile == "evidence":
     c.benchmark.methods = EVIDENCE
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor
-  # `method@name` rows: the cell's config with these overrides applied last. A `+two_stage` or
-  # `+rectify` row takes the set of the first row with its distillation settings: the plain base
-  # row's for `validation` (evaluation only), the `@no_dam` row's for `no_dam` and
-  # `no_dam_validation`. A factor's cells share data and experts: variants may not change them.
+  # `method@name` rows: the cell's config with these overrides applied last. A row that only
+  # changes the evaluation takes the set of the first row with its distillation settings: the
+  # plain base row's for `validation` and `relabel`, the `@no_dam` row's for `no_dam_validation`. A factor's cells share data and experts: variants may not change them.
   c.benchmark.variants = ml_collections.ConfigDict({
       "no_dam": {"ltdd": {"dam": False}},
       "validation": {"rectify": {"mode": "validation"}},
       "no_dam_validation": {"ltdd": {"dam": False}, "rectify": {"mode": "validation"}},
+      # Evaluated with the statistics-matching teacher's labels on every augmented batch.
+      "relabel": {"evaluate": {"protocol": "relabel"}},
   })
   # Settings each imbalance factor's and each IPC's cells take (the published per-factor LTDD
   # values; the paper profile's per-IPC values). A grid overridden to other factors or IPCs

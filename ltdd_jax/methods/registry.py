@@ -5,7 +5,9 @@ statistics-matching one (`unilevel`: images recovered from a batch-norm observer
 statistics, labelled by a teacher), a selection of real images (`random`, `herding`) or the whole
 long-tailed set (`full`). Plugins
 change how a set is made or evaluated: `+two_stage` evaluates it with the two-stage classifier,
-`+hierarchical` distils against group and within-group experts (and is evaluated two-stage),
+`+hierarchical` makes the set in two stages, group and within-group (trajectory matching: against
+group and per-group experts; statistics matching: group and within-group terms of its objective),
+and is evaluated two-stage,
 `+rectify` removes the head bias of a set's soft labels (`methods.rectify`; soft-label bases only).
 Adding a method is one entry in BASES (and its code); adding a plugin, one in PLUGINS.
 """
@@ -46,7 +48,8 @@ class Base:
 
 @dataclasses.dataclass(frozen=True)
 class Plugin:
-  """A plugin: `distils` (changes the distillation objective, so it needs a matching base),
+  """A plugin: `distils` (changes the distillation objective, so it needs a base that
+  synthesises),
   `two_stage` (the set is evaluated with the two-stage classifier) and `needs_soft_labels` (it
   acts on the soft labels of a base that learns them)."""
   name: str
@@ -145,7 +148,8 @@ class Method:
   def distills_with(self) -> tuple[str, ...]:
     """The config sections its distillation depends on besides data, model and experts."""
     if self.base.kind == STATISTICS:
-      return ("distill", *self.base.config_sections)
+      return (("distill", *self.base.config_sections)
+              + (("grouping",) if self.hierarchical else ()))
     if not self.distils:
       return ()
     return (("distill", *self.base.config_sections)
@@ -173,9 +177,10 @@ def parse(method: str, *, dam: bool = True, ed: bool = True, ltdd_grow_window: b
     plugins.append(PLUGINS[name])
   base = BASES[base_name]
   for plugin in plugins:
-    if plugin.distils and base.kind != MATCHING:
+    if plugin.distils and base.kind not in SYNTHESIS:
+      makers = ", ".join(n for n, b in BASES.items() if b.kind in SYNTHESIS)
       raise errors.InputError(
-          f"{method}: +{plugin.name} distils, so it needs {', '.join(MATCHING_METHODS)}; use "
+          f"{method}: +{plugin.name} changes how the set is made, so it needs {makers}; use "
           f"{base_name}+two_stage to evaluate a baseline with the two-stage classifier.")
     if plugin.needs_soft_labels and not base.soft_labels:
       soft = ", ".join(n for n, b in BASES.items() if b.soft_labels)

@@ -87,6 +87,20 @@ class ClassStatistics:
     the classes' statistics (a class's weight does not follow its number of images)."""
     return (tuple(m.mean(0) for m in self.means), tuple(v.mean(0) for v in self.variances))
 
+  def grouped(self, group_of: np.ndarray) -> "ClassStatistics":
+    """The statistics of the class groups given by `group_of` ([C] group of each class, groups
+    0..G-1): a group's mean and variance are the uniform average of its classes' (as `balanced`
+    averages every class), its count the sum of theirs."""
+    group_of = np.asarray(group_of)
+    num_groups = int(group_of.max()) + 1
+    onehot = np.eye(num_groups, dtype=np.float64)[group_of]  # [C, G]
+    share = onehot / onehot.sum(0)                              # uniform within each group
+    average = lambda values: tuple((share.T @ v.astype(np.float64)).astype(np.float32)
+                                   for v in values)
+    return ClassStatistics(average(self.means), average(self.variances),
+                           np.bincount(group_of, weights=self.counts,
+                                       minlength=num_groups).astype(self.counts.dtype))
+
   def batch_stats(self, model, image_shape: tuple[int, ...]) -> dict:
     """The `batch_stats` collection that makes `model` (built with `stored_stats`:
     `models.with_stored_stats`) normalise every batch-norm layer with the balanced global
@@ -151,6 +165,21 @@ def class_statistics(model, params, images: np.ndarray, labels: np.ndarray, num_
   return ClassStatistics(means, variances, counts)
 
 
+def groupwise_distances(moments: Moments, labels: jax.Array,
+                        targets: ClassStatistics) -> list[jax.Array]:
+  """Per layer, ||mean(S_k) - mu_k||_2 + ||var(S_k) - sigma2_k||_2 averaged over the label values
+  k the batch holds (classes, or groups): S_k are the batch's images labelled k, `targets` holds
+  k's statistics."""
+  num = targets.num_classes
+  present = jnp.zeros(num).at[labels].set(1.0)
+  out = []
+  for (first, second), mu, var in zip(moments, targets.means, targets.variances):
+    mean_k, var_k = group_moments(first, second, labels, num)
+    distance = jnp.linalg.norm(mean_k - mu, axis=-1) + jnp.linalg.norm(var_k - var, axis=-1)
+    out.append((distance * present).sum() / present.sum())
+  return out
+
+
 def statistics_loss(moments: Moments, labels: jax.Array, targets: ClassStatistics,
                     class_weight: float = 1.0, layer_weights=None) -> jax.Array:
   """Distance of a batch's batch-norm statistics from the targets, summed over layers:
@@ -166,20 +195,17 @@ def statistics_loss(moments: Moments, labels: jax.Array, targets: ClassStatistic
     layer_weights: each layer's weight (None: 1 each).
   """
   global_means, global_vars = targets.balanced()
-  num_classes = targets.num_classes
-  present = jnp.zeros(num_classes).at[labels].set(1.0)
   if layer_weights is None:
     layer_weights = [1.0] * len(moments)
+  per_class = (groupwise_distances(moments, labels, targets) if class_weight
+               else [0.0] * len(moments))
   total = 0.0
-  for (first, second), mu, var, class_mu, class_var, weight in zip(
-      moments, global_means, global_vars, targets.means, targets.variances, layer_weights):
+  for (first, second), mu, var, class_term, weight in zip(moments, global_means, global_vars,
+                                                           per_class, layer_weights):
     batch_mean = first.mean(0)
     batch_var = second.mean(0) - jnp.square(batch_mean)
     layer = jnp.linalg.norm(batch_mean - mu) + jnp.linalg.norm(batch_var - var)
     if class_weight:
-      mean_c, var_c = group_moments(first, second, labels, num_classes)
-      per_class = (jnp.linalg.norm(mean_c - class_mu, axis=-1)
-                   + jnp.linalg.norm(var_c - class_var, axis=-1))
-      layer = layer + class_weight * (per_class * present).sum() / present.sum()
+      layer = layer + class_weight * class_term
     total = total + weight * layer
   return total

@@ -8,7 +8,8 @@ synthetic images start from real crops the teacher scores best (`initial_images`
 their pixels to minimise the teacher's cross-entropy on them plus the distance between their
 per-layer statistics (under the observer) and the balanced global and class-wise targets
 (`synthesis_loss`), each step on a random resized crop and flip of every image (`random_views`).
-Their labels are the teacher's logits on the final images.
+Their labels are the teacher's logits on the final images. `+hierarchical` splits the objective
+into a group stage and a within-group stage (`GroupedSynthesis`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,55 @@ class SynthesisSpec:
   crops: int = 5
   min_scale: float = 0.5
   seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedSynthesis:
+  """The `+hierarchical` objective on statistics matching (`config.grouping`).
+
+  The teacher's cross-entropy splits exactly into a group term, -log p(g(y)), and a within-group
+  term, -log p(y | g(y)), with p(g) the sum of the group's class probabilities. Stage 1 weighs
+  the group term and adds the distance of each group's images' statistics from the group's
+  balanced target (`ClassStatistics.grouped`: the uniform average of its classes'); stage 2 is
+  the flat objective with the within-group term in place of the flat cross-entropy. Both use the
+  one observer and teacher: a group's own observer would see only that group's images (the tail
+  group a few hundred at IF 100) at G times the observer training.
+
+  Attributes:
+    group_of: [C] each class's group (groups 0..G-1).
+    lambda_1, lambda_2: the stage-1 and stage-2 weights.
+  """
+  group_of: tuple[int, ...]
+  lambda_1: float = 1.0
+  lambda_2: float = 1.0
+
+  @property
+  def num_groups(self) -> int:
+    return max(self.group_of) + 1
+
+  @property
+  def stage1(self) -> bool:
+    """Stage 1 is left out with one group or lambda_1 = 0."""
+    return self.lambda_1 > 0 and self.num_groups > 1
+
+
+def group_logits(logits: jax.Array, group_of, num_groups: int) -> jax.Array:
+  """[N, C] class logits -> [N, G] group logits: log of the summed class probabilities (up to
+  the shared normaliser), log sum_{c in g} exp(logit_c)."""
+  member = jax.nn.one_hot(jnp.asarray(group_of), num_groups, dtype=bool).T  # [G, C]
+  return jax.nn.logsumexp(jnp.where(member[None], logits[:, None, :], -jnp.inf), axis=-1)
+
+
+def split_cross_entropy(logits: jax.Array, labels: jax.Array, group_of,
+                        num_groups: int) -> tuple[jax.Array, jax.Array]:
+  """(mean -log p(g(y)), mean -log p(y | g(y))) of [N, C] logits and [N] labels; they add up to
+  the flat cross-entropy."""
+  groups = jnp.asarray(group_of)[labels]
+  by_group = group_logits(logits, group_of, num_groups)
+  own_group = jnp.take_along_axis(by_group, groups[:, None], axis=1)[:, 0]
+  own_class = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  group_term = jax.nn.logsumexp(by_group, axis=-1) - own_group
+  return group_term.mean(), (own_group - own_class).mean()
 
 
 def resized_crop(image: jax.Array, top: jax.Array, left: jax.Array, side: jax.Array) -> jax.Array:
@@ -146,17 +196,30 @@ def initial_images(spec: SynthesisSpec, teacher_logits, images: np.ndarray, labe
 
 
 def synthesis_loss(spec: SynthesisSpec, teacher_logits, observer_moments,
-                   targets: statistics.ClassStatistics, views: jax.Array,
-                   labels: jax.Array) -> jax.Array:
+                   targets: statistics.ClassStatistics, views: jax.Array, labels: jax.Array,
+                   grouped: GroupedSynthesis | None = None,
+                   group_targets: statistics.ClassStatistics | None = None) -> jax.Array:
   """ce_weight * CE(teacher(views), labels) + statistics_weight * the observer's batch-norm
   statistics distance (`statistics.statistics_loss`, the first layer's terms x
-  first_multiplier)."""
-  ce = training.cross_entropy(teacher_logits(views), labels)
+  first_multiplier). With `grouped` (`+hierarchical`), lambda_2 times that objective with the
+  within-group cross-entropy in place of the flat one, plus (stage 1) lambda_1 times the group
+  cross-entropy and the group-wise distance from `group_targets` (`targets.grouped`)."""
+  logits = teacher_logits(views)
   moments = observer_moments(views)
   layer_weights = [spec.first_multiplier] + [1.0] * (len(moments) - 1)
   distance = statistics.statistics_loss(moments, labels, targets, spec.class_weight,
                                         layer_weights)
-  return spec.ce_weight * ce + spec.statistics_weight * distance
+  if grouped is None:
+    return spec.ce_weight * training.cross_entropy(logits, labels) + spec.statistics_weight * distance
+  group_ce, within_ce = split_cross_entropy(logits, labels, grouped.group_of, grouped.num_groups)
+  loss = grouped.lambda_2 * (spec.ce_weight * within_ce + spec.statistics_weight * distance)
+  if grouped.stage1:
+    groups = jnp.asarray(grouped.group_of)[labels]
+    group_distance = sum(w * d for w, d in zip(
+        layer_weights, statistics.groupwise_distances(moments, groups, group_targets)))
+    loss = loss + grouped.lambda_1 * (spec.ce_weight * group_ce
+                                      + spec.statistics_weight * group_distance)
+  return loss
 
 
 def optimizer(spec: SynthesisSpec) -> optax.GradientTransformation:
@@ -165,15 +228,18 @@ def optimizer(spec: SynthesisSpec) -> optax.GradientTransformation:
 
 
 def synthesis_step(spec: SynthesisSpec, teacher_logits, observer_moments,
-                   targets: statistics.ClassStatistics):
+                   targets: statistics.ClassStatistics, grouped: GroupedSynthesis | None = None):
   """jit((images, opt_state, key, labels) -> (images, opt_state, loss)): one Adam step of the
-  pixels on a random view of every image; the networks are constants."""
+  pixels on a random view of every image (`synthesis_loss`, hierarchical with `grouped`); the
+  networks are constants."""
   tx = optimizer(spec)
+  group_targets = targets.grouped(np.asarray(grouped.group_of)) if grouped else None
 
   def step(images, opt_state, key, labels):
     def loss_fn(pixels):
       views = random_views(key, pixels, spec.min_scale)
-      return synthesis_loss(spec, teacher_logits, observer_moments, targets, views, labels)
+      return synthesis_loss(spec, teacher_logits, observer_moments, targets, views, labels,
+                            grouped, group_targets)
     loss, grads = jax.value_and_grad(loss_fn)(images)
     updates, opt_state = tx.update(grads, opt_state, images)
     return optax.apply_updates(images, updates), opt_state, loss

@@ -118,8 +118,9 @@ def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None, metho
   With the grid's `config` (needed for variant rows), the row's own settings decide: `X+rectify@v`
   takes the set of the first of `X`, the grid's `X@w` rows and `X@v` whose distillation settings
   are its own: `X`'s where v changes only the evaluation (e.g. `rectify.mode`), `X@no_dam`'s for
-  v = `no_dam_validation`; a row whose variant makes its distillation its own (e.g.
-  `rectify.at=init` for `X+rectify`) distils itself (None)."""
+  v = `no_dam_validation`; `X@v` takes `X`'s where v changes only the evaluation (e.g.
+  `relabel`); a row whose variant makes its distillation its own (e.g. `rectify.at=init` for
+  `X+rectify`, `no_dam` for `ltdd`) distils itself (None)."""
   name, variant = split_variant(method)
   if config is None:
     if variant is not None:
@@ -129,7 +130,7 @@ def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None, metho
             else workdir / cell_name(factor, ipc, parsed.distillation))
   own_config = cell_config(config, factor, ipc, method, workdir)
   parsed = specs.method(own_config)
-  if parsed.distillation == parsed.name:
+  if parsed.distillation == parsed.name and variant is None:
     return None
   base = parsed.distillation
   own = resume.stage_values(own_config, "distill")

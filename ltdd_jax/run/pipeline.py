@@ -134,12 +134,16 @@ def class_mean_features(data, expert_set: experts.ExpertSet) -> np.ndarray:
 
 
 def stage_grouping(ctx: context_lib.RunContext) -> grouping_lib.Grouping:
-  """The run's class grouping (saved as grouping.json; similarity uses the flat experts)."""
+  """The run's class grouping (saved as grouping.json; similarity uses the flat experts, or a
+  statistics-matching run's teacher)."""
   config, data = ctx.config, ctx.data
   features = None
   if config.grouping.strategy == "similarity":
-    expert_set, _ = stage_experts(ctx)
-    features = class_mean_features(data, expert_set)
+    if ctx.method.base.kind == registry.STATISTICS:
+      features = synthesize.teacher_class_features(ctx)
+    else:
+      expert_set, _ = stage_experts(ctx)
+      features = class_mean_features(data, expert_set)
   grouping = grouping_lib.make_grouping(ctx.specs.grouping, data.counts, config.seed, features)
   grouping.save(ctx.workdir / "grouping.json")
   return grouping
@@ -192,7 +196,8 @@ def stage_distill(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
   (`synthesize.stage_synthesize`), its labels rectified under `+rectify`; writes synthetic.npz and
   the PNG grid, and returns the set."""
   if ctx.method.base.kind == registry.STATISTICS:
-    syn = synthesize.stage_synthesize(ctx)
+    syn = synthesize.stage_synthesize(ctx, grouped_synthesis(ctx) if ctx.method.hierarchical
+                                      else None)
   else:
     syn = distil_by_matching(ctx)
   if rectifies_final(ctx):
@@ -201,6 +206,11 @@ def stage_distill(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
   syn.save(ctx.workdir, ctx.data.preprocessor, f"{ctx.config.method} synthetic set, IPC {ipc}",
            per_class=min(ipc, 10))
   return syn
+
+
+def grouped_synthesis(ctx: context_lib.RunContext):
+  """The `+hierarchical` objective of a statistics-matching run, from its grouping."""
+  return specs_lib.grouped_synthesis(ctx.config, stage_grouping(ctx))
 
 
 def distil_by_matching(ctx: context_lib.RunContext) -> synthetic.DistilledSet:

@@ -209,3 +209,10 @@ def synthesis_spec(config) -> unilevel.SynthesisSpec:
       ipc=config.distill.ipc, iterations=u.iterations, lr=u.lr, beta1=u.beta1, beta2=u.beta2,
       ce_weight=u.ce_weight, statistics_weight=u.statistics_weight, class_weight=u.class_weight,
       first_multiplier=u.first_multiplier, crops=u.crops, min_scale=u.min_scale, seed=config.seed)
+
+
+def grouped_synthesis(config, groups: grouping.Grouping) -> unilevel.GroupedSynthesis:
+  """The `+hierarchical` objective of statistics matching: the grouping and the stage weights
+  (`config.grouping.lambda_1`, `lambda_2`)."""
+  return unilevel.GroupedSynthesis(tuple(int(g) for g in groups.group_of),
+                                   config.grouping.lambda_1, config.grouping.lambda_2)

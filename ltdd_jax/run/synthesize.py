@@ -3,8 +3,9 @@
 `stage_observers` trains the observer and the teacher (two batch-norm networks, one program,
 `methods.observer`) in `<expert root>/observers_<fingerprint>`, resumable by epoch;
 `stage_synthesize` recalibrates both per class (`methods.statistics`), starts from teacher-scored
-real crops and recovers the images (`methods.unilevel`), checkpointed in `<workdir>/distill_ckpt`,
-and labels them with the teacher's logits.
+real crops and recovers the images (`methods.unilevel`; in a group and a within-group stage under
+`+hierarchical`), checkpointed in `<workdir>/distill_ckpt`, and labels them with the teacher's
+logits. `teacher_class_features` serves the similarity grouping of this family.
 """
 
 from __future__ import annotations
@@ -64,15 +65,28 @@ def calibrated(ctx: context_lib.RunContext, classifier, params, k: int):
   return own, stats, stored, stats.batch_stats(stored, ctx.data.image_shape)
 
 
+def teacher_class_features(ctx: context_lib.RunContext) -> np.ndarray:
+  """[C, F] mean backbone features of every class under the recalibrated teacher (what the
+  similarity grouping compares for a statistics-matching run, which has no experts)."""
+  classifier, params = stage_observers(ctx)
+  own, _, stored, batch_stats = calibrated(ctx, classifier, params, 1)
+  features = jax.jit(lambda x: stored.apply({"params": own, "batch_stats": batch_stats}, x,
+                                            method=lambda module, x: module.backbone(x)))
+  feats = batched(features, ctx.data.train_images)
+  labels = ctx.data.train_labels
+  return np.stack([feats[labels == c].mean(0) for c in range(ctx.data.num_classes)])
+
+
 def batched(fn, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
   """`fn` (a jitted forward pass) over `images` in batches, concatenated."""
   return np.concatenate([np.asarray(fn(images[i:i + batch_size]))
                          for i in range(0, len(images), batch_size)])
 
 
-def stage_synthesize(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
-  """Observers (if missing), recalibration, initialisation and synthesis; writes synthetic.npz and
-  its PNG grid and returns the set, labelled with the teacher's logits."""
+def stage_synthesize(ctx: context_lib.RunContext,
+                     grouped: unilevel.GroupedSynthesis | None = None) -> synthetic.DistilledSet:
+  """Observers (if missing), recalibration, initialisation and synthesis (the `+hierarchical`
+  objective with `grouped`); returns the set, labelled with the teacher's logits."""
   config, data = ctx.config, ctx.data
   classifier, params = stage_observers(ctx)
   start = time.time()
@@ -95,7 +109,7 @@ def stage_synthesize(ctx: context_lib.RunContext) -> synthetic.DistilledSet:
   first = store.latest_step() or 0
   if first:
     state = store.restore(first, state)
-  step = unilevel.synthesis_step(spec, teacher, moments, obs_stats)
+  step = unilevel.synthesis_step(spec, teacher, moments, obs_stats, grouped)
   pixels, opt_state = jnp.asarray(state["images"]), state["opt_state"]
   key = jax.random.key(spec.seed)
   every = max(1, config.distill.checkpoint_every)

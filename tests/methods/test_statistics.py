@@ -129,3 +129,17 @@ def test_a_class_without_images_is_an_error():
   images, labels = _data()
   with pytest.raises(errors.InputError, match=r"Classes \[3\] have no images"):
     statistics.class_statistics(model, params, images, labels, 4, batch_size=8)
+
+
+def test_group_statistics_average_their_classes_uniformly():
+  model, params = _network()
+  images, labels = _data(per_class=(9, 3, 1))
+  stats = statistics.class_statistics(model, params, images, labels, 3, batch_size=64)
+  groups = stats.grouped(np.array([0, 1, 1]))
+  assert groups.num_classes == 2
+  np.testing.assert_array_equal(groups.counts, [9, 4])
+  for layer in range(2):
+    np.testing.assert_allclose(groups.means[layer][0], stats.means[layer][0], rtol=1e-6)
+    np.testing.assert_allclose(groups.means[layer][1], stats.means[layer][1:].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(groups.variances[layer][1], stats.variances[layer][1:].mean(0),
+                               rtol=1e-6)

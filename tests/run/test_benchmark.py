@@ -156,7 +156,7 @@ def test_variant_rows_take_their_overrides_and_the_right_base_set(tmp_path, monk
   config.benchmark.ipcs = (1,)
   config.benchmark.include_full = False
   config.benchmark.methods = ("ltdd", "ltdd@no_dam", "ltdd+rectify@validation",
-                              "ltdd+rectify@no_dam_validation")
+                              "ltdd+rectify@no_dam_validation", "ltdd@relabel")
   cell = benchmark.cell_config(config, 10.0, 1, "ltdd+rectify@no_dam_validation", tmp_path)
   assert (cell.method, cell.ltdd.dam, cell.rectify.mode) == ("ltdd+rectify", False, "validation")
   # `validation` changes only the evaluation: the plain row's set; `no_dam` changes the
@@ -165,9 +165,12 @@ def test_variant_rows_take_their_overrides_and_the_right_base_set(tmp_path, monk
   assert source("ltdd+rectify@validation") == "if10_ipc1_ltdd"
   assert source("ltdd+rectify@no_dam_validation") == "if10_ipc1_ltdd@no_dam"
   assert benchmark.distilling_cell(tmp_path, 10.0, 1, "ltdd@no_dam", config) is None
+  assert source("ltdd@relabel") == "if10_ipc1_ltdd"  # an evaluation-only variant of a base
   seen = {}
   def fake_run(cell_config, workdir, data=None):
     seen[workdir.name] = (cell_config.method, cell_config.ltdd.dam, cell_config.rectify.mode)
+    if cell_config.evaluate.protocol == "relabel":
+      seen[workdir.name] += ("relabel",)
     workdir.mkdir(parents=True, exist_ok=True)
     report = {"method": cell_config.method, "test_acc_mean": 50.0, "test_acc_std": 1.0,
               "wall_seconds": 1.0, "num_images": 10}
@@ -178,7 +181,8 @@ def test_variant_rows_take_their_overrides_and_the_right_base_set(tmp_path, monk
                   "if10_ipc1_ltdd@no_dam": ("ltdd", False, "adsa"),
                   "if10_ipc1_ltdd-rectify@validation": ("ltdd+rectify", True, "validation"),
                   "if10_ipc1_ltdd-rectify@no_dam_validation": ("ltdd+rectify", False,
-                                                                "validation")}
+                                                                "validation"),
+                  "if10_ipc1_ltdd@relabel": ("ltdd", True, "adsa", "relabel")}
   assert "| ltdd+rectify@no_dam_validation |" in (tmp_path / "results.md").read_text()
 
 

@@ -15,7 +15,7 @@ from ltdd_jax.run import pipeline, resume
 BAD_CONFIGS = [
     ({"method": "dc"}, "Unknown method 'dc'"),
     ({"method": "mtt+threestage"}, "'threestage'"),
-    ({"method": "random+hierarchical"}, "+hierarchical distils"),
+    ({"method": "random+hierarchical"}, "+hierarchical changes how the set is made"),
     ({"data.train_source": "s3"}, "data.train_source='s3'"),
     ({"data.test_source": "holdout:0"}, "data.test_source='holdout:0'"),
     ({"data.test_source": "hold"}, "data.test_source='hold'"),

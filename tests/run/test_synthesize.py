@@ -28,11 +28,16 @@ def _run(tmp_path, method, *extra):
   return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def test_unilevel_end_to_end_resumes_and_takes_rectify(tmp_path, monkeypatch):
-  proc = _run(tmp_path, "unilevel+rectify")
+def test_unilevel_end_to_end_resumes_and_takes_the_plugins(tmp_path, monkeypatch):
+  proc = _run(tmp_path, "unilevel+hierarchical+rectify", "--config.grouping.strategy=similarity",
+              "--config.grouping.num_groups=2", "--config.two_stage.compare=False")
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
-  assert report["method"] == "unilevel+rectify" and report["num_images"] == 20
+  assert report["method"] == "unilevel+hierarchical+rectify" and report["num_images"] == 20
+  assert "group_acc" in report and "within_group_acc" in report  # evaluated two-stage
+  assert len(json.loads((tmp_path / "grouping.json").read_text())["groups"]) == 2
+  # The similarity grouping read the teacher: no trajectory experts were trained.
+  assert not list((tmp_path / "experts").glob("flat*"))
   assert 0 <= report["test_acc_mean"] <= 100
   assert report["rectify"]["mode"] == "adsa" and report["rectify"]["tau"] >= 0  # teacher labels
   with np.load(tmp_path / "synthetic.npz") as syn:
@@ -58,8 +63,9 @@ def test_unilevel_end_to_end_resumes_and_takes_rectify(tmp_path, monkeypatch):
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
   assert len([r for r in lines if r["stage"] == "synthesize"]) == 4
   # Any set under the teacher-relabel protocol, the observers' teacher already trained.
-  config.evaluate.protocol = "relabel"
-  report = pipeline.stage_evaluate(pipeline.setup(config, tmp_path), "random")
+  config.method, config.evaluate.protocol = "unilevel", "relabel"
+  report = pipeline.stage_evaluate(pipeline.setup(config, tmp_path, stages=("observers",)),
+                                   "random")
   assert report["evaluation_protocol"] == "relabel" and report["method"] == "random"
 
 
@@ -69,3 +75,4 @@ def test_too_few_crops_for_the_ipc_fail_before_training(tmp_path):
   config.distill.allow_duplicates = True
   with pytest.raises(errors.InputError, match="raise unilevel.crops"):
     pipeline.setup(config, tmp_path / "w")
+
