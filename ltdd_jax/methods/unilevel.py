@@ -197,13 +197,13 @@ def initial_images(spec: SynthesisSpec, teacher_logits, images: np.ndarray, labe
 
 def synthesis_loss(spec: SynthesisSpec, teacher_logits, observer_moments,
                    targets: statistics.ClassStatistics, views: jax.Array, labels: jax.Array,
-                   grouped: GroupedSynthesis | None = None,
-                   group_targets: statistics.ClassStatistics | None = None) -> jax.Array:
+                   grouped: GroupedSynthesis | None = None) -> jax.Array:
   """ce_weight * CE(teacher(views), labels) + statistics_weight * the observer's batch-norm
   statistics distance (`statistics.statistics_loss`, the first layer's terms x
   first_multiplier). With `grouped` (`+hierarchical`), lambda_2 times that objective with the
   within-group cross-entropy in place of the flat one, plus (stage 1) lambda_1 times the group
-  cross-entropy and the group-wise distance from `group_targets` (`targets.grouped`)."""
+  cross-entropy and the group-wise distance from the groups' targets (`targets.grouped`, made
+  once when the step is traced)."""
   logits = teacher_logits(views)
   moments = observer_moments(views)
   layer_weights = [spec.first_multiplier] + [1.0] * (len(moments) - 1)
@@ -215,6 +215,7 @@ def synthesis_loss(spec: SynthesisSpec, teacher_logits, observer_moments,
   loss = grouped.lambda_2 * (spec.ce_weight * within_ce + spec.statistics_weight * distance)
   if grouped.stage1:
     groups = jnp.asarray(grouped.group_of)[labels]
+    group_targets = targets.grouped(np.asarray(grouped.group_of))
     group_distance = sum(w * d for w, d in zip(
         layer_weights, statistics.groupwise_distances(moments, groups, group_targets)))
     loss = loss + grouped.lambda_1 * (spec.ce_weight * group_ce
@@ -233,13 +234,12 @@ def synthesis_step(spec: SynthesisSpec, teacher_logits, observer_moments,
   pixels on a random view of every image (`synthesis_loss`, hierarchical with `grouped`); the
   networks are constants."""
   tx = optimizer(spec)
-  group_targets = targets.grouped(np.asarray(grouped.group_of)) if grouped else None
 
   def step(images, opt_state, key, labels):
     def loss_fn(pixels):
       views = random_views(key, pixels, spec.min_scale)
       return synthesis_loss(spec, teacher_logits, observer_moments, targets, views, labels,
-                            grouped, group_targets)
+                            grouped)
     loss, grads = jax.value_and_grad(loss_fn)(images)
     updates, opt_state = tx.update(grads, opt_state, images)
     return optax.apply_updates(images, updates), opt_state, loss

@@ -89,14 +89,13 @@ def test_hierarchical_synthesis_loss_is_the_flat_one_plus_the_group_stage():
   one = unilevel.GroupedSynthesis((0, 0, 0, 0))
   assert not one.stage1
   np.testing.assert_allclose(
-      unilevel.synthesis_loss(spec, teacher, moments, targets, views, labels, one,
-                              targets.grouped(np.zeros(4, int))), flat, rtol=1e-5)
+      unilevel.synthesis_loss(spec, teacher, moments, targets, views, labels, one), flat,
+      rtol=1e-5)
   # Two groups, lambda_1 = lambda_2 = 1: the cross-entropies add up to the flat one, so the loss
   # is the flat one plus the group-wise statistics distance from the groups' balanced targets.
   two = unilevel.GroupedSynthesis((0, 0, 1, 1))
   group_targets = targets.grouped(np.asarray(two.group_of))
-  loss = unilevel.synthesis_loss(spec, teacher, moments, targets, views, labels, two,
-                                 group_targets)
+  loss = unilevel.synthesis_loss(spec, teacher, moments, targets, views, labels, two)
   moments_of = moments(views)
   weights = [spec.first_multiplier] + [1.0] * (len(moments_of) - 1)
   group_term = sum(w * d for w, d in zip(weights, statistics.groupwise_distances(
@@ -107,5 +106,5 @@ def test_hierarchical_synthesis_loss_is_the_flat_one_plus_the_group_stage():
   half = unilevel.GroupedSynthesis((0, 0, 1, 1), lambda_1=0.0, lambda_2=0.5)
   group_ce, _ = unilevel.split_cross_entropy(teacher(views), labels, two.group_of, 2)
   np.testing.assert_allclose(
-      unilevel.synthesis_loss(spec, teacher, moments, targets, views, labels, half,
-                              group_targets), 0.5 * (flat - group_ce), rtol=1e-5)
+      unilevel.synthesis_loss(spec, teacher, moments, targets, views, labels, half),
+      0.5 * (flat - group_ce), rtol=1e-5)
