@@ -98,3 +98,23 @@ def test_ltdd_settings_follow_the_imbalance_factor():
       1.0, 0.2, True)
   assert (cifar.ltdd.backbone_weight, cifar.ltdd.classifier_weight, cifar.ltdd.grow_window) == (
       0.5, 1.0, False)
+
+
+@pytest.mark.parametrize("ipc,window,steps", [(1, (0, 20, 30), (40, 3)), (10, (0, 30, 50), (80, 2)),
+                                              (50, (20, 70, 70), (80, 2))])
+def test_cifar100_paper_profile_takes_datm_cifar100_values(ipc, window, steps):
+  """DATM's CIFAR-100 configs: window floor / start / end, unroll and expert epochs, lr 1000."""
+  from ltdd_jax.run import checks, specs  # pylint: disable=g-import-not-at-top
+  c = importlib.import_module("configs.cifar100_lt").get_config(f"profile=paper,ipc={ipc},method=datm")
+  checks.check_config(c)
+  assert (c.datm.min_start_epoch, c.datm.initial_max_start_epoch, c.distill.max_start_epoch) == window
+  assert (c.distill.syn_steps, c.distill.expert_epochs) == steps
+  assert (c.distill.lr_img, c.distill.lr_lr, c.datm.lr_label, c.experts.epochs) == (
+      1000.0, 1e-5, 10.0, 100)
+  spec = specs.distill_spec(c, specs.method(c))
+  end = {1: 1000, 10: 2000, 50: 0}[ipc]  # DATM's expansion_end_epoch
+  assert spec.window.at(end) == (window[0], window[2])
+  if end:
+    assert spec.window.at(end - 1)[1] == window[2] - 1
+  cifar10 = importlib.import_module("configs.cifar10_lt").get_config(f"profile=paper,ipc={ipc}")
+  assert (cifar10.distill.lr_img, cifar10.experts.epochs) == (100.0 if ipc < 50 else 1000.0, 50)

@@ -57,9 +57,9 @@ class EDSpec:
 
 @dataclasses.dataclass(frozen=True)
 class StartWindow:
-  """Where start epochs are drawn: [0, max_start) throughout, or (`grows`, DATM) from
+  """Where start epochs are drawn: [min_start, max_start) throughout, or (`grows`, DATM) from
   [min_start, initial_max_start) growing by one epoch every `grow_every` iterations up to
-  max_start."""
+  max_start (DATM draws from [min_start, upper) either way)."""
   max_start: int
   grows: bool = False
   min_start: int = 0
@@ -69,7 +69,7 @@ class StartWindow:
   def at(self, iteration: int) -> tuple[int, int]:
     """[lo, hi) of start epochs at an iteration."""
     if not self.grows:
-      return 0, self.max_start
+      return self.min_start, self.max_start
     grown = self.initial_max_start + iteration // max(1, self.grow_every)
     return self.min_start, max(self.min_start + 1, min(self.max_start, grown))
 

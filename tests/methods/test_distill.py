@@ -333,6 +333,16 @@ def test_ltdd_window_is_uniform_and_datm_window_grows(tiny):
   assert specs.distill_spec(config, specs.method(config)).window.at(0) == (0, 1)
 
 
+def test_window_floor_applies_with_and_without_growth():
+  """DATM draws start epochs from [min_start, upper) whether or not the upper bound grows (its
+  CIFAR-100 IPC-50 config: [20, 70) without growth)."""
+  fixed = distill.StartWindow(70, grows=False, min_start=20)
+  assert fixed.at(0) == fixed.at(5000) == (20, 70)
+  grown = distill.StartWindow(50, grows=True, min_start=0, initial_max_start=30, grow_every=100)
+  assert [grown.at(it) for it in (0, 99, 100, 1999, 2000, 9999)] == [
+      (0, 30), (0, 30), (0, 31), (0, 49), (0, 50), (0, 50)]
+
+
 def test_ed_classifier_term_unweighted_from_epoch_zero(tiny):
   """LTDD's classifier term: start at classifier epoch 0, target expert_epochs later, no DAM
   weights in its inner loss, weighted against the backbone term by the ED weights."""
