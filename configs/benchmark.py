@@ -3,6 +3,7 @@
   python -m launch.benchmark --config=configs/benchmark.py:profile=cpu --workdir=runs/bench
   python -m launch.benchmark --config=configs/benchmark.py:profile=paper,dataset=cifar100 --workdir=W
   python -m launch.benchmark --config=configs/benchmark.py:dataset=digits --workdir=runs/bench_digits
+  python -m launch.benchmark --config=configs/benchmark.py:profile=evidence,grid=final --workdir=W
 
 Every cell is a full pipeline run in <workdir>/<cell>/; a finished cell (report.json present) is not
 run again, so an interrupted grid resumes where it stopped.
@@ -26,8 +27,26 @@ EVIDENCE = ("random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+t
             "mtt+hierarchical", "ltdd+hierarchical") + RECTIFIED + VARIANTS
 
 
+
+def final_rows(best: str) -> tuple[str, ...]:
+  """The final benchmark's rows (`grid=final`): the baselines, the three trajectory-matching
+  methods (LTDD-style with and without DAM), the statistics-matching method, rectification on the
+  soft-label sets and both plugins on `best`; then each row but the rectified ones (whose stored
+  labels a relabelled network never reads) again under the teacher-relabel protocol, an
+  evaluation-only row that takes its base row's set."""
+  base = ("random", "herding", "mtt", "datm", "datm+rectify", "ltdd", "ltdd@no_dam", "unilevel",
+          "unilevel+rectify")
+  name, at, variant = best.partition("@")
+  plugins = tuple(f"{name}+{p}{at}{variant}" for p in ("hierarchical", "two_stage"))
+  fixed = base + tuple(p for p in plugins if p not in base)
+  relabel = tuple(f"{m}_relabel" if "@" in m else f"{m}@relabel" for m in fixed
+                  if "+rectify" not in m)  # relabelled networks never read the stored labels
+  return fixed + relabel
+
+
 def get_config(arg=None):
-  args = common.parse_arg(arg, profile="cpu", dataset="cifar10", source="folder", test="real")
+  args = common.parse_arg(arg, profile="cpu", dataset="cifar10", source="folder", test="real",
+                          grid="default", best="unilevel")
   if args.dataset == "digits":
     c = digits_lt.get_config(f"profile={args.profile}")
     factors, ipcs = (10.0,), (1, 5, 10)
@@ -53,6 +72,17 @@ def get_config(arg=None):
   if args.profile == "evidence":
     c.benchmark.methods = EVIDENCE
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor
+  if args.grid == "final":
+    # The final benchmark: CIFAR-10-LT IF 100 / 10, CIFAR-100-LT IF 50 / 10, IPC 10 / 1; `best`
+    # (a row name) is the method both plugins are measured on.
+    if args.dataset == "digits":
+      raise ValueError("grid=final is the CIFAR benchmark; use dataset=cifar10 or cifar100.")
+    factors, ipcs = (100.0, 10.0) if args.dataset == "cifar10" else (50.0, 10.0), (10, 1)
+    c.benchmark.imbalance_factors, c.benchmark.ipcs = factors, ipcs
+    c.benchmark.methods = final_rows(args.best)
+    c.benchmark.include_full = True
+  elif args.grid != "default":
+    raise ValueError(f"grid must be 'default' or 'final', got {args.grid!r}.")
   # `method@name` rows: the cell's config with these overrides applied last. A row that only
   # changes the evaluation takes the set of the first row with its distillation settings: the
   # plain base row's for `validation` and `relabel`, the `@no_dam` row's for `no_dam_validation`. A factor's cells share data and experts: variants may not change them.
@@ -62,6 +92,7 @@ def get_config(arg=None):
       "no_dam_validation": {"ltdd": {"dam": False}, "rectify": {"mode": "validation"}},
       # Evaluated with the statistics-matching teacher's labels on every augmented batch.
       "relabel": {"evaluate": {"protocol": "relabel"}},
+      "no_dam_relabel": {"ltdd": {"dam": False}, "evaluate": {"protocol": "relabel"}},
   })
   # Settings each imbalance factor's and each IPC's cells take (the published per-factor LTDD
   # values; the paper profile's per-IPC values). A grid overridden to other factors or IPCs

@@ -186,6 +186,33 @@ def test_variant_rows_take_their_overrides_and_the_right_base_set(tmp_path, monk
   assert "| ltdd+rectify@no_dam_validation |" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.parametrize("dataset,factors", [("cifar10", (100.0, 10.0)), ("cifar100", (50.0, 10.0))])
+@pytest.mark.parametrize("best", ["unilevel", "ltdd@no_dam"])
+def test_final_grid_rows_take_sets_only_from_earlier_rows(tmp_path, dataset, factors, best):
+  """`grid=final`: every row under both protocols (rectified rows under `fixed` only), both
+  plugins on `best`, and a row that reuses a set takes it from an earlier row of its cell, so the
+  cells run in order with no cycle (`ltdd@no_dam` distils; `ltdd@no_dam_relabel` takes it)."""
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config(f"profile=evidence,grid=final,dataset={dataset},best={best}")
+  assert tuple(config.benchmark.imbalance_factors) == factors and config.benchmark.include_full
+  methods = list(config.benchmark.methods)
+  name, _, variant = best.partition("@")
+  assert {f"{name}+hierarchical", f"{name}+two_stage"} <= {m.split("@")[0] for m in methods}
+  fixed = [m for m in methods if "relabel" not in m]
+  assert len(methods) == 2 * len(fixed) - sum("+rectify" in m for m in fixed)
+  place = {m: i for i, m in enumerate(methods)}
+  for m in methods:
+    source = benchmark.distilling_cell(tmp_path, factors[0], 10, m, config)
+    if source is not None:
+      taken = methods[[benchmark.cell_name(factors[0], 10, r) for r in methods].index(source.name)]
+      assert place[taken] < place[m], (m, taken)
+  assert benchmark.distilling_cell(tmp_path, factors[0], 10, "ltdd@no_dam", config) is None
+  assert benchmark.distilling_cell(tmp_path, factors[0], 10, "ltdd@no_dam_relabel",
+                                   config).name.endswith("ltdd@no_dam")
+  with pytest.raises(ValueError, match="grid must be 'default' or 'final'"):
+    benchmark_config.get_config("grid=last")
+
+
 def test_a_variant_that_moves_rectification_to_init_distils_itself(tmp_path):
   from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
   config = benchmark_config.get_config("dataset=digits")
