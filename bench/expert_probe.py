@@ -39,8 +39,8 @@ def main():
   c.experts.num_experts, c.experts.epochs, c.experts.lr = args.experts, args.epochs, args.lr
   c.model.width = args.width
   c.method = "random"  # experts only: no distillation window to check against the epochs
-  workdir = os.path.join(args.workdir, f"{args.dataset}_{args.test}_if{args.imbalance_factor:g}_lr{args.lr}_w{args.width}_"
-                         f"e{args.epochs}_k{args.experts}")
+  workdir = os.path.join(args.workdir, f"{args.dataset}_{args.test}_if{args.imbalance_factor:g}_"
+                         f"lr{args.lr}_w{args.width}_e{args.epochs}_k{args.experts}")
   ctx = pipeline.setup(c, workdir)
   workdir, data = ctx.workdir, ctx.data
   start = time.time()

@@ -27,7 +27,6 @@ EVIDENCE = ("random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+t
             "mtt+hierarchical", "ltdd+hierarchical") + RECTIFIED + VARIANTS
 
 
-
 def final_rows(best: str) -> tuple[str, ...]:
   """The final benchmark's rows (`grid=final`): the baselines, the three trajectory-matching
   methods (LTDD-style with and without DAM), the statistics-matching method, rectification on the

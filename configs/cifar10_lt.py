@@ -31,11 +31,10 @@ def factor_settings(imbalance_factor: float) -> dict:
 
 
 def ipc_settings(profile: str, ipc: int, dataset: str) -> dict:
-  """Settings that follow the IPC in the `paper` profile (the published per-IPC values, CIFAR-100's
-  its own) and the
-  `evidence` profile (IPC 1 takes the published IPC-1 choices: an early start window, a slower lr
-  step, a faster label lr, every image in each inner batch); the `cpu` profile keeps one set. The
-  benchmark grid applies them per cell."""
+  """Settings that follow the IPC in the `paper` profile (the published per-IPC values; CIFAR-100
+  its own) and the `evidence` profile (IPC 1 takes the published IPC-1 choices: an early start
+  window, a slower lr step, a faster label lr, every image in each inner batch); the `cpu` profile
+  keeps one set. The benchmark grid applies them per cell."""
   if profile == "evidence":
     if ipc != 1:
       return {}

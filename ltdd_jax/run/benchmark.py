@@ -119,8 +119,9 @@ def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None, metho
   takes the set of the first of `X`, the grid's `X@w` rows and `X@v` whose distillation settings
   are its own: `X`'s where v changes only the evaluation (e.g. `rectify.mode`), `X@no_dam`'s for
   v = `no_dam_validation`; `X@v` takes `X`'s, or an earlier `X@w` row's, where v changes only the
-  evaluation (e.g. `relabel`, `no_dam_relabel` after `no_dam`); a row whose variant makes its distillation its own (e.g. `rectify.at=init` for
-  `X+rectify`, `no_dam` for `ltdd`) distils itself (None)."""
+  evaluation (e.g. `relabel`, `no_dam_relabel` after `no_dam`); a row whose variant makes its
+  distillation its own (e.g. `rectify.at=init` for `X+rectify`, `no_dam` for `ltdd`) distils
+  itself (None)."""
   name, variant = split_variant(method)
   if config is None:
     if variant is not None:
@@ -134,8 +135,7 @@ def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None, metho
     return None
   base = parsed.distillation
   own = resume.stage_values(own_config, "distill")
-  methods = list(config.benchmark.methods)
-  rows = [m for m in methods if "@" in m and split_variant(m)[0] == base]
+  rows = [m for m in config.benchmark.methods if "@" in m and split_variant(m)[0] == base]
   if name == base and method in rows:  # `X@v` takes an `X@w` row's set only from an earlier row
     rows = rows[:rows.index(method)]
   candidates = [base, *rows] + ([f"{base}@{variant}"] if variant is not None else [])
