@@ -1,6 +1,7 @@
 """Balanced validation accuracy of the statistics-matching observer and teacher as they train.
 
   python bench/observer_probe.py --dataset=cifar10 --imbalance_factor=100 --epochs=60 --every=5
+  python bench/observer_probe.py --dataset=cifar10 --test=holdout --epochs=40 --every=5
   python bench/observer_probe.py --dataset=digits --epochs=20 --every=5
 
 Trains (or reopens) the observers of `method=unilevel` at the `evidence` profile (any
@@ -22,6 +23,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100", "digits"))
   parser.add_argument("--imbalance_factor", type=float, default=100.0)
+  parser.add_argument("--test", default="real", choices=("real", "holdout"),
+                      help="the CIFAR test split the validation split is taken beside")
   parser.add_argument("--epochs", type=int, default=60)
   parser.add_argument("--every", type=int, default=5)
   parser.add_argument("--set", action="append", default=[],
@@ -37,13 +40,14 @@ def main():
     c = digits_lt.get_config()
   else:
     c = cifar10_lt.cifar_config(f"profile=evidence,source=folder,"
-                                f"imbalance_factor={args.imbalance_factor}", args.dataset)
+                                f"test={args.test},imbalance_factor={args.imbalance_factor}",
+                                args.dataset)
   c.method = "unilevel"
   c.unilevel.observer_epochs = args.epochs
   for item in args.set:
     key, _, value = item.partition("=")
     c.unilevel[key] = type(c.unilevel[key])(value)
-  name = "_".join([args.dataset, f"if{c.data.imbalance_factor:g}", f"e{args.epochs}", *args.set])
+  name = "_".join([args.dataset, args.test, f"if{c.data.imbalance_factor:g}", f"e{args.epochs}", *args.set])
   ctx = pipeline.setup(c, os.path.join(args.workdir, name.replace("=", "")))
   start = time.time()
   classifier, _ = synthesize.stage_observers(ctx)

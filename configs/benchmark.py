@@ -30,16 +30,17 @@ EVIDENCE = ("random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+t
 def final_rows(best: str) -> tuple[str, ...]:
   """The final benchmark's rows (`grid=final`): the baselines, the three trajectory-matching
   methods (LTDD-style with and without DAM), the statistics-matching method, rectification on the
-  soft-label sets and both plugins on `best`; then each row but the rectified ones (whose stored
-  labels a relabelled network never reads) again under the teacher-relabel protocol, an
-  evaluation-only row that takes its base row's set."""
+  soft-label sets and both plugins on `best`; then each row again under the teacher-relabel
+  protocol, an evaluation-only row that takes its base row's set, but the rectified rows (whose
+  stored labels a relabelled network never reads) and the two-stage ones (the protocol relabels
+  a flat network's class targets)."""
   base = ("random", "herding", "mtt", "datm", "datm+rectify", "ltdd", "ltdd@no_dam", "unilevel",
           "unilevel+rectify")
   name, at, variant = best.partition("@")
   plugins = tuple(f"{name}+{p}{at}{variant}" for p in ("hierarchical", "two_stage"))
   fixed = base + tuple(p for p in plugins if p not in base)
-  relabel = tuple(f"{m}_relabel" if "@" in m else f"{m}@relabel" for m in fixed
-                  if "+rectify" not in m)  # relabelled networks never read the stored labels
+  flat = lambda m: not any(f"+{p}" in m for p in ("rectify", "hierarchical", "two_stage"))
+  relabel = tuple(f"{m}_relabel" if "@" in m else f"{m}@relabel" for m in fixed if flat(m))
   return fixed + relabel
 
 

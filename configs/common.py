@@ -220,6 +220,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.unilevel.observer_momentum = 0.9
   c.unilevel.observer_weight_decay = 5e-3
   c.unilevel.observer_batch_size = 64
+  c.unilevel.observer_schedule = "warmup_cosine"  # warmup_cosine (GLMC, per epoch) | constant
+  c.unilevel.observer_warmup = 0.05           # share of the epochs warming up (GLMC: 10 of 200)
   c.unilevel.observer_dsa = True
   c.unilevel.observer_projection_dim = 128
   c.unilevel.observer_q = 0.8                 # debias weights ~ n_k^-q

@@ -8,9 +8,12 @@
 `search` names what is searched: `hierarchical` (the plugin's lambdas, grouping strategy and
 number of groups), `grouping` (the grouping strategy, number of groups (0: as `max_imbalance`
 cuts them) and two-stage architecture, method mtt+two_stage: one distillation serves every
-candidate), `distill` (MTT's start window and image lr) or `labels` (the soft labels' lr, method
-datm). Every combination of `tuning.search` is one run evaluated on validation;
-`W/selection.md` lists them, `W/selection.json` names the choice. Resumable: rerun the same command.
+candidate), `distill` (MTT's start window and image lr), `labels` (the soft labels' lr, method
+datm), `synthesis` (statistics matching's Adam iterations and lr on the pixels, method
+unilevel: one set of observers serves every candidate) or `statistics` (the weight of its
+batch-norm statistics term). Every combination of `tuning.search` is one run evaluated on
+validation; `W/selection.md` lists them, `W/selection.json` names the choice. Resumable: rerun
+the same command.
 """
 
 import ml_collections
@@ -24,9 +27,13 @@ SEARCHES = {
                  "two_stage": {"arch": ("separate", "shared")}},
     "distill": {"distill": {"max_start_epoch": (10, 20), "lr_img": (100.0, 1000.0)}},
     "labels": {"datm": {"lr_label": (2.0, 10.0)}},
+    "synthesis": {"unilevel": {"iterations": (1, 100, 1000), "lr": (0.005, 0.05)}},
+    # The statistics term's weight at 100 Adam steps of lr 0.005 (`synthesis`'s 0.01 row).
+    "statistics": {"unilevel": {"statistics_weight": (1.0, 100.0), "iterations": (100,),
+                                "lr": (0.005,)}},
 }
 DEFAULT_METHOD = {"hierarchical": "mtt+hierarchical", "grouping": "mtt+two_stage", "distill": "mtt",
-                  "labels": "datm"}
+                  "labels": "datm", "synthesis": "unilevel", "statistics": "unilevel"}
 
 
 def get_config(arg=None):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Callable, Protocol
 
@@ -82,6 +83,9 @@ class Recipe:
     keys: the per-epoch keys (`seeds.EpochKeys`).
     decay_epoch: from this epoch (0-based) on the lr is lr * 0.1 (the evaluation protocol's step
       at half the epochs); None: constant.
+    warmup_epochs: the first epochs' lr rises linearly, lr * (epoch + 1) / warmup_epochs.
+    cosine: after the warm-up the lr follows a cosine from lr towards 0 over the remaining
+      epochs, per epoch (GLMC's schedule, which the statistics-matching observers take).
     ensemble_impl: how the networks run in one program (`over_ensemble`).
     kernel: one network's epoch, (apply_fn, spec, state, key, lr, data) -> (state, loss), when
       not `training.train_epoch` (e.g. the statistics-matching observers' two-view epoch); a
@@ -98,9 +102,16 @@ class Recipe:
   decay_epoch: int | None = None
   ensemble_impl: str = "auto"
   kernel: Any = None
+  warmup_epochs: int = 0
+  cosine: bool = False
 
   def lr_at(self, epoch: int) -> float:
     """The lr of epoch `epoch` (0-based)."""
+    if epoch < self.warmup_epochs:
+      return self.lr * (epoch + 1) / self.warmup_epochs
+    if self.cosine:
+      span = self.epochs - self.warmup_epochs + 1
+      return self.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - self.warmup_epochs + 1) / span))
     if self.decay_epoch is None or epoch < self.decay_epoch:
       return self.lr
     return self.lr * 0.1

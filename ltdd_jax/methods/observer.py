@@ -28,6 +28,8 @@ from ltdd_jax import errors, models
 from ltdd_jax.core import augment, training
 
 NORMALISATIONS = ("mean", "sum")
+# The observers' lr per epoch: a linear warm-up, then a cosine towards 0 (GLMC's), or constant.
+SCHEDULES = ("warmup_cosine", "constant")
 
 
 def debias_weights(counts: np.ndarray, q: float, normalise: str = "mean") -> np.ndarray:

@@ -138,7 +138,8 @@ def check_config(config) -> None:
       p.add("distill.max_start_epoch", f"+ distill.expert_epochs ({config.distill.expert_epochs}) "
             f"= {need} exceeds experts.epochs ({config.experts.epochs}); lower them or train "
             "longer experts")
-  if method.base.kind == registry.STATISTICS:
+  # The observers serve statistics matching and every relabelled evaluation (their teacher).
+  if method.base.kind == registry.STATISTICS or config.evaluate.protocol == "relabel":
     for key in ("unilevel.observer_epochs", "unilevel.observer_batch_size",
                 "unilevel.observer_projection_dim", "unilevel.recalibration_batch",
                 "unilevel.iterations", "unilevel.crops", "distill.checkpoint_every",
@@ -152,6 +153,10 @@ def check_config(config) -> None:
                 "unilevel.first_multiplier"):
       p.at_least(key, 0)
     p.one_of("unilevel.observer_normalise", observer.NORMALISATIONS)
+    p.one_of("unilevel.observer_schedule", observer.SCHEDULES)
+    if not 0 <= config.unilevel.observer_warmup < 1:
+      p.add("unilevel.observer_warmup", "is the share of the observers' epochs spent warming up: "
+            "in [0, 1)")
     if not 0 < config.unilevel.min_scale <= 1:
       p.add("unilevel.min_scale", "is the least area share a crop keeps: in (0, 1]")
     for key in ("unilevel.beta1", "unilevel.beta2"):

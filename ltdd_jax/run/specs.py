@@ -198,8 +198,18 @@ def observer_recipe(config, data) -> tuple[ensemble.Recipe, models.ModelSpec]:
       net, train, u.observer_lr, u.observer_epochs, 2,
       init_seed=seeds.offset(config.seed, seeds.OBSERVERS),
       keys=seeds.EpochKeys(seeds.offset(config.seed, seeds.OBSERVERS), first_fold=1),
-      ensemble_impl=spec.ensemble_impl, kernel=kernel)
+      ensemble_impl=spec.ensemble_impl, kernel=kernel,
+      warmup_epochs=observer_warmup_epochs(config), cosine=u.observer_schedule == "warmup_cosine")
   return recipe, spec
+
+
+def observer_warmup_epochs(config) -> int:
+  """The observers' warm-up epochs: `unilevel.observer_warmup` of their epochs, rounded (none
+  under a constant lr)."""
+  u = config.unilevel
+  if u.observer_schedule != "warmup_cosine":
+    return 0
+  return int(round(u.observer_warmup * u.observer_epochs))
 
 
 def synthesis_spec(config) -> unilevel.SynthesisSpec:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -95,6 +97,16 @@ def test_lr_steps_down_at_the_decay_epoch_and_keys_fold_the_epoch():
   keys = seeds.EpochKeys(3, first_fold=1)
   expected = jax.random.split(jax.random.fold_in(jax.random.key(3), 1), 2)
   np.testing.assert_array_equal(jax.random.key_data(keys(0, 2)), jax.random.key_data(expected))
+
+
+def test_warmup_then_cosine_per_epoch():
+  recipe = dataclasses.replace(_recipe(epochs=10, lr=0.1), warmup_epochs=2, cosine=True)
+  lrs = [recipe.lr_at(e) for e in range(10)]
+  np.testing.assert_allclose(lrs[:2], [0.05, 0.1])  # linear warm-up to the lr
+  span = 10 - 2 + 1
+  np.testing.assert_allclose(lrs[2:], [0.05 * (1 + np.cos(np.pi * (e - 1) / span))
+                                       for e in range(2, 10)])
+  assert all(a > b for a, b in zip(lrs[1:], lrs[2:])) and 0 < lrs[-1] < 0.01  # falls towards 0
 
 
 class _ListStore:

@@ -7,7 +7,7 @@ import pytest
 
 from ltdd_jax import errors
 from ltdd_jax.methods import distill
-from ltdd_jax.run import benchmark, pipeline
+from ltdd_jax.run import benchmark, checks, pipeline
 from conftest import CLI_DSA
 
 
@@ -189,9 +189,10 @@ def test_variant_rows_take_their_overrides_and_the_right_base_set(tmp_path, monk
 @pytest.mark.parametrize("dataset,factors", [("cifar10", (100.0, 10.0)), ("cifar100", (50.0, 10.0))])
 @pytest.mark.parametrize("best", ["unilevel", "ltdd@no_dam"])
 def test_final_grid_rows_take_sets_only_from_earlier_rows(tmp_path, dataset, factors, best):
-  """`grid=final`: every row under both protocols (rectified rows under `fixed` only), both
-  plugins on `best`, and a row that reuses a set takes it from an earlier row of its cell, so the
-  cells run in order with no cycle (`ltdd@no_dam` distils; `ltdd@no_dam_relabel` takes it)."""
+  """`grid=final`: every row under both protocols (rectified and two-stage rows under `fixed`
+  only), both plugins on `best`, every cell a valid config, and a row that reuses a set takes it
+  from an earlier row of its cell, so the cells run in order with no cycle (`ltdd@no_dam`
+  distils; `ltdd@no_dam_relabel` takes it)."""
   from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
   config = benchmark_config.get_config(f"profile=evidence,grid=final,dataset={dataset},best={best}")
   assert tuple(config.benchmark.imbalance_factors) == factors and config.benchmark.include_full
@@ -199,9 +200,11 @@ def test_final_grid_rows_take_sets_only_from_earlier_rows(tmp_path, dataset, fac
   name, _, variant = best.partition("@")
   assert {f"{name}+hierarchical", f"{name}+two_stage"} <= {m.split("@")[0] for m in methods}
   fixed = [m for m in methods if "relabel" not in m]
-  assert len(methods) == 2 * len(fixed) - sum("+rectify" in m for m in fixed)
+  flat = [m for m in fixed if not any(p in m for p in ("+rectify", "+hierarchical", "+two_stage"))]
+  assert len(methods) == len(fixed) + len(flat) and "random@relabel" in methods
   place = {m: i for i, m in enumerate(methods)}
   for m in methods:
+    checks.check_config(benchmark.cell_config(config, factors[0], 10, m, tmp_path))
     source = benchmark.distilling_cell(tmp_path, factors[0], 10, m, config)
     if source is not None:
       taken = methods[[benchmark.cell_name(factors[0], 10, r) for r in methods].index(source.name)]

@@ -64,6 +64,10 @@ BAD_CONFIGS = [
     ({"method": "datm+rectify", "rectify.mode": "validation", "data.validation_per_class": 0},
      "rectify.mode='validation': chooses tau on the validation split"),
     ({"rectify.at": "start"}, "rectify.at='start'"),
+    ({"method": "unilevel", "unilevel.observer_schedule": "cosine"},
+     "unilevel.observer_schedule='cosine'"),
+    ({"evaluate.protocol": "relabel", "unilevel.observer_warmup": 1.0},
+     "unilevel.observer_warmup=1.0"),
     # Checks that need the data (class sizes, the class list).
     ({"distill.ipc": 1000, "distill.allow_duplicates": False}, "distill.ipc=1000"),
     ({"method": "mtt+two_stage", "grouping.strategy": "manual",

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import types
 
 import ml_collections
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import CLI_DSA, tiny_config
 from ltdd_jax import errors
 from ltdd_jax.core import ensemble
 from ltdd_jax.methods import observer
-from ltdd_jax.run import pipeline
+from ltdd_jax.run import pipeline, specs
 
 TINY = ["--config.model.depth=2", "--config.model.width=8", "--config.unilevel.observer_epochs=2",
         "--config.unilevel.observer_batch_size=64", "--config.unilevel.iterations=4",
@@ -76,3 +77,18 @@ def test_too_few_crops_for_the_ipc_fail_before_training(tmp_path):
   with pytest.raises(errors.InputError, match="raise unilevel.crops"):
     pipeline.setup(config, tmp_path / "w")
 
+
+
+def test_observer_lr_warms_up_then_falls_on_a_cosine(tmp_path):
+  config = tiny_config(tmp_path)
+  config.unilevel.observer_epochs = 40
+  data = types.SimpleNamespace(num_classes=3, train_labels=np.zeros(64, np.int32))
+  recipe, _ = specs.observer_recipe(config, data)
+  lr = config.unilevel.observer_lr
+  assert recipe.warmup_epochs == 2 and recipe.cosine  # 5% of 40 epochs
+  lrs = [recipe.lr_at(e) for e in range(40)]
+  assert lrs[:2] == [lr / 2, lr] and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+  assert lrs[-1] < 0.01 * lr
+  config.unilevel.observer_schedule = "constant"
+  recipe, _ = specs.observer_recipe(config, data)
+  assert recipe.warmup_epochs == 0 and {recipe.lr_at(e) for e in range(40)} == {lr}

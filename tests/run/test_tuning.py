@@ -83,6 +83,9 @@ def test_candidates_share_experts_only_when_their_expert_settings_agree(tmp_path
                                    "two_stage.arch"}),
     ("distill", "mtt", {"distill.max_start_epoch", "distill.lr_img"}),
     ("labels", "datm", {"datm.lr_label"}),
+    ("synthesis", "unilevel", {"unilevel.iterations", "unilevel.lr"}),
+    ("statistics", "unilevel", {"unilevel.statistics_weight", "unilevel.iterations",
+                                "unilevel.lr"}),
 ])
 def test_tune_config_searches(search, method, keys):
   from configs import tune  # pylint: disable=g-import-not-at-top
