@@ -47,7 +47,8 @@ def main():
   for item in args.set:
     key, _, value = item.partition("=")
     c.unilevel[key] = type(c.unilevel[key])(value)
-  name = "_".join([args.dataset, args.test, f"if{c.data.imbalance_factor:g}", f"e{args.epochs}", *args.set])
+  name = "_".join([args.dataset, args.test, f"if{c.data.imbalance_factor:g}", f"e{args.epochs}",
+                   *args.set])
   ctx = pipeline.setup(c, os.path.join(args.workdir, name.replace("=", "")))
   start = time.time()
   classifier, _ = synthesize.stage_observers(ctx)

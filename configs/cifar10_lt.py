@@ -134,8 +134,11 @@ def cifar_config(arg, dataset: str):
     c.evaluate.full_lr = c.experts.lr
     c.evaluate.cross_arch_width = 16
     # Statistics matching: 40 observer epochs (~18 min at IF 100 for the observer and the
-    # teacher), the teacher's last epoch at 58.9% balanced validation accuracy (bench/RESULTS.md).
+    # teacher), and the synthesis chosen on the validation split at IF 100, IPC 10 under
+    # `relabel` among 1 / 100 / 1,000 Adam steps, lr 0.005 / 0.05 and statistics weight
+    # 0.01 / 1 / 100 (`configs/tune.py:search=synthesis` and `statistics`; bench/RESULTS.md).
     c.unilevel.observer_epochs = 40
+    c.unilevel.iterations, c.unilevel.lr, c.unilevel.statistics_weight = 100, 0.005, 1.0
     c.update(ipc_settings(args.profile, args.ipc, dataset))
   elif args.profile == "paper":
     # The published CIFAR-10(-LT) settings, side by side with their sources in docs/protocol.md.

@@ -147,8 +147,8 @@ def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None, metho
 def check_cells(config, workdir: pathlib.Path, grid) -> None:
   """Every cell's config checked before any cell runs, so a typo in the last row fails in
   seconds (`InputError` naming the row), not after the first cells' experts; and within each
-  imbalance factor, every cell's data and expert settings equal (its cells share one dataset and
-  one expert folder, so a variant may not change them)."""
+  imbalance factor, every cell's data, expert and observer settings equal (its cells share one
+  dataset, one expert folder and one teacher, so a variant may not change them)."""
   shared = {}
   for factor, ipc, method in grid:
     try:
@@ -157,7 +157,7 @@ def check_cells(config, workdir: pathlib.Path, grid) -> None:
       distilling_cell(workdir, factor, ipc, method, config)
     except errors.InputError as e:
       raise errors.InputError(f"benchmark cell IF {factor:g} IPC {ipc} {method}: {e}") from e
-    values = resume.stage_values(c, "experts", classifier=True)
+    values = resume.shared_values(c)
     first = shared.setdefault(factor, (method, values))
     if values != first[1]:
       changed = [line.partition(":")[0] for line in resume.differences(first[1], values)]

@@ -105,6 +105,15 @@ def stage_values(config, stage: str, classifier: bool = False) -> dict:
   return keep
 
 
+def shared_values(config) -> dict:
+  """The values every cell of one benchmark factor shares, whichever method its row runs: seed,
+  data, augmentation, model, the trajectory experts' and the observers' settings (the cells
+  share one dataset, one expert folder and one teacher)."""
+  prefixes = ("data.", "dsa.", "model.", "experts.", "unilevel.observer_")
+  keep = {k: v for k, v in flatten(config).items() if k.startswith(prefixes) and k not in _NEUTRAL}
+  return {**keep, "seed": config.seed}
+
+
 def differences(recorded: dict, current: dict) -> list[str]:
   """`key: recorded -> now` lines for every key whose value differs (or exists on one side)."""
   keys = sorted(set(recorded) | set(current))

@@ -7,7 +7,7 @@ import pytest
 
 from ltdd_jax import errors
 from ltdd_jax.methods import distill
-from ltdd_jax.run import benchmark, checks, pipeline
+from ltdd_jax.run import benchmark, pipeline
 from conftest import CLI_DSA
 
 
@@ -203,8 +203,9 @@ def test_final_grid_rows_take_sets_only_from_earlier_rows(tmp_path, dataset, fac
   flat = [m for m in fixed if not any(p in m for p in ("+rectify", "+hierarchical", "+two_stage"))]
   assert len(methods) == len(fixed) + len(flat) and "random@relabel" in methods
   place = {m: i for i, m in enumerate(methods)}
+  # Every cell is valid, and trajectory, statistics and baseline rows share one factor's settings.
+  benchmark.check_cells(config, tmp_path, benchmark.cells(config))
   for m in methods:
-    checks.check_config(benchmark.cell_config(config, factors[0], 10, m, tmp_path))
     source = benchmark.distilling_cell(tmp_path, factors[0], 10, m, config)
     if source is not None:
       taken = methods[[benchmark.cell_name(factors[0], 10, r) for r in methods].index(source.name)]
@@ -236,6 +237,7 @@ def test_a_variant_that_moves_rectification_to_init_distils_itself(tmp_path):
     ("ltdd@typo", "sets a key the config does not have"),
     ("ltdd@owned", "which the grid sets per row"),
     ("ltdd@wider", "changes model.width against row 'full'"),  # the factor's shared experts
+    ("unilevel@shorter", "changes unilevel.observer_epochs against row 'full'"),  # its teacher
 ])
 def test_a_bad_row_fails_before_any_cell_runs(tmp_path, monkeypatch, row, message):
   from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
@@ -244,6 +246,7 @@ def test_a_bad_row_fails_before_any_cell_runs(tmp_path, monkeypatch, row, messag
     config.benchmark.variants.typo = {"ltdd": {"damm": False}}
     config.benchmark.variants.owned = {"experts": {"directory": "elsewhere"}}
     config.benchmark.variants.wider = {"model": {"width": 64}}
+    config.benchmark.variants.shorter = {"unilevel": {"observer_epochs": 3}}
   config.benchmark.methods = ("random", "mtt", row)  # the bad row last
   monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: pytest.fail("a cell ran"))
   with pytest.raises(errors.InputError, match=message):
