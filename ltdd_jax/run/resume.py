@@ -84,12 +84,10 @@ def stage_values(config, stage: str, classifier: bool = False) -> dict:
   """
   if stage not in STAGES:
     raise errors.InputError(f"Unknown stage {stage!r}; accepted: {STAGES}.")
-  flat = flatten(config)
   method = specs.method(config)
   if stage == "observers":
-    keep = {k: v for k, v in flat.items()
-            if k.startswith(("data.", "dsa.", "model.", "unilevel.observer_")) and k not in _NEUTRAL}
-    return {**keep, "seed": config.seed}
+    return _selected(config, ("data.", "dsa.", "model.", "unilevel.observer_"))
+  flat = flatten(config)
   statistics = method.base.kind == registry.STATISTICS
   sections = ["data.", "dsa.", "model."] + ([] if statistics else ["experts."])
   if stage == "distill":  # Only the option groups the method reads.
@@ -105,13 +103,17 @@ def stage_values(config, stage: str, classifier: bool = False) -> dict:
   return keep
 
 
+def _selected(config, prefixes: tuple[str, ...]) -> dict:
+  """The seed and every non-neutral config value under `prefixes`."""
+  keep = {k: v for k, v in flatten(config).items() if k.startswith(prefixes) and k not in _NEUTRAL}
+  return {**keep, "seed": config.seed}
+
+
 def shared_values(config) -> dict:
   """The values every cell of one benchmark factor shares, whichever method its row runs: seed,
   data, augmentation, model, the trajectory experts' and the observers' settings (the cells
   share one dataset, one expert folder and one teacher)."""
-  prefixes = ("data.", "dsa.", "model.", "experts.", "unilevel.observer_")
-  keep = {k: v for k, v in flatten(config).items() if k.startswith(prefixes) and k not in _NEUTRAL}
-  return {**keep, "seed": config.seed}
+  return _selected(config, ("data.", "dsa.", "model.", "experts.", "unilevel.observer_"))
 
 
 def differences(recorded: dict, current: dict) -> list[str]:

@@ -194,22 +194,15 @@ def observer_recipe(config, data) -> tuple[ensemble.Recipe, models.ModelSpec]:
                                    normalise=u.observer_normalise,
                                    robust_weight=u.observer_robust_weight,
                                    debias_weight=u.observer_debias_weight)
+  cosine = u.observer_schedule == "warmup_cosine"  # after `observer_warmup` of the epochs
   recipe = ensemble.Recipe(
       net, train, u.observer_lr, u.observer_epochs, 2,
       init_seed=seeds.offset(config.seed, seeds.OBSERVERS),
       keys=seeds.EpochKeys(seeds.offset(config.seed, seeds.OBSERVERS), first_fold=1),
       ensemble_impl=spec.ensemble_impl, kernel=kernel,
-      warmup_epochs=observer_warmup_epochs(config), cosine=u.observer_schedule == "warmup_cosine")
+      warmup_epochs=int(round(u.observer_warmup * u.observer_epochs)) if cosine else 0,
+      cosine=cosine)
   return recipe, spec
-
-
-def observer_warmup_epochs(config) -> int:
-  """The observers' warm-up epochs: `unilevel.observer_warmup` of their epochs, rounded (none
-  under a constant lr)."""
-  u = config.unilevel
-  if u.observer_schedule != "warmup_cosine":
-    return 0
-  return int(round(u.observer_warmup * u.observer_epochs))
 
 
 def synthesis_spec(config) -> unilevel.SynthesisSpec:
