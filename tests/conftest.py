@@ -30,6 +30,21 @@ CHEAP_DSA = "crop_flip"
 CLI_DSA = f"--config.dsa.strategy={CHEAP_DSA}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the whole run, every program stored: a program one
+  pytest-xdist worker or CLI subprocess compiled is loaded by the others, not compiled again.
+  It lives in the run's temporary folder (both workers' common parent), so every run starts
+  cold, as CI does; the subprocesses inherit it through the environment."""
+  import jax  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  directory = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 @pytest.fixture
 def digits_config(tmp_path):
   """The digits config shrunk for tests, writing caches under tmp_path."""

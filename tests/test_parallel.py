@@ -42,5 +42,7 @@ def test_compilation_cache_stores_programs(tmp_path):
       "from ltdd_jax import parallel\n"
       f"parallel.use_compilation_cache({str(tmp_path / 'xla')!r}, min_compile_seconds=0.0)\n"
       "jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()\n")
-  subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "XLA_FLAGS": ""})
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+         and k != "JAX_COMPILATION_CACHE_DIR"}  # not the test run's own cache
+  subprocess.run([sys.executable, "-c", script], check=True, env={**env, "XLA_FLAGS": ""})
   assert any((tmp_path / "xla").iterdir())

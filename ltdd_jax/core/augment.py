@@ -175,3 +175,38 @@ def augment(key: jax.Array, images: jax.Array, spec: DSASpec) -> jax.Array:
   which = jax.random.randint(pick_key, (), 0, len(families))
   branches = [functools.partial(_FNS[f], spec=spec) for f in families]
   return jax.lax.switch(which, branches, key, images)
+
+
+def cutmix_box(key: jax.Array, lam: jax.Array, height: int, width: int) -> jax.Array:
+  """[H, W] float mask, 1 inside a box of area ~ (1 - lam) H W at a uniform centre (clipped at
+  the border), 0 elsewhere: where CutMix pastes the partner image."""
+  cut = jnp.sqrt(1.0 - lam)
+  kh, kw = jax.random.split(key)
+  cy = jax.random.uniform(kh, (), minval=0, maxval=height)
+  cx = jax.random.uniform(kw, (), minval=0, maxval=width)
+  half_h, half_w = cut * height / 2, cut * width / 2
+  rows = jnp.arange(height)[:, None] + 0.5
+  cols = jnp.arange(width)[None, :] + 0.5
+  return ((jnp.abs(rows - cy) < half_h) & (jnp.abs(cols - cx) < half_w)).astype(jnp.float32)
+
+
+def cutmix(key: jax.Array, images: jax.Array, beta: float = 1.0) -> tuple[jax.Array, jax.Array,
+                                                                          jax.Array]:
+  """CutMix of a batch with a random permutation of itself (Yun et al. 2019; the student recipe
+  of RDED and SRe2L): one lam ~ Beta(beta, beta) and one box (`cutmix_box`) for the batch.
+
+  Args:
+    key: PRNG key.
+    images: [N, H, W, C].
+    beta: the Beta distribution's parameter.
+
+  Returns:
+    (mixed images [N, H, W, C], partner index [N] (image i's box comes from image partner[i]),
+    kept: the share of every image that is still its own, a scalar in [0, 1]).
+  """
+  k_perm, k_lam, k_box = jax.random.split(key, 3)
+  partner = jax.random.permutation(k_perm, images.shape[0])
+  lam = jax.random.beta(k_lam, beta, beta)
+  box = cutmix_box(k_box, lam, images.shape[1], images.shape[2])[None, :, :, None]
+  mixed = images * (1.0 - box) + images[partner] * box
+  return mixed, partner, 1.0 - box.mean()

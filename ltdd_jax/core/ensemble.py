@@ -86,6 +86,8 @@ class Recipe:
     warmup_epochs: the first epochs' lr rises linearly, lr * (epoch + 1) / warmup_epochs.
     cosine: after the warm-up the lr follows a cosine from lr towards 0 over the remaining
       epochs, per epoch (GLMC's schedule, which the statistics-matching observers take).
+    half_cosine: the lr is lr * (1 + cos(pi * epoch / (2 * epochs))) / 2 per epoch, from lr to
+      about lr / 2 (RDED's student schedule: a cosine over twice the epochs, its first half).
     ensemble_impl: how the networks run in one program (`over_ensemble`).
     kernel: one network's epoch, (apply_fn, spec, state, key, lr, data) -> (state, loss), when
       not `training.train_epoch` (e.g. the statistics-matching observers' two-view epoch); a
@@ -104,9 +106,12 @@ class Recipe:
   kernel: Any = None
   warmup_epochs: int = 0
   cosine: bool = False
+  half_cosine: bool = False
 
   def lr_at(self, epoch: int) -> float:
     """The lr of epoch `epoch` (0-based)."""
+    if self.half_cosine:
+      return self.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / (2 * self.epochs)))
     if epoch < self.warmup_epochs:
       return self.lr * (epoch + 1) / self.warmup_epochs
     if self.cosine:

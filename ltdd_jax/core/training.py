@@ -3,7 +3,8 @@
 Everything here is pure and written for one network; `core.ensemble` runs it for every network of an
 ensemble (K experts, T evaluation networks) inside one compiled program. The optimiser is PyTorch's
 SGD (weight decay added to the gradient, momentum without dampening), the one every published
-dataset-distillation result uses, built from optax.
+trajectory-matching result uses, or PyTorch's AdamW (the student recipe of the statistics-matching
+family's parents), built from optax.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 SAMPLINGS = ("instance", "class_balanced")
 LOSSES = ("ce", "balanced_softmax")
+OPTIMIZERS = ("sgd", "adamw")
+MIXES = ("none", "cutmix")
 
 
 WEIGHT_REDUCTIONS = ("batch", "weighted_mean")
@@ -78,6 +81,16 @@ class TrainSpec:
     segments: the logits are consecutive heads of these sizes (`models.MultiHead`) and the loss
       is the sum of each head's cross-entropy against its slice of the targets
       (`segmented_cross_entropy`); (): one head.
+    optimizer: `sgd` (PyTorch's SGD: `momentum`, L2 `weight_decay` on every parameter) or
+      `adamw` (PyTorch's AdamW, betas (0.9, 0.999), eps 1e-8, decoupled `weight_decay` on the
+      kernels alone: parameters of more than one dimension, as RDED's student groups them).
+    mix: `cutmix` pastes a box of a permuted batch into every augmented batch
+      (`augment.cutmix`, lam ~ Beta(mix_beta, mix_beta)); stored targets mix by the area each
+      image keeps, a teacher relabels the mixed images; `none`: no mixing.
+    mix_beta: CutMix's Beta parameter.
+    temperature: the loss is the cross-entropy of the targets against softmax(logits /
+      temperature): knowledge distillation at temperature T (its gradient is that of the KL
+      divergence RDED's student minimises, which differs by the targets' entropy).
   """
   batch_size: int
   steps_per_epoch: int
@@ -90,8 +103,16 @@ class TrainSpec:
   head_only: bool = False
   num_strata: int = 0
   segments: tuple[int, ...] = ()
+  optimizer: str = "sgd"
+  mix: str = "none"
+  mix_beta: float = 1.0
+  temperature: float = 1.0
 
   def __post_init__(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise errors.InputError(f"Unknown optimizer {self.optimizer!r}; accepted: {OPTIMIZERS}.")
+    if self.mix not in MIXES:
+      raise errors.InputError(f"Unknown mix {self.mix!r}; accepted: {MIXES}.")
     if self.sampling not in SAMPLINGS:
       raise errors.InputError(f"Unknown sampling {self.sampling!r}; accepted: {SAMPLINGS}.")
     if self.loss not in LOSSES:
@@ -188,6 +209,20 @@ def epoch_indices(key: jax.Array, labels: jax.Array, spec: TrainSpec) -> jax.Arr
   return idx.reshape(spec.steps_per_epoch, spec.batch_size)
 
 
+def soft_targets(targets: jax.Array, num_classes: int) -> jax.Array:
+  """[B, C] target probabilities of [B] int labels (one-hot) or [B, C] soft targets (as they are)."""
+  return jax.nn.one_hot(targets, num_classes) if targets.ndim == 1 else targets
+
+
+def cutmix_batch(key: jax.Array, images: jax.Array, targets: jax.Array,
+                 spec: TrainSpec) -> tuple[jax.Array, jax.Array]:
+  """A CutMix of an augmented batch (`augment.cutmix`, Beta(`spec.mix_beta`)) and its stored
+  targets mixed by area: kept x own + (1 - kept) x partner's ([B, C] probabilities)."""
+  mixed, partner, kept = augment.cutmix(key, images, spec.mix_beta)
+  own = soft_targets(targets, spec.num_classes)
+  return mixed, kept * own + (1.0 - kept) * own[partner]
+
+
 def sgd(spec: TrainSpec, lr: jax.Array | float) -> optax.GradientTransformation:
   """PyTorch's SGD as optax: g += weight_decay * p; v = momentum * v + g; p -= lr * v.
 
@@ -197,11 +232,24 @@ def sgd(spec: TrainSpec, lr: jax.Array | float) -> optax.GradientTransformation:
                      optax.sgd(lr, momentum=spec.momentum))
 
 
+def adamw(spec: TrainSpec, lr: jax.Array | float) -> optax.GradientTransformation:
+  """PyTorch's AdamW as optax: p -= lr * (m_hat / (sqrt(v_hat) + 1e-8) + weight_decay * p), the
+  decay on kernels (leaves of more than one dimension) alone; biases and norm scales are not
+  decayed. `lr` may be traced (the moments do not depend on it)."""
+  return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=spec.weight_decay,
+                     mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+
+
+def optimizer(spec: TrainSpec, lr: jax.Array | float) -> optax.GradientTransformation:
+  """The spec's optimiser (`sgd` or `adamw`) at learning rate `lr`."""
+  return adamw(spec, lr) if spec.optimizer == "adamw" else sgd(spec, lr)
+
+
 def init_state(spec: TrainSpec, params: PyTree) -> PyTree:
-  """One network's training state {params, opt_state} (the momentum buffer of what it trains:
-  the head alone under `head_only`)."""
+  """One network's training state {params, opt_state} (the optimiser's buffers of what it
+  trains: the head alone under `head_only`)."""
   trained = params["head"] if spec.head_only else params
-  return {"params": params, "opt_state": sgd(spec, 0.0).init(trained)}
+  return {"params": params, "opt_state": optimizer(spec, 0.0).init(trained)}
 
 
 def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Array, lr: jax.Array,
@@ -228,10 +276,12 @@ def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Arra
   strata = jnp.asarray(data["strata"]) if "strata" in data else labels
   batches = epoch_indices(order_key, strata, spec)
   log_prior = jnp.log(jnp.bincount(labels, length=spec.num_classes).astype(jnp.float32) + 1e-12)
-  tx = sgd(spec, lr)
+  tx = optimizer(spec, lr)
 
   def loss_fn(p, x, t):
     logits = apply_fn(p, x)
+    if spec.temperature != 1.0:
+      logits = logits / spec.temperature
     if spec.segments:
       return segmented_cross_entropy(logits, t, spec.segments)
     if spec.loss == "balanced_softmax":
@@ -242,9 +292,15 @@ def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Arra
     p, opt_state = carry
     idx, k = inputs
     x = images[idx]
+    if spec.mix != "none":  # Only then is the key split: unmixed training draws as it always has.
+      k, mix_key = jax.random.split(k)
     if spec.augment is not None:
       x = augment.augment(k, x, spec.augment)
-    t = targets[idx] if targets_fn is None else targets_fn(data, x)
+    if spec.mix == "none":
+      t = targets[idx] if targets_fn is None else targets_fn(data, x)
+    else:
+      x, t = cutmix_batch(mix_key, x, targets[idx], spec)
+      t = t if targets_fn is None else targets_fn(data, x)
     if spec.head_only:  # Differentiate w.r.t. the head alone; the backbone is a constant.
       loss, grads = jax.value_and_grad(lambda h: loss_fn({**p, "head": h}, x, t))(p["head"])
       updates, opt_state = tx.update(grads, opt_state, p["head"])

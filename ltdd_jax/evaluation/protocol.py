@@ -100,6 +100,50 @@ class HeldOut:
     return len(self.counts)
 
 
+STUDENT_SCHEDULES = ("step", "half_cosine")
+
+
+def rded_batch_size(ipc: int | None, num_classes: int) -> int:
+  """RDED's student batch by images per class: 10 at IPC 1, 50 below IPC 50, 100 from it (and
+  for a whole set, IPC None), doubled for 100 classes or more (capped at the set by `recipe`)."""
+  batch = 10 if ipc is not None and ipc <= 1 else 50 if ipc is not None and ipc < 50 else 100
+  return 2 * batch if num_classes >= 100 else batch
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentRecipe:
+  """How evaluation networks train under a teacher that relabels every batch, in place of the
+  protocol's own SGD recipe (`evaluate.relabel_recipe=rded`: RDED's student, which SRe2L, EDC and
+  the statistics-matching family evaluate with). Defaults are RDED's for ConvNet-3 on CIFAR-10.
+
+  Attributes:
+    optimizer: `adamw` or `sgd` (`training.TrainSpec.optimizer`).
+    lr: the learning rate (the set's learned lr is not used).
+    weight_decay: AdamW's decoupled decay (on kernels alone), or SGD's L2.
+    schedule: `half_cosine` (`ensemble.Recipe.half_cosine`) or `step` (lr / 10 at half).
+    batch_size: images per step; 0: RDED's by IPC (`rded_batch_size`).
+    mix: `cutmix` (the teacher labels the mixed batch) or `none`.
+    mix_beta: CutMix's Beta parameter.
+    augment: the augmentation before mixing (RDED on 32x32 images: a horizontal flip, its
+      RandomResizedCrop of scale (1, 1) keeping the whole image); None: none.
+    temperature: teacher and student logits both divided by it (KD at temperature T).
+  """
+  optimizer: str = "adamw"
+  lr: float = 0.001
+  weight_decay: float = 0.01
+  schedule: str = "half_cosine"
+  batch_size: int = 0
+  mix: str = "cutmix"
+  mix_beta: float = 1.0
+  augment: augment.DSASpec | None = augment.DSASpec(strategy="flip", siamese=False)
+  temperature: float = 20.0
+
+  def __post_init__(self):
+    if self.schedule not in STUDENT_SCHEDULES:
+      raise errors.InputError(f"Unknown student schedule {self.schedule!r}; accepted: "
+                              f"{STUDENT_SCHEDULES}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """How evaluation networks train and test (DESIGN §5).
@@ -115,6 +159,8 @@ class Protocol:
     test_batch_size: images per forward pass when testing.
     shot_rule: how classes split into many / medium / few.
     checkpoint_seconds: least time between two saves of a resumable evaluation's state.
+    relabel_student: how networks train when a teacher relabels their batches (`StudentRecipe`);
+      None: this protocol's recipe, only the targets change.
   """
   model: models.ModelSpec
   augment: augment.DSASpec | None
@@ -128,23 +174,37 @@ class Protocol:
   test_batch_size: int = 1000
   shot_rule: str = "thirds"
   checkpoint_seconds: float = 300.0
+  relabel_student: StudentRecipe | None = None
 
-  def recipe(self, model, train_set: LabelledSet, balance: training.Balance = training.Balance()) -> ensemble.Recipe:
+  def recipe(self, model, train_set: LabelledSet, balance: training.Balance = training.Balance(),
+             student: StudentRecipe | None = None) -> ensemble.Recipe:
     """The `Recipe` of the networks evaluating `train_set`: batch capped at the set size, an epoch
     of as many images as the set has (whatever the sampling), lr / 10 at half the epochs; a
-    `models.MultiHead` classifier's loss sums its heads' cross-entropies."""
-    batch = min(self.batch_size, len(train_set))
+    `models.MultiHead` classifier's loss sums its heads' cross-entropies. With a `student`
+    recipe, its optimiser, lr, schedule, batch, augmentation, mixing and temperature instead."""
+    num_outputs = models.num_outputs(model)
+    batch = self.batch_size
+    common = dict(momentum=self.momentum, weight_decay=self.weight_decay, augment=self.augment)
+    lr, schedule = train_set.lr, {"decay_epoch": train_set.epochs // 2}
+    if student is not None:
+      batch = student.batch_size or rded_batch_size(train_set.ipc, num_outputs)
+      common = dict(momentum=self.momentum, weight_decay=student.weight_decay,
+                    augment=student.augment, optimizer=student.optimizer, mix=student.mix,
+                    mix_beta=student.mix_beta, temperature=student.temperature)
+      lr = student.lr
+      if student.schedule == "half_cosine":
+        schedule = {"half_cosine": True}
+    batch = min(batch, len(train_set))
     spec = training.TrainSpec(batch_size=batch,
                               steps_per_epoch=training.steps_per_epoch(len(train_set), batch),
-                              momentum=self.momentum, weight_decay=self.weight_decay,
-                              num_classes=models.num_outputs(model),
+                              num_classes=num_outputs,
                               sampling=balance.sampling or "instance", loss=balance.loss or "ce",
-                              augment=self.augment, num_strata=balance.num_strata,
-                              segments=models.head_segments(model))
+                              num_strata=balance.num_strata,
+                              segments=models.head_segments(model), **common)
     return ensemble.Recipe(
-        model, spec, train_set.lr, train_set.epochs, self.num_models, init_seed=self.seed,
+        model, spec, lr, train_set.epochs, self.num_models, init_seed=self.seed,
         keys=seeds.EpochKeys(seeds.offset(self.seed, seeds.EVALUATION_DATA)),
-        decay_epoch=train_set.epochs // 2, ensemble_impl=self.model.ensemble_impl)
+        ensemble_impl=self.model.ensemble_impl, **schedule)
 
   def logits(self, model, params, images: np.ndarray) -> np.ndarray:
     """[T, N, C] logits of the T trained networks on `images`."""
@@ -269,10 +329,11 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
     EvaluationDivergedError: at the first epoch whose loss, or whose state where it is saved or
       returned, is not finite (nothing non-finite is saved).
   """
-  recipe = protocol.recipe(model, train_set, balance)
+  student = protocol.relabel_student if teacher is not None else None
+  recipe = protocol.recipe(model, train_set, balance, student)
   if teacher is not None:
-    recipe = dataclasses.replace(recipe, kernel=training.RelabelKernel(teacher.model,
-                                                                       teacher.temperature))
+    temperature = teacher.temperature if student is None else student.temperature
+    recipe = dataclasses.replace(recipe, kernel=training.RelabelKernel(teacher.model, temperature))
   store = None
   if checkpoint_dir is not None:
     fingerprint = set_fingerprint(train_set, recipe, protocol.num_models, teacher)

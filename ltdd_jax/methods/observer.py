@@ -94,19 +94,6 @@ def consistency_loss(projections: tuple[jax.Array, jax.Array],
   return -(_cosine(p1, z2) + _cosine(p2, z1)).mean()
 
 
-def cutmix_box(key: jax.Array, lam: jax.Array, height: int, width: int) -> jax.Array:
-  """[H, W] float mask, 1 inside a box of area ~ (1 - lam) H W at a uniform centre (clipped at
-  the border), 0 elsewhere: where CutMix pastes the partner image."""
-  cut = jnp.sqrt(1.0 - lam)
-  kh, kw = jax.random.split(key)
-  cy = jax.random.uniform(kh, (), minval=0, maxval=height)
-  cx = jax.random.uniform(kw, (), minval=0, maxval=width)
-  half_h, half_w = cut * height / 2, cut * width / 2
-  rows = jnp.arange(height)[:, None] + 0.5
-  cols = jnp.arange(width)[None, :] + 0.5
-  return ((jnp.abs(rows - cy) < half_h) & (jnp.abs(cols - cx) < half_w)).astype(jnp.float32)
-
-
 def mix_views(key: jax.Array, images: jax.Array, targets: jax.Array, partner_images: jax.Array,
               partner_targets: jax.Array) -> tuple[tuple[jax.Array, jax.Array],
                                                    tuple[jax.Array, jax.Array]]:
@@ -121,7 +108,7 @@ def mix_views(key: jax.Array, images: jax.Array, targets: jax.Array, partner_ima
   lam = jax.random.beta(k_lam, 1.0, 1.0)
   mixup = lam * images + (1.0 - lam) * partner_images
   mixup_targets = lam * targets + (1.0 - lam) * partner_targets
-  box = cutmix_box(k_box, lam, images.shape[1], images.shape[2])[None, :, :, None]
+  box = augment.cutmix_box(k_box, lam, images.shape[1], images.shape[2])[None, :, :, None]
   cutmix = images * (1.0 - box) + partner_images * box
   kept = 1.0 - box.mean()  # the share of the image that is still the batch's own
   cutmix_targets = kept * targets + (1.0 - kept) * partner_targets

@@ -15,6 +15,7 @@ from absl import logging
 from ltdd_jax import errors, models
 from ltdd_jax.core import augment, ensemble, matching, training
 from ltdd_jax.data import longtail, sources
+from ltdd_jax.evaluation import protocol as protocol_lib
 from ltdd_jax.methods import grouping, observer, rectify, registry, two_stage
 from ltdd_jax.models import layers
 from ltdd_jax.run import specs
@@ -23,6 +24,7 @@ SHOT_RULES = ("thirds", "thresholds")
 INIT_MODES = ("real", "noise")
 PREDICTIONS = ("soft", "hard")
 EVALUATION_PROTOCOLS = ("fixed", "relabel")
+RELABEL_RECIPES = ("protocol", "rded")
 
 
 class _Problems:
@@ -210,6 +212,16 @@ def check_config(config) -> None:
   p.one_of("grouping.prediction", PREDICTIONS)
   p.one_of("evaluate.protocol", EVALUATION_PROTOCOLS)
   p.positive("evaluate.relabel_temperature")
+  p.one_of("evaluate.relabel_recipe", RELABEL_RECIPES)
+  p.one_of("evaluate.rded.optimizer", training.OPTIMIZERS)
+  p.positive("evaluate.rded.lr")
+  p.at_least("evaluate.rded.weight_decay", 0)
+  p.one_of("evaluate.rded.schedule", protocol_lib.STUDENT_SCHEDULES)
+  p.at_least("evaluate.rded.batch_size", 0)
+  p.one_of("evaluate.rded.mix", training.MIXES)
+  p.positive("evaluate.rded.mix_beta")
+  p.one_of("evaluate.rded.augment", specs.STUDENT_AUGMENTS)
+  p.positive("evaluate.rded.temperature")
   if config.evaluate.protocol == "relabel" and method.two_stage:
     p.add("evaluate.protocol", "relabels the flat networks' class targets; the two-stage "
           "classifier's stages have none to relabel: use it with a method without +two_stage or "

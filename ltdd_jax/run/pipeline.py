@@ -459,7 +459,7 @@ def relabel_teacher(ctx: context_lib.RunContext) -> protocol_lib.Teacher | None:
   classifier, params = synthesize.stage_observers(ctx)
   own, _, stored, batch_stats = synthesize.calibrated(ctx, classifier, params, 1)
   return protocol_lib.Teacher(stored, {"params": own, "batch_stats": batch_stats},
-                              ctx.config.evaluate.relabel_temperature)
+                              specs_lib.teacher_temperature(ctx.config))
 
 
 def report_name(method: registry.Method, which: str, split: str) -> str:
@@ -511,6 +511,8 @@ def stage_evaluate(ctx: context_lib.RunContext, which: str = "synthetic", two_st
     raise errors.InputError(f"--set={which!r}: accepted synthetic, synthetic:PATH, "
                             f"{', '.join(registry.BASELINES)}.")
   report["evaluation_protocol"] = ctx.config.evaluate.protocol
+  if ctx.config.evaluate.protocol == "relabel":
+    report["relabel_recipe"] = ctx.config.evaluate.relabel_recipe
   report["wall_seconds"] = time.time() - start if clock is None else clock.total
   report["segment_seconds"] = time.time() - start if clock is None else clock.segment
   report.update(extra)

@@ -71,7 +71,28 @@ def protocol(config) -> protocol_lib.Protocol:
       num_models=ev.num_models, batch_size=ev.batch_size, momentum=ev.momentum,
       weight_decay=ev.weight_decay, archs=_tuples(ev.archs), cross_arch_width=ev.cross_arch_width,
       test_batch_size=ev.test_batch_size, shot_rule=config.data.shot_rule,
-      checkpoint_seconds=ev.checkpoint_seconds)
+      checkpoint_seconds=ev.checkpoint_seconds, relabel_student=relabel_student(config))
+
+
+STUDENT_AUGMENTS = ("flip", "dsa", "none")
+
+
+def relabel_student(config) -> protocol_lib.StudentRecipe | None:
+  """`config.evaluate.rded` under `evaluate.relabel_recipe=rded`, else None (the protocol's own
+  recipe). Its augmentation: a per-image horizontal flip, the run's DSA, or none."""
+  ev = config.evaluate
+  if ev.relabel_recipe != "rded":
+    return None
+  aug = {"flip": augment.DSASpec(strategy="flip", siamese=False), "none": None,
+         "dsa": dsa(config, True)}[ev.rded.augment]
+  return from_section(protocol_lib.StudentRecipe, ev.rded, augment=aug)
+
+
+def teacher_temperature(config) -> float:
+  """The relabelling teacher's softmax temperature: the student recipe's under `rded` (its loss
+  divides both networks' logits by it), else `evaluate.relabel_temperature`."""
+  ev = config.evaluate
+  return ev.rded.temperature if ev.relabel_recipe == "rded" else ev.relabel_temperature
 
 
 def inner(config) -> matching.InnerSpec:

@@ -60,3 +60,23 @@ def test_no_family_is_identity_and_jits():
 def test_unknown_family_fails():
   with pytest.raises(ValueError, match="Unknown DSA family 'blur'"):
     augment.parse_strategy("color_blur")
+
+
+def test_cutmix_box_covers_at_most_one_minus_lam():
+  box = augment.cutmix_box(jax.random.key(0), jnp.float32(0.75), 32, 32)
+  assert 0 < float(box.mean()) <= 0.25 + 1e-6  # at most (1 - lam) of the image, less at a border
+
+
+def test_cutmix_pastes_the_partner_in_one_box_and_reports_the_kept_share():
+  images = jnp.arange(6, dtype=jnp.float32)[:, None, None, None] * jnp.ones((6, 16, 16, 1))
+  mixed, partner, kept = augment.cutmix(jax.random.key(3), images, 1.0)
+  chex.assert_shape(mixed, images.shape)
+  assert sorted(np.asarray(partner).tolist()) == list(range(6))  # a permutation of the batch
+  for i in range(6):  # every pixel is the image's own or its partner's
+    own = np.isclose(mixed[i], i)
+    assert (own | np.isclose(mixed[i], int(partner[i]))).all()
+  moved = [i for i in range(6) if int(partner[i]) != i]
+  share = np.isclose(mixed[moved[0]], moved[0]).mean()
+  np.testing.assert_allclose(float(kept), share, rtol=1e-6)
+  again, _, _ = augment.cutmix(jax.random.key(3), images, 1.0)
+  np.testing.assert_array_equal(again, mixed)

@@ -155,3 +155,12 @@ def test_a_non_finite_loss_raises_the_given_error_before_saving():
     ensemble.train(recipe, ensemble.init_states(recipe, (8, 8, 1)), _data(), parallel.make_mesh(1),
                    store=store, diverged=diverged)
   assert all(ensemble.all_finite(s) for s in store.saved.values())
+
+
+def test_half_cosine_runs_from_lr_to_half_of_it():
+  spec = training.TrainSpec(batch_size=1, steps_per_epoch=1, momentum=0, weight_decay=0,
+                            num_classes=2)
+  recipe = ensemble.Recipe(None, spec, 0.001, 300, 1, 0, seeds.EpochKeys(0), half_cosine=True)
+  assert recipe.lr_at(0) == 0.001
+  np.testing.assert_allclose(recipe.lr_at(150), 0.001 * 0.5 * (1 + np.cos(np.pi / 4)))
+  np.testing.assert_allclose(recipe.lr_at(299), 0.0005, rtol=0.01)

@@ -124,3 +124,92 @@ def test_class_balanced_draws_balance_the_strata_when_given():
 def test_a_network_of_several_heads_trains_with_plain_ce_only():
   with pytest.raises(Exception, match="several heads trains with loss 'ce'"):
     _spec(segments=(2, 3), loss="balanced_softmax")
+
+
+def _pytorch_adamw(params, m, v, grads, lr, step, weight_decay, b1=0.9, b2=0.999, eps=1e-8):
+  """torch.optim.AdamW's step on the decayed leaves (ndim > 1; the rest as weight_decay=0)."""
+  new_p, new_m, new_v = {}, {}, {}
+  for k, p in params.items():
+    wd = weight_decay if p.ndim > 1 else 0.0
+    p = p * (1 - lr * wd)
+    new_m[k] = b1 * m[k] + (1 - b1) * grads[k]
+    new_v[k] = b2 * v[k] + (1 - b2) * grads[k] ** 2
+    m_hat, v_hat = new_m[k] / (1 - b1 ** step), new_v[k] / (1 - b2 ** step)
+    new_p[k] = p - lr * m_hat / (jnp.sqrt(v_hat) + eps)
+  return new_p, new_m, new_v
+
+
+def test_adamw_is_pytorch_adamw_with_decay_on_kernels_alone():
+  spec = _spec(optimizer="adamw", weight_decay=0.01)
+  rng = np.random.default_rng(0)
+  params = {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+  state = training.init_state(spec, params)
+  p_optax, opt_state = params, state["opt_state"]
+  p_torch = params
+  m = v = jax.tree.map(jnp.zeros_like, params)
+  step_fn = jax.jit(lambda p, s, g, lr: training.optimizer(spec, lr).update(g, s, p))
+  for step, lr in enumerate([0.001, 0.001, 0.0005], start=1):
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    updates, opt_state = step_fn(p_optax, opt_state, g, jnp.float32(lr))
+    p_optax = optax.apply_updates(p_optax, updates)
+    p_torch, m, v = _pytorch_adamw(p_torch, m, v, g, lr, step, 0.01)
+  chex.assert_trees_all_close(p_optax, p_torch, rtol=1e-6, atol=1e-7)
+  # Without gradient, only the kernel decays.
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = training.adamw(spec, 1.0).update(zero, training.adamw(spec, 1.0).init(params), params)
+  np.testing.assert_array_equal(updates["bias"], 0.0)
+  np.testing.assert_allclose(updates["kernel"], -0.01 * params["kernel"], rtol=1e-6)
+
+
+def _linear_epoch(spec, data, key=0):
+  apply_fn = lambda p, x: x.reshape(len(x), -1) @ p["w"]
+  params = {"w": jnp.zeros((4, 3))}
+  state = training.init_state(spec, params)
+  return training.train_epoch(apply_fn, spec, state, jax.random.key(key), jnp.float32(0.1), data)
+
+
+def test_temperature_divides_the_logits_of_the_loss():
+  rng = np.random.default_rng(2)
+  data = {"images": jnp.asarray(rng.normal(size=(8, 2, 2, 1)), jnp.float32),
+          "targets": jax.nn.softmax(jnp.asarray(rng.normal(size=(8, 3)), jnp.float32))}
+  data["labels"] = data["targets"].argmax(-1)
+  spec = _spec(batch_size=8, steps_per_epoch=1, temperature=4.0)
+  apply_fn = lambda p, x: x.reshape(len(x), -1) @ p["w"]
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+  _, loss = training.train_epoch(apply_fn, spec, training.init_state(spec, params),
+                                 jax.random.key(0), jnp.float32(0.0), data)
+  logits = apply_fn(params, data["images"])  # one batch of all 8 images, in some order
+  np.testing.assert_allclose(float(loss), float(training.cross_entropy(logits / 4.0,
+                                                                       data["targets"])),
+                             rtol=1e-5)
+
+
+def test_cutmix_batch_mixes_stored_targets_by_the_area_each_image_keeps():
+  images = jnp.arange(6, dtype=jnp.float32)[:, None, None, None] * jnp.ones((6, 8, 8, 1))
+  labels = jnp.asarray([0, 1, 2, 0, 1, 2])
+  spec = _spec(num_classes=3, mix="cutmix")
+  mixed, targets = training.cutmix_batch(jax.random.key(5), images, labels, spec)
+  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+  for i in range(6):
+    own = float(np.isclose(mixed[i], i).mean())  # share of image i still its own
+    others = set(np.unique(np.asarray(mixed[i])).round().astype(int).tolist()) - {i}
+    partner = others.pop() if others else i
+    expected = own * np.eye(3)[int(labels[i])] + (1 - own) * np.eye(3)[int(labels[partner])]
+    np.testing.assert_allclose(targets[i], expected, atol=1e-6)
+
+
+def test_cutmix_epoch_trains_and_unmixed_draws_are_unchanged():
+  rng = np.random.default_rng(3)
+  data = {"images": jnp.asarray(rng.normal(size=(8, 2, 2, 1)), jnp.float32),
+          "targets": jnp.asarray(rng.integers(0, 3, 8), jnp.int32)}
+  data["labels"] = data["targets"]
+  plain = _spec(batch_size=4, steps_per_epoch=2)
+  state_plain, _ = _linear_epoch(plain, data)
+  state_mixed, loss = _linear_epoch(_spec(batch_size=4, steps_per_epoch=2, mix="cutmix"), data)
+  assert np.isfinite(float(loss))
+  assert not np.array_equal(state_plain["params"]["w"], state_mixed["params"]["w"])
+  with pytest.raises(Exception, match="Unknown mix"):
+    _spec(mix="mixup")
+  with pytest.raises(Exception, match="Unknown optimizer"):
+    _spec(optimizer="adam")

@@ -240,7 +240,9 @@ class _Oracle(flax_nn.Module):
 
 def test_relabel_with_a_one_hot_teacher_is_the_fixed_protocol(tiny):
   config, data, _ = tiny
-  protocol = dataclasses.replace(specs.protocol(config), augment=None, num_models=2)
+  # The protocol's own recipe (evaluate.relabel_recipe=protocol): only the targets change.
+  protocol = dataclasses.replace(specs.protocol(config), augment=None, num_models=2,
+                                 relabel_student=None)
   images, labels = data.train_images[:60], data.train_labels[:60]
   labelled = evaluate.LabelledSet(images, labels, labels, 0.05, 3, None, "random")
   held_out = evaluate.HeldOut.of(data, "test")
@@ -257,3 +259,27 @@ def test_relabel_with_a_one_hot_teacher_is_the_fixed_protocol(tiny):
   zeros = evaluate.evaluate_set(protocol, labelled, held_out, parallel.make_mesh(1),
                                 teacher=wrong)
   assert zeros["per_class_acc"][0] == 100.0 and np.mean(zeros["per_class_acc"][1:]) < 5.0
+
+
+def test_student_recipe_replaces_the_protocols_training_only_under_a_teacher(tiny):
+  config, data, _ = tiny
+  config.evaluate.relabel_recipe = "protocol"
+  protocol = specs.protocol(config)
+  assert protocol.relabel_student is None  # the protocol's own recipe
+  model = models.make_classifier(protocol.model, 10)
+  labelled = evaluate.LabelledSet(data.train_images[:100], data.train_labels[:100],
+                                  data.train_labels[:100], 0.05, 8, 10, "random")
+  plain = protocol.recipe(model, labelled)
+  assert plain.train.optimizer == "sgd" and plain.decay_epoch == 4 and plain.lr == 0.05
+  student = evaluate.StudentRecipe()
+  rded = protocol.recipe(model, labelled, student=student)
+  assert (rded.train.optimizer, rded.train.mix, rded.train.temperature) == ("adamw", "cutmix", 20.0)
+  assert rded.lr == 0.001 and rded.half_cosine and rded.decay_epoch is None
+  assert rded.train.batch_size == 50 and rded.train.steps_per_epoch == 2  # RDED's at IPC 10
+  assert evaluate.rded_batch_size(1, 10) == 10 and evaluate.rded_batch_size(50, 100) == 200
+  assert evaluate.rded_batch_size(None, 10) == 100
+  config.evaluate.relabel_recipe = "rded"
+  assert specs.protocol(config).relabel_student == student
+  assert specs.teacher_temperature(config) == 20.0
+  with pytest.raises(Exception, match="Unknown student schedule"):
+    evaluate.StudentRecipe(schedule="cosine")

@@ -57,8 +57,6 @@ def test_mixed_views_mix_their_targets_by_the_share_they_took():
   np.testing.assert_allclose(cutmix_t[:, 2], cutmix.mean((1, 2, 3)), rtol=1e-5)
   np.testing.assert_allclose(mixup_t.sum(-1), 1.0, rtol=1e-6)
   np.testing.assert_allclose(cutmix_t.sum(-1), 1.0, rtol=1e-6)
-  box = observer.cutmix_box(key, jnp.float32(0.75), 32, 32)
-  assert 0 < float(box.mean()) <= 0.25 + 1e-6  # at most (1 - lam) of the image, less at a border
 
 
 def test_observer_kernel_trains_through_the_one_ensemble_trainer(tiny):

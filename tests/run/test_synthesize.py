@@ -63,11 +63,14 @@ def test_unilevel_end_to_end_resumes_and_takes_the_plugins(tmp_path, monkeypatch
     np.testing.assert_array_equal(again.images, syn["images"])
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
   assert len([r for r in lines if r["stage"] == "synthesize"]) == 4
-  # Any set under the teacher-relabel protocol, the observers' teacher already trained.
+  # Any set under the teacher-relabel protocol, the observers' teacher already trained, with
+  # RDED's student recipe (the default: AdamW, CutMix the teacher labels, KD at T = 20; the
+  # protocol's own recipe under a teacher: tests/evaluation/test_protocol.py).
   config.method, config.evaluate.protocol = "unilevel", "relabel"
   report = pipeline.stage_evaluate(pipeline.setup(config, tmp_path, stages=("observers",)),
                                    "random")
   assert report["evaluation_protocol"] == "relabel" and report["method"] == "random"
+  assert report["relabel_recipe"] == "rded" and 0 <= report["test_acc_mean"] <= 100
 
 
 def test_too_few_crops_for_the_ipc_fail_before_training(tmp_path):
