@@ -108,6 +108,11 @@ class Recipe:
   cosine: bool = False
   half_cosine: bool = False
 
+  def __post_init__(self):
+    if self.half_cosine and (self.cosine or self.warmup_epochs or self.decay_epoch is not None):
+      raise errors.InputError("Recipe.half_cosine is a whole schedule: it takes no warm-up, "
+                              "cosine or decay_epoch.")
+
   def lr_at(self, epoch: int) -> float:
     """The lr of epoch `epoch` (0-based)."""
     if self.half_cosine:

@@ -69,7 +69,7 @@ class TrainSpec:
     batch_size: images per step.
     steps_per_epoch: steps in one epoch.
     momentum: SGD momentum.
-    weight_decay: L2 added to the gradient.
+    weight_decay: SGD's L2 added to the gradient, or AdamW's decoupled decay (`optimizer`).
     num_classes: C of the labels (class-balanced sampling and the balanced-softmax prior count them).
     sampling: `instance` (shuffle) or `class_balanced` (every class equally likely).
     loss: `ce` or `balanced_softmax` (logits + log prior, Ren et al. 2020).
@@ -113,6 +113,9 @@ class TrainSpec:
       raise errors.InputError(f"Unknown optimizer {self.optimizer!r}; accepted: {OPTIMIZERS}.")
     if self.mix not in MIXES:
       raise errors.InputError(f"Unknown mix {self.mix!r}; accepted: {MIXES}.")
+    if self.mix != "none" and self.segments:
+      raise errors.InputError("A network of several heads trains unmixed (mix='none'): a mixed "
+                              "image's targets would span two heads' classes.")
     if self.sampling not in SAMPLINGS:
       raise errors.InputError(f"Unknown sampling {self.sampling!r}; accepted: {SAMPLINGS}.")
     if self.loss not in LOSSES:
@@ -254,7 +257,7 @@ def init_state(spec: TrainSpec, params: PyTree) -> PyTree:
 
 def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Array, lr: jax.Array,
                 data: dict, targets_fn: Callable | None = None) -> tuple[PyTree, jax.Array]:
-  """One epoch of SGD for one network (`core.ensemble` maps it over an ensemble).
+  """One epoch of training (SGD or AdamW) for one network (`core.ensemble` maps it over an ensemble).
 
   Args:
     apply_fn: (params, images [B, H, W, C]) -> logits [B, C].
@@ -298,9 +301,11 @@ def train_epoch(apply_fn: ApplyFn, spec: TrainSpec, state: PyTree, key: jax.Arra
       x = augment.augment(k, x, spec.augment)
     if spec.mix == "none":
       t = targets[idx] if targets_fn is None else targets_fn(data, x)
-    else:
+    elif targets_fn is None:
       x, t = cutmix_batch(mix_key, x, targets[idx], spec)
-      t = t if targets_fn is None else targets_fn(data, x)
+    else:  # The teacher labels the mixed images.
+      x = augment.cutmix(mix_key, x, spec.mix_beta)[0]
+      t = targets_fn(data, x)
     if spec.head_only:  # Differentiate w.r.t. the head alone; the backbone is a constant.
       loss, grads = jax.value_and_grad(lambda h: loss_fn({**p, "head": h}, x, t))(p["head"])
       updates, opt_state = tx.update(grads, opt_state, p["head"])

@@ -104,8 +104,10 @@ STUDENT_SCHEDULES = ("step", "half_cosine")
 
 
 def rded_batch_size(ipc: int | None, num_classes: int) -> int:
-  """RDED's student batch by images per class: 10 at IPC 1, 50 below IPC 50, 100 from it (and
-  for a whole set, IPC None), doubled for 100 classes or more (capped at the set by `recipe`)."""
+  """RDED's student batch by images per class: 10 at IPC 1, 50 at IPC 10, 100 at IPC 50, doubled
+  at 100 classes and more (RDED: at 100 and 1,000). Other IPCs, which RDED leaves unset, take the
+  next smaller published one's (50 for IPC 2-49; 100 for a whole set, IPC None); `recipe` caps it
+  at the set's size, RDED at IPC x classes, which is the same for a distilled set."""
   batch = 10 if ipc is not None and ipc <= 1 else 50 if ipc is not None and ipc < 50 else 100
   return 2 * batch if num_classes >= 100 else batch
 
@@ -126,7 +128,8 @@ class StudentRecipe:
     mix_beta: CutMix's Beta parameter.
     augment: the augmentation before mixing (RDED on 32x32 images: a horizontal flip, its
       RandomResizedCrop of scale (1, 1) keeping the whole image); None: none.
-    temperature: teacher and student logits both divided by it (KD at temperature T).
+    temperature: the student's logits are divided by it in the loss; KD at temperature T when
+      the `Teacher` has the same one (`run.specs.teacher_temperature` gives it this one).
   """
   optimizer: str = "adamw"
   lr: float = 0.001
@@ -332,8 +335,8 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
   student = protocol.relabel_student if teacher is not None else None
   recipe = protocol.recipe(model, train_set, balance, student)
   if teacher is not None:
-    temperature = teacher.temperature if student is None else student.temperature
-    recipe = dataclasses.replace(recipe, kernel=training.RelabelKernel(teacher.model, temperature))
+    recipe = dataclasses.replace(recipe, kernel=training.RelabelKernel(teacher.model,
+                                                                       teacher.temperature))
   store = None
   if checkpoint_dir is not None:
     fingerprint = set_fingerprint(train_set, recipe, protocol.num_models, teacher)
@@ -342,7 +345,7 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
   def diverged(done, losses):
     return EvaluationDivergedError(
         f"{label}: evaluation training diverged at epoch {done} (loss per network "
-        f"{losses.tolist()}); the learning rate {train_set.lr} is too high for this set.")
+        f"{losses.tolist()}); the learning rate {recipe.lr} is too high for this set.")
 
   data = {"images": train_set.images, "targets": train_set.targets,
           "labels": hard_labels(train_set.targets)}
@@ -379,4 +382,6 @@ def evaluate_set(protocol: Protocol, train_set: LabelledSet, held_out: HeldOut, 
     logits = protocol.logits(model, params, held_out.images)
     rows[arch] = metrics.classification_metrics(logits.argmax(-1), held_out.labels,
                                                 held_out.counts, protocol.shot_rule)
+  if teacher is not None and protocol.relabel_student is not None:  # the lr they trained with
+    train_set = dataclasses.replace(train_set, lr=protocol.relabel_student.lr)
   return report_lib.assemble_report(train_set, held_out, rows, protocol.num_models, start)

@@ -222,6 +222,10 @@ def check_config(config) -> None:
   p.positive("evaluate.rded.mix_beta")
   p.one_of("evaluate.rded.augment", specs.STUDENT_AUGMENTS)
   p.positive("evaluate.rded.temperature")
+  if config.evaluate.relabel_recipe == "rded" and config.evaluate.relabel_temperature != 1.0:
+    p.add("evaluate.relabel_temperature", "is ignored under evaluate.relabel_recipe=rded, whose "
+          "teacher and student share evaluate.rded.temperature; set that one, or "
+          "evaluate.relabel_recipe=protocol")
   if config.evaluate.protocol == "relabel" and method.two_stage:
     p.add("evaluate.protocol", "relabels the flat networks' class targets; the two-stage "
           "classifier's stages have none to relabel: use it with a method without +two_stage or "

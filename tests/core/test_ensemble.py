@@ -164,3 +164,6 @@ def test_half_cosine_runs_from_lr_to_half_of_it():
   assert recipe.lr_at(0) == 0.001
   np.testing.assert_allclose(recipe.lr_at(150), 0.001 * 0.5 * (1 + np.cos(np.pi / 4)))
   np.testing.assert_allclose(recipe.lr_at(299), 0.0005, rtol=0.01)
+  with pytest.raises(errors.InputError, match="whole schedule"):
+    ensemble.Recipe(None, spec, 0.001, 300, 1, 0, seeds.EpochKeys(0), half_cosine=True,
+                    decay_epoch=150)

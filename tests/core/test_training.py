@@ -213,3 +213,5 @@ def test_cutmix_epoch_trains_and_unmixed_draws_are_unchanged():
     _spec(mix="mixup")
   with pytest.raises(Exception, match="Unknown optimizer"):
     _spec(optimizer="adam")
+  with pytest.raises(Exception, match="trains unmixed"):
+    _spec(mix="cutmix", segments=(2, 1))

@@ -283,3 +283,10 @@ def test_student_recipe_replaces_the_protocols_training_only_under_a_teacher(tin
   assert specs.teacher_temperature(config) == 20.0
   with pytest.raises(Exception, match="Unknown student schedule"):
     evaluate.StudentRecipe(schedule="cosine")
+  # Without a teacher the student recipe is not used: fixed training is what it was.
+  small = dataclasses.replace(labelled, epochs=1)
+  with_student = dataclasses.replace(protocol, relabel_student=student, augment=None, num_models=1)
+  without = dataclasses.replace(with_student, relabel_student=None)
+  mesh = parallel.make_mesh(1)
+  chex.assert_trees_all_equal(evaluate.train_networks(with_student, model, small, mesh),
+                              evaluate.train_networks(without, model, small, mesh))

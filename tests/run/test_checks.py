@@ -57,6 +57,7 @@ BAD_CONFIGS = [
     ({"evaluate.relabel_recipe": "edc"}, "evaluate.relabel_recipe='edc'"),
     ({"evaluate.rded.mix": "mixup"}, "evaluate.rded.mix='mixup'"),
     ({"evaluate.rded.batch_size": -1}, "evaluate.rded.batch_size=-1"),
+    ({"evaluate.relabel_temperature": 4.0}, "is ignored under evaluate.relabel_recipe=rded"),
     ({"method": "random+two_stage", "grouping.stage1_loss": "balanced_softmax"},
      "shared two-stage network"),
     ({"grouping.manual": ((0, 1),)}, "ignored unless grouping.strategy=manual"),
