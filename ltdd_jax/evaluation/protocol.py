@@ -186,28 +186,33 @@ class Protocol:
     `models.MultiHead` classifier's loss sums its heads' cross-entropies. With a `student`
     recipe, its optimiser, lr, schedule, batch, augmentation, mixing and temperature instead."""
     num_outputs = models.num_outputs(model)
-    batch = self.batch_size
-    common = dict(momentum=self.momentum, weight_decay=self.weight_decay, augment=self.augment)
-    lr, schedule = train_set.lr, {"decay_epoch": train_set.epochs // 2}
+    batch, lr = self.batch_size, train_set.lr
+    training_fields = dict(weight_decay=self.weight_decay, augment=self.augment)
+    schedule = {"decay_epoch": train_set.epochs // 2}
     if student is not None:
       batch = student.batch_size or rded_batch_size(train_set.ipc, num_outputs)
-      common = dict(momentum=self.momentum, weight_decay=student.weight_decay,
-                    augment=student.augment, optimizer=student.optimizer, mix=student.mix,
-                    mix_beta=student.mix_beta, temperature=student.temperature)
       lr = student.lr
+      training_fields = dict(weight_decay=student.weight_decay, augment=student.augment,
+                             optimizer=student.optimizer, mix=student.mix,
+                             mix_beta=student.mix_beta, temperature=student.temperature)
       if student.schedule == "half_cosine":
         schedule = {"half_cosine": True}
     batch = min(batch, len(train_set))
     spec = training.TrainSpec(batch_size=batch,
                               steps_per_epoch=training.steps_per_epoch(len(train_set), batch),
-                              num_classes=num_outputs,
+                              momentum=self.momentum, num_classes=num_outputs,
                               sampling=balance.sampling or "instance", loss=balance.loss or "ce",
                               num_strata=balance.num_strata,
-                              segments=models.head_segments(model), **common)
+                              segments=models.head_segments(model), **training_fields)
     return ensemble.Recipe(
         model, spec, lr, train_set.epochs, self.num_models, init_seed=self.seed,
         keys=seeds.EpochKeys(seeds.offset(self.seed, seeds.EVALUATION_DATA)),
         ensemble_impl=self.model.ensemble_impl, **schedule)
+
+  def student_under(self, teacher) -> StudentRecipe | None:
+    """The student recipe networks train with under `teacher` (None: without one, or when the
+    protocol keeps its own recipe)."""
+    return self.relabel_student if teacher is not None else None
 
   def logits(self, model, params, images: np.ndarray) -> np.ndarray:
     """[T, N, C] logits of the T trained networks on `images`."""
@@ -332,8 +337,7 @@ def train_networks(protocol: Protocol, model, train_set: LabelledSet, mesh, *,
     EvaluationDivergedError: at the first epoch whose loss, or whose state where it is saved or
       returned, is not finite (nothing non-finite is saved).
   """
-  student = protocol.relabel_student if teacher is not None else None
-  recipe = protocol.recipe(model, train_set, balance, student)
+  recipe = protocol.recipe(model, train_set, balance, protocol.student_under(teacher))
   if teacher is not None:
     recipe = dataclasses.replace(recipe, kernel=training.RelabelKernel(teacher.model,
                                                                        teacher.temperature))
@@ -382,6 +386,7 @@ def evaluate_set(protocol: Protocol, train_set: LabelledSet, held_out: HeldOut, 
     logits = protocol.logits(model, params, held_out.images)
     rows[arch] = metrics.classification_metrics(logits.argmax(-1), held_out.labels,
                                                 held_out.counts, protocol.shot_rule)
-  if teacher is not None and protocol.relabel_student is not None:  # the lr they trained with
-    train_set = dataclasses.replace(train_set, lr=protocol.relabel_student.lr)
+  student = protocol.student_under(teacher)
+  if student is not None:  # the lr they trained with
+    train_set = dataclasses.replace(train_set, lr=student.lr)
   return report_lib.assemble_report(train_set, held_out, rows, protocol.num_models, start)
