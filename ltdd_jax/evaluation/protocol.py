@@ -243,6 +243,42 @@ class Teacher:
     return digest.digest()
 
 
+def teacher_on_set(teacher: Teacher, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                   batch_size: int = 500) -> dict:
+  """How a teacher labels a set's own images, unaugmented: whether relabelling keeps each image's
+  class or moves it, which tells a set the teacher does not recognise from a recipe that does not
+  suit it.
+
+  Args:
+    teacher: the relabelling `Teacher`.
+    images: [N, H, W, C] the set's model-space images.
+    labels: [N] the class each image stands for.
+    num_classes: C.
+    batch_size: images per forward pass.
+
+  Returns:
+    `teacher_set_acc` (% of images whose teacher argmax is their class), `teacher_set_per_class_acc`
+    ([C] the same per class), `teacher_set_pred_share` ([C] % of the images the teacher puts in each
+    class) and `teacher_set_confidence` (mean top softmax probability at temperature 1, %).
+  """
+  apply = jax.jit(teacher.model.apply)
+  logits = np.concatenate([np.asarray(apply(teacher.variables, images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])
+  labels = np.asarray(labels).astype(np.int64)
+  predicted = logits.argmax(-1)
+  hit = predicted == labels
+  counts = np.bincount(labels, minlength=num_classes)
+  per_class = np.bincount(labels, weights=hit, minlength=num_classes) / np.maximum(counts, 1)
+  probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
+  return {
+      "teacher_set_acc": 100.0 * float(hit.mean()),
+      "teacher_set_per_class_acc": (100.0 * per_class).tolist(),
+      "teacher_set_pred_share": (100.0 * np.bincount(predicted, minlength=num_classes)
+                                 / len(labels)).tolist(),
+      "teacher_set_confidence": 100.0 * float(probabilities.max(-1).mean()),
+  }
+
+
 class EvaluationDivergedError(errors.DivergedError):
   """The evaluation networks' loss stopped being finite (the set's lr is too high for them)."""
 
@@ -370,7 +406,8 @@ def evaluate_set(protocol: Protocol, train_set: LabelledSet, held_out: HeldOut, 
   Every architecture in `protocol.archs` is evaluated; the top-level fields are the first one's,
   and `archs` holds one row per architecture. With `checkpoint_dir`, each architecture's training
   resumes from `<checkpoint_dir>/<arch>`. With a `teacher`, every network fits its relabelling of
-  each augmented batch (`evaluate.protocol=relabel`).
+  each augmented batch (`evaluate.protocol=relabel`), and the report says how the teacher labels
+  the set's own images (`teacher_on_set`).
 
   Returns:
     A report dict with `report.REPORT_FIELDS` and more (see `metrics.classification_metrics`).
@@ -389,4 +426,6 @@ def evaluate_set(protocol: Protocol, train_set: LabelledSet, held_out: HeldOut, 
   student = protocol.student_under(teacher)
   if student is not None:  # the lr they trained with
     train_set = dataclasses.replace(train_set, lr=student.lr)
-  return report_lib.assemble_report(train_set, held_out, rows, protocol.num_models, start)
+  extra = ({} if teacher is None else
+           teacher_on_set(teacher, train_set.images, train_set.labels, held_out.num_classes))
+  return report_lib.assemble_report(train_set, held_out, rows, protocol.num_models, start, **extra)

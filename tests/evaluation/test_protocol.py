@@ -253,12 +253,20 @@ def test_relabel_with_a_one_hot_teacher_is_the_fixed_protocol(tiny):
                                      teacher=teacher)
   np.testing.assert_allclose(relabelled["test_acc_per_model"], fixed["test_acc_per_model"])
   np.testing.assert_allclose(relabelled["per_class_acc"], fixed["per_class_acc"])
+  # The report says how the teacher labels the set's own images; `fixed` has no teacher to ask.
+  assert "teacher_set_acc" not in fixed
+  assert relabelled["teacher_set_acc"] == 100.0 and relabelled["teacher_set_confidence"] > 99.9
+  np.testing.assert_allclose(relabelled["teacher_set_pred_share"],
+                             100.0 * np.bincount(labels, minlength=10) / 60)
   # A teacher that relabels every image as class 0 is what the networks then learn.
   wrong = evaluate.Teacher(_Oracle(), {"memory": {
       "images": jnp.asarray(images), "logits": 1e4 * jax.nn.one_hot(jnp.zeros(60, int), 10)}})
   zeros = evaluate.evaluate_set(protocol, labelled, held_out, parallel.make_mesh(1),
                                 teacher=wrong)
   assert zeros["per_class_acc"][0] == 100.0 and np.mean(zeros["per_class_acc"][1:]) < 5.0
+  assert zeros["teacher_set_pred_share"][0] == 100.0
+  assert zeros["teacher_set_per_class_acc"][:2] == [100.0, 0.0]
+  np.testing.assert_allclose(zeros["teacher_set_acc"], 100.0 * np.mean(labels == 0))
 
 
 def test_student_recipe_replaces_the_protocols_training_only_under_a_teacher(tiny):
