@@ -18,7 +18,7 @@ from ltdd_jax.run import checks, locks, pipeline, resume, specs
 COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
            "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
            "head_tail_gap", "pred_kl_uniform", "group_acc", "within_group_acc", "learned_lr",
-           "wall_seconds")
+           "teacher_set_acc", "wall_seconds")
 FAILED = "failed.txt"  # in a cell whose last attempt diverged: the error, one line
 # A cell's own failures: its distillation or its evaluation networks diverged. Experts are shared
 # by a factor's cells, so their divergence stops the grid like any other error.
@@ -295,17 +295,21 @@ def _fmt(value, digits=1):
 
 
 def markdown_table(rows: list[dict]) -> str:
-  """The results table: accuracy mean +- std, many/medium/few and the bias figures."""
+  """The results table: accuracy mean +- std, many/medium/few and the bias figures; under
+  `relabel`, the share of the set's own images the teacher keeps in their class
+  (`protocol.teacher_on_set`)."""
   head = ("| IF | IPC | method | images | acc (%) | many | medium | few | per-class std | "
-          "head-tail gap | KL(pred||uniform) | group acc | within-group acc | learned lr |")
-  lines = [head, "|" + "---|" * 14]
+          "head-tail gap | KL(pred||uniform) | group acc | within-group acc | learned lr | "
+          "teacher keeps (%) |")
+  lines = [head, "|" + "---|" * 15]
   for r in rows:
     lines.append(
         f"| {r['imbalance_factor']:g} | {_fmt(r['ipc'])} | {r['method']} | {_fmt(r['images'])} | "
         f"{_fmt(r['test_acc_mean'])} +- {_fmt(r['test_acc_std'])} | {_fmt(r['many_acc'])} | "
         f"{_fmt(r['medium_acc'])} | {_fmt(r['few_acc'])} | {_fmt(r['per_class_acc_std'])} | "
         f"{_fmt(r['head_tail_gap'])} | {_fmt(r['pred_kl_uniform'], 3)} | "
-        f"{_fmt(r['group_acc'])} | {_fmt(r['within_group_acc'])} | {_fmt(r['learned_lr'])} |")
+        f"{_fmt(r['group_acc'])} | {_fmt(r['within_group_acc'])} | {_fmt(r['learned_lr'])} | "
+        f"{_fmt(r.get('teacher_set_acc'))} |")
   return "\n".join(lines) + "\n"
 
 

@@ -86,8 +86,11 @@ def test_table_shows_the_learned_lr_of_distilled_sets_only():
          "pred_kl_uniform": 0.1, "group_acc": None, "within_group_acc": None,
          "learned_lr": "0.0361"}
   header, rule, line = benchmark.markdown_table([row]).splitlines()
-  assert header.endswith("| learned lr |") and rule.count("|") == line.count("|") == 15
-  assert line.endswith("| 0.0361 |")
+  assert header.endswith("| learned lr | teacher keeps (%) |")
+  assert rule.count("|") == line.count("|") == 16
+  assert line.endswith("| 0.0361 | - |")  # `fixed`: no teacher
+  relabelled = benchmark.markdown_table([{**row, "teacher_set_acc": 52.0}]).splitlines()[2]
+  assert relabelled.endswith("| 0.0361 | 52.0 |")
 
 
 @pytest.mark.parametrize("error", benchmark.CELL_ERRORS)
