@@ -8,7 +8,7 @@ views, DSA) on random 32x32x3 images, after a compiling epoch, with each variant
 alone:
 - `im2col` / `xla`: the convolution (`model.conv_impl`; `auto` takes im2col for CPU training);
 - `no_dsa`: the DSA augmentation of the batch and its partner batch off (its share of the step);
-- `one_network`: the teacher alone (what a second network costs in the one program).
+- `one_network`: one network alone (what the second network costs in the one program).
 Prints seconds per step of each and its ratio to the default's (`ratio=`, below 1: faster).
 """
 
@@ -17,6 +17,7 @@ import dataclasses
 import os
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -31,22 +32,21 @@ def main():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import cifar10_lt  # pylint: disable=g-import-not-at-top
-  from ltdd_jax import parallel  # pylint: disable=g-import-not-at-top
   from ltdd_jax.core import ensemble  # pylint: disable=g-import-not-at-top
   from ltdd_jax.run import specs  # pylint: disable=g-import-not-at-top
 
   base = cifar10_lt.cifar_config("profile=evidence,source=folder,test=holdout", "cifar10")
   base.method = "unilevel"
   base.model.width = args.width
-  counts = np.array([40, 30, 20, 10, 8, 6, 4, 3, 2, 1]) * 64 * args.steps // 124
+  # A long-tailed set of `--steps` batches of 64 (at least one image per class).
+  counts = np.maximum(np.array([40, 30, 20, 10, 8, 6, 4, 3, 2, 1]) * 64 * args.steps // 124, 1)
   labels = np.repeat(np.arange(10), counts)
   images = np.random.default_rng(0).normal(size=(len(labels), 32, 32, 3)).astype(np.float32)
-  data_view = type("Data", (), {"train_labels": labels, "num_classes": 10})()
-  mesh = parallel.make_mesh(1)
+  data_view = types.SimpleNamespace(train_labels=labels, num_classes=10)
 
   def epoch_seconds(config, num_models=2):
     recipe, _ = specs.observer_recipe(config, data_view)
-    recipe = dataclasses.replace(recipe, epochs=1, num_models=num_models)
+    recipe = dataclasses.replace(recipe, num_models=num_models)
     program = ensemble.epoch_program(recipe.model, recipe.train, recipe.ensemble_impl,
                                      recipe.kernel)
     states = ensemble.init_states(recipe, images.shape[1:])
@@ -77,7 +77,8 @@ def main():
   print(f"{len(labels)} images, batch {base.unilevel.observer_batch_size}, width {args.width}, "
         f"{jax.devices()[0].platform}")
   for name, (seconds, steps) in variants.items():
-    print(f"{name}: {1e3 * seconds:.1f} ms per step ({steps} steps)  ratio={seconds / reference:.2f}")
+    print(f"{name}: {1e3 * seconds:.1f} ms per step ({steps} steps)  "
+          f"ratio={seconds / reference:.2f}")
 
 
 if __name__ == "__main__":

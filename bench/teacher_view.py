@@ -4,11 +4,12 @@
     --set mtt=runs/evidence/grid/if100_ipc10_mtt/synthetic.npz --set herding --set random
 
 Opens the `unilevel` teacher of the `evidence` profile (CIFAR-10-LT, the shared JPEG copy) from an
-expert folder that already holds its observers (`--experts`; nothing is trained), normalises it with
-its recalibrated balanced statistics as `evaluate.protocol=relabel` does, and prints, per set, the
-share of the set's own unaugmented images the teacher puts in their class, per class and overall,
-where it puts them, and its mean top probability (`evaluation.protocol.teacher_on_set`). A set the
-teacher does not recognise is relabelled into other classes; one it does keeps its classes.
+expert folder that already holds its observers (`--experts`; it fails rather than train them;
+`herding` needs the folder's flat experts too), normalises it with its recalibrated balanced
+statistics as `evaluate.protocol=relabel` does, and prints, per set, the share of the set's own
+unaugmented images the teacher puts in their class, per class and overall, where it puts them, and
+its mean top probability (`evaluation.protocol.teacher_on_set`). A set the teacher does not
+recognise is relabelled into other classes; one it does keeps its classes.
 """
 
 import argparse
@@ -31,7 +32,7 @@ def main():
   from configs import cifar10_lt  # pylint: disable=g-import-not-at-top
   from ltdd_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
   from ltdd_jax.methods import synthetic  # pylint: disable=g-import-not-at-top
-  from ltdd_jax.run import pipeline  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.run import pipeline, synthesize  # pylint: disable=g-import-not-at-top
   c = cifar10_lt.cifar_config(f"profile=evidence,source=folder,test={args.test},"
                               f"imbalance_factor={args.imbalance_factor}", "cifar10")
   c.method = "herding"  # the teacher and the flat experts herding selects with, both opened
@@ -40,6 +41,10 @@ def main():
   c.experts.directory = os.path.abspath(args.experts)
   with tempfile.TemporaryDirectory() as workdir:
     ctx = pipeline.setup(c, workdir, stages=())
+    observers = synthesize.observer_directory(ctx)
+    if not (observers / "meta.json").exists():  # never train them here
+      sys.exit(f"No trained observers for these data and observer settings in {observers}; "
+               "pass the expert folder of the run whose teacher to open.")
     teacher = pipeline.relabel_teacher(ctx)
     data = ctx.data
     print(f"class counts (head to tail): {data.counts.tolist()}")

@@ -13,6 +13,7 @@ a resumed evaluation trains exactly the networks an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import pathlib
 import time
@@ -243,6 +244,12 @@ class Teacher:
     return digest.digest()
 
 
+@functools.lru_cache(maxsize=8)
+def _teacher_apply(model):
+  """jit(model.apply), built once per teacher module (Flax modules hash by value)."""
+  return jax.jit(model.apply)
+
+
 def teacher_on_set(teacher: Teacher, images: np.ndarray, labels: np.ndarray, num_classes: int,
                    batch_size: int = 500) -> dict:
   """How a teacher labels a set's own images, unaugmented: whether relabelling keeps each image's
@@ -258,10 +265,12 @@ def teacher_on_set(teacher: Teacher, images: np.ndarray, labels: np.ndarray, num
 
   Returns:
     `teacher_set_acc` (% of images whose teacher argmax is their class), `teacher_set_per_class_acc`
-    ([C] the same per class), `teacher_set_pred_share` ([C] % of the images the teacher puts in each
-    class) and `teacher_set_confidence` (mean top softmax probability at temperature 1, %).
+    ([C] the same per class; 0 for a class without images), `teacher_set_pred_share` ([C] % of the
+    images the teacher puts in each class) and `teacher_set_confidence` (mean top softmax
+    probability, %, at temperature 1: how sure the teacher is, whatever temperature the students
+    fit it at).
   """
-  apply = jax.jit(teacher.model.apply)
+  apply = _teacher_apply(teacher.model)
   logits = np.concatenate([np.asarray(apply(teacher.variables, images[i:i + batch_size]))
                            for i in range(0, len(images), batch_size)])
   labels = np.asarray(labels).astype(np.int64)

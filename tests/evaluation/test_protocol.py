@@ -256,17 +256,32 @@ def test_relabel_with_a_one_hot_teacher_is_the_fixed_protocol(tiny):
   # The report says how the teacher labels the set's own images; `fixed` has no teacher to ask.
   assert "teacher_set_acc" not in fixed
   assert relabelled["teacher_set_acc"] == 100.0 and relabelled["teacher_set_confidence"] > 99.9
-  np.testing.assert_allclose(relabelled["teacher_set_pred_share"],
-                             100.0 * np.bincount(labels, minlength=10) / 60)
   # A teacher that relabels every image as class 0 is what the networks then learn.
   wrong = evaluate.Teacher(_Oracle(), {"memory": {
       "images": jnp.asarray(images), "logits": 1e4 * jax.nn.one_hot(jnp.zeros(60, int), 10)}})
   zeros = evaluate.evaluate_set(protocol, labelled, held_out, parallel.make_mesh(1),
                                 teacher=wrong)
   assert zeros["per_class_acc"][0] == 100.0 and np.mean(zeros["per_class_acc"][1:]) < 5.0
-  assert zeros["teacher_set_pred_share"][0] == 100.0
-  assert zeros["teacher_set_per_class_acc"][:2] == [100.0, 0.0]
-  np.testing.assert_allclose(zeros["teacher_set_acc"], 100.0 * np.mean(labels == 0))
+
+
+def test_teacher_on_set_says_which_classes_the_teacher_keeps(tiny):
+  _, data, _ = tiny
+  index = np.concatenate([np.flatnonzero(data.train_labels == c)[:6] for c in range(10)])
+  images, labels = data.train_images[index], data.train_labels[index]
+  # A teacher that puts every image in class 0 keeps only class 0's images.
+  zeros = evaluate.Teacher(_Oracle(), {"memory": {
+      "images": jnp.asarray(images), "logits": 1e4 * jax.nn.one_hot(jnp.zeros(60, int), 10)}})
+  view = evaluate.teacher_on_set(zeros, images, labels, 10, batch_size=16)
+  assert view["teacher_set_acc"] == 10.0
+  assert view["teacher_set_per_class_acc"] == [100.0] + [0.0] * 9
+  assert view["teacher_set_pred_share"] == [100.0] + [0.0] * 9
+  # One that moves class c's images to c + 1: nothing kept, each class's share moved along.
+  shifted = evaluate.Teacher(_Oracle(), {"memory": {
+      "images": jnp.asarray(images), "logits": jax.nn.one_hot(jnp.asarray((labels + 1) % 10), 10)}})
+  view = evaluate.teacher_on_set(shifted, images, labels, 10)
+  assert view["teacher_set_acc"] == 0.0 and view["teacher_set_pred_share"] == [10.0] * 10
+  # Logits one apart over 10 classes: top probability e / (e + 9).
+  np.testing.assert_allclose(view["teacher_set_confidence"], 100 * np.e / (np.e + 9), rtol=1e-5)
 
 
 def test_student_recipe_replaces_the_protocols_training_only_under_a_teacher(tiny):
