@@ -251,7 +251,7 @@ def _teacher_apply(model):
 
 
 def teacher_on_set(teacher: Teacher, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                   batch_size: int = 500) -> dict:
+                   batch_size: int = 1000) -> dict:
   """How a teacher labels a set's own images, unaugmented: whether relabelling keeps each image's
   class or moves it, which tells a set the teacher does not recognise from a recipe that does not
   suit it.
@@ -435,6 +435,8 @@ def evaluate_set(protocol: Protocol, train_set: LabelledSet, held_out: HeldOut, 
   student = protocol.student_under(teacher)
   if student is not None:  # the lr they trained with
     train_set = dataclasses.replace(train_set, lr=student.lr)
-  extra = ({} if teacher is None else
-           teacher_on_set(teacher, train_set.images, train_set.labels, held_out.num_classes))
-  return report_lib.assemble_report(train_set, held_out, rows, protocol.num_models, start, **extra)
+  teacher_view = ({} if teacher is None else
+                  teacher_on_set(teacher, train_set.images, train_set.labels, held_out.num_classes,
+                                 protocol.test_batch_size))
+  return report_lib.assemble_report(train_set, held_out, rows, protocol.num_models, start,
+                                    **teacher_view)
