@@ -34,6 +34,7 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import cifar10_lt, digits_lt  # pylint: disable=g-import-not-at-top
+  from ltdd_jax.core import ensemble  # pylint: disable=g-import-not-at-top
   from ltdd_jax.methods import experts  # pylint: disable=g-import-not-at-top
   from ltdd_jax.run import pipeline, synthesize  # pylint: disable=g-import-not-at-top
   if args.dataset == "digits":
@@ -62,7 +63,7 @@ def main():
       own, _, stored, batch_stats = synthesize.calibrated(ctx, classifier, params, k)
       apply = jax.jit(lambda x, own=own, stats=batch_stats: stored.apply(
           {"params": own, "batch_stats": stats}, x))
-      logits = synthesize.batched(apply, data.val_images)
+      logits = ensemble.batched(apply, data.val_images)
       correct = logits.argmax(-1) == data.val_labels
       per_class = [100 * correct[data.val_labels == c].mean() for c in range(data.num_classes)]
       line.append(f"{role} {np.mean(per_class):.1f}% per class {[round(x) for x in per_class]}")

@@ -190,6 +190,15 @@ def cutmix_box(key: jax.Array, lam: jax.Array, height: int, width: int) -> jax.A
   return ((jnp.abs(rows - cy) < half_h) & (jnp.abs(cols - cx) < half_w)).astype(jnp.float32)
 
 
+def paste_box(key: jax.Array, lam: jax.Array, images: jax.Array,
+              partner_images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """CutMix's paste: `partner_images` ([N, H, W, C]) inside one box (`cutmix_box`) of area ~ (1 -
+  lam) of every image of `images`. Returns (mixed images, kept: the share of every image that is
+  still its own, a scalar)."""
+  box = cutmix_box(key, lam, images.shape[1], images.shape[2])[None, :, :, None]
+  return images * (1.0 - box) + partner_images * box, 1.0 - box.mean()
+
+
 def cutmix(key: jax.Array, images: jax.Array, beta: float = 1.0) -> tuple[jax.Array, jax.Array,
                                                                           jax.Array]:
   """CutMix of a batch with a random permutation of itself (Yun et al. 2019; the student recipe
@@ -207,6 +216,5 @@ def cutmix(key: jax.Array, images: jax.Array, beta: float = 1.0) -> tuple[jax.Ar
   k_perm, k_lam, k_box = jax.random.split(key, 3)
   partner = jax.random.permutation(k_perm, images.shape[0])
   lam = jax.random.beta(k_lam, beta, beta)
-  box = cutmix_box(k_box, lam, images.shape[1], images.shape[2])[None, :, :, None]
-  mixed = images * (1.0 - box) + images[partner] * box
-  return mixed, partner, 1.0 - box.mean()
+  mixed, kept = paste_box(k_box, lam, images, images[partner])
+  return mixed, partner, kept

@@ -217,6 +217,13 @@ def train(recipe: Recipe, states: PyTree, data: dict, mesh, *, store: Store | No
   return states
 
 
+def batched(fn: Callable, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+  """`fn` (a jitted forward pass of one network, [B, ...] -> [B, ...]) over `images` in batches of
+  `batch_size`, concatenated along the first axis."""
+  return np.concatenate([np.asarray(fn(images[i:i + batch_size]))
+                         for i in range(0, len(images), batch_size)])
+
+
 @functools.lru_cache(maxsize=64)
 def predict_fn(model, ensemble_impl: str) -> Callable:
   """jit(ensemble forward pass) of a Flax model, built once per (model, impl): Flax modules compare

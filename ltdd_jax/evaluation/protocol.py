@@ -271,8 +271,7 @@ def teacher_on_set(teacher: Teacher, images: np.ndarray, labels: np.ndarray, num
     fit it at).
   """
   apply = _teacher_apply(teacher.model)
-  logits = np.concatenate([np.asarray(apply(teacher.variables, images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
+  logits = ensemble.batched(lambda x: apply(teacher.variables, x), images, batch_size)
   labels = np.asarray(labels).astype(np.int64)
   predicted = logits.argmax(-1)
   hit = predicted == labels

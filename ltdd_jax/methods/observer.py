@@ -108,9 +108,7 @@ def mix_views(key: jax.Array, images: jax.Array, targets: jax.Array, partner_ima
   lam = jax.random.beta(k_lam, 1.0, 1.0)
   mixup = lam * images + (1.0 - lam) * partner_images
   mixup_targets = lam * targets + (1.0 - lam) * partner_targets
-  box = augment.cutmix_box(k_box, lam, images.shape[1], images.shape[2])[None, :, :, None]
-  cutmix = images * (1.0 - box) + partner_images * box
-  kept = 1.0 - box.mean()  # the share of the image that is still the batch's own
+  cutmix, kept = augment.paste_box(k_box, lam, images, partner_images)
   cutmix_targets = kept * targets + (1.0 - kept) * partner_targets
   return (mixup, mixup_targets), (cutmix, cutmix_targets)
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ltdd_jax import checkpoints, interrupts, models, reporting
+from ltdd_jax.core import ensemble
 from ltdd_jax.methods import experts, observer, statistics, synthetic, unilevel
 from ltdd_jax.run import context as context_lib
 from ltdd_jax.run import locks, resume
@@ -72,15 +73,9 @@ def teacher_class_features(ctx: context_lib.RunContext) -> np.ndarray:
   own, _, stored, batch_stats = calibrated(ctx, classifier, params, 1)
   features = jax.jit(lambda x: stored.apply({"params": own, "batch_stats": batch_stats}, x,
                                             method=lambda module, x: module.backbone(x)))
-  feats = batched(features, ctx.data.train_images)
+  feats = ensemble.batched(features, ctx.data.train_images)
   labels = ctx.data.train_labels
   return np.stack([feats[labels == c].mean(0) for c in range(ctx.data.num_classes)])
-
-
-def batched(fn, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-  """`fn` (a jitted forward pass) over `images` in batches, concatenated."""
-  return np.concatenate([np.asarray(fn(images[i:i + batch_size]))
-                         for i in range(0, len(images), batch_size)])
 
 
 def stage_synthesize(ctx: context_lib.RunContext,
@@ -96,7 +91,7 @@ def stage_synthesize(ctx: context_lib.RunContext,
   moments = lambda x: statistics.image_moments(stored, obs_params, x, obs_bs)
   spec = specs_lib.synthesis_spec(config)
   teacher_fn = jax.jit(teacher)
-  accuracy = (float((batched(teacher_fn, data.val_images).argmax(-1) == data.val_labels).mean()
+  accuracy = (float((ensemble.batched(teacher_fn, data.val_images).argmax(-1) == data.val_labels).mean()
                      * 100) if len(data.val_labels) else None)
   ctx.metrics.write_once("observers_recalibrated", 0, teacher_val_acc=accuracy)
   directory = ctx.workdir / "distill_ckpt"
@@ -126,7 +121,7 @@ def stage_synthesize(ctx: context_lib.RunContext,
         store.save(done, {"images": pixels, "opt_state": opt_state})
       if done < spec.iterations:
         interrupts.check(f"synthesis iteration {done}/{spec.iterations}")
-  logits = batched(teacher_fn, np.asarray(pixels))
+  logits = ensemble.batched(teacher_fn, np.asarray(pixels))
   syn = synthetic.DistilledSet(
       np.asarray(pixels, np.float32), labels, np.asarray(config.evaluate.lr, np.float32),
       label_logits=logits.astype(np.float32),
