@@ -8,8 +8,12 @@ views, DSA) on random 32x32x3 images, after a compiling epoch, with each variant
 alone:
 - `im2col` / `xla`: the convolution (`model.conv_impl`; `auto` takes im2col for CPU training);
 - `no_dsa`: the DSA augmentation of the batch and its partner batch off (its share of the step);
-- `one_network`: one network alone (what the second network costs in the one program).
-Prints seconds per step of each and its ratio to the default's (`ratio=`, below 1: faster).
+- `one_network`: one network alone (what the second network costs in the one program);
+- `vmap`: both networks batched by `jax.vmap` instead of one after the other (`lax.map`);
+- `batch_B`: batches of B images (`unilevel.observer_batch_size`; `--batch_sizes`), timed per
+  image, since an epoch of B-image batches has 64 / B as many steps.
+Prints seconds per step of each and its ratio to the default's (`ratio=`, below 1: faster); the
+`batch_B` rows' ratio is per image (what an epoch of the same images costs).
 """
 
 import argparse
@@ -27,6 +31,7 @@ def main():
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--width", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--batch_sizes", type=str, default="128,256")
   args = parser.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -44,9 +49,10 @@ def main():
   images = np.random.default_rng(0).normal(size=(len(labels), 32, 32, 3)).astype(np.float32)
   data_view = types.SimpleNamespace(train_labels=labels, num_classes=10)
 
-  def epoch_seconds(config, num_models=2):
+  def epoch_seconds(config, num_models=2, ensemble_impl=None):
     recipe, _ = specs.observer_recipe(config, data_view)
-    recipe = dataclasses.replace(recipe, num_models=num_models)
+    recipe = dataclasses.replace(recipe, num_models=num_models,
+                                 ensemble_impl=ensemble_impl or recipe.ensemble_impl)
     program = ensemble.epoch_program(recipe.model, recipe.train, recipe.ensemble_impl,
                                      recipe.kernel)
     states = ensemble.init_states(recipe, images.shape[1:])
@@ -73,12 +79,23 @@ def main():
   c = base.copy_and_resolve_references()
   c.model.conv_impl = "im2col"
   variants["one_network"] = epoch_seconds(c, num_models=1)
+  c = base.copy_and_resolve_references()
+  c.model.conv_impl = "im2col"
+  variants["vmap"] = epoch_seconds(c, ensemble_impl="vmap")
+  per_image = {}
+  for batch in (int(b) for b in args.batch_sizes.split(",") if b):
+    c = base.copy_and_resolve_references()
+    c.model.conv_impl = "im2col"
+    c.unilevel.observer_batch_size = batch
+    variants[f"batch_{batch}"] = epoch_seconds(c)
+    per_image[f"batch_{batch}"] = base.unilevel.observer_batch_size / batch
   reference = variants["im2col"][0]
   print(f"{len(labels)} images, batch {base.unilevel.observer_batch_size}, width {args.width}, "
         f"{jax.devices()[0].platform}")
   for name, (seconds, steps) in variants.items():
-    print(f"{name}: {1e3 * seconds:.1f} ms per step ({steps} steps)  "
-          f"ratio={seconds / reference:.2f}")
+    ratio = seconds * per_image.get(name, 1.0) / reference
+    print(f"{name}: {1e3 * seconds:.1f} ms per step ({steps} steps)  ratio={ratio:.2f}"
+          + ("  (per image)" if name in per_image else ""))
 
 
 if __name__ == "__main__":
