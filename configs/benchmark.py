@@ -98,7 +98,8 @@ def get_config(arg=None):
   # values; the paper profile's per-IPC values). A grid overridden to other factors or IPCs
   # needs entries for them.
   cifar = args.dataset != "digits"
-  c.benchmark.factor_settings = {f"if{f:g}": cifar10_lt.factor_settings(f) for f in factors}
+  c.benchmark.factor_settings = {
+      f"if{f:g}": cifar10_lt.factor_settings(f, args.dataset, args.profile) for f in factors}
   c.benchmark.ipc_settings = {
       f"ipc{i}": cifar10_lt.ipc_settings(args.profile, i, args.dataset) if cifar else {}
       for i in ipcs}

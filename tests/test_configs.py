@@ -56,7 +56,8 @@ def test_evidence_profile_passes_the_checks(name, ipc):
     c = importlib.import_module(f"configs.{name}").get_config(
         f"profile=evidence,source=folder,ipc={ipc},method={method}")
     checks.check_config(c)
-  assert (c.model.width, c.experts.num_experts, c.experts.epochs, c.experts.lr) == (32, 5, 40, 0.05)
+  experts = (32, 5, 40, 0.05) if name == "cifar10_lt" else (32, 5, 30, 0.1)  # IF 100
+  assert (c.model.width, c.experts.num_experts, c.experts.epochs, c.experts.lr) == experts
   assert c.distill.syn_lr_init == c.experts.lr  # the student starts at the experts' lr
   if ipc == 1:  # the published IPC-1 choices
     assert (c.distill.max_start_epoch, c.distill.batch_syn, c.datm.lr_label) == (4, 10, 5.0)
@@ -75,6 +76,21 @@ def test_evidence_grid_has_the_methods_and_full_rows():
                      "ltdd+rectify@validation", "ltdd+rectify@no_dam_validation"}
   assert len(cells) == 2 * (1 + 2 * 16)
   assert c.benchmark.ipc_settings.ipc1.distill.batch_syn == 10
+
+
+def test_cifar100_evidence_grid_cells_take_their_factors_expert_epochs(tmp_path):
+  """CIFAR-100's evidence experts fit ~20 minutes per factor: IF 10's larger set trains 20 epochs,
+  IF 50's 30; every cell of a factor gets its factor's value, and passes the checks."""
+  from ltdd_jax.run import benchmark, checks  # pylint: disable=g-import-not-at-top
+  c = importlib.import_module("configs.benchmark").get_config(
+      "profile=evidence,dataset=cifar100,grid=final")
+  for factor, epochs in ((10.0, 20), (50.0, 30)):
+    for method in ("mtt", "ltdd", "unilevel"):
+      cell = benchmark.cell_config(c, factor, 10, method, tmp_path)
+      checks.check_config(cell)
+      assert (cell.experts.epochs, cell.experts.lr, cell.distill.syn_lr_init) == (epochs, 0.1, 0.1)
+  cifar10 = importlib.import_module("configs.benchmark").get_config("profile=evidence,grid=final")
+  assert benchmark.cell_config(cifar10, 10.0, 10, "mtt", tmp_path).experts.epochs == 40
 
 
 def test_bad_config_argument_fails():
