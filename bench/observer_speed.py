@@ -67,27 +67,20 @@ def main():
       best = min(best, time.perf_counter() - start)
     return best / recipe.train.steps_per_epoch, recipe.train.steps_per_epoch
 
-  variants = {}
-  for name in ("im2col", "xla"):
+  def variant(conv_impl="im2col", **unilevel):
+    """The base config with `model.conv_impl` and the given `unilevel` keys set."""
     c = base.copy_and_resolve_references()
-    c.model.conv_impl = name
-    variants[name] = epoch_seconds(c)
-  c = base.copy_and_resolve_references()
-  c.model.conv_impl = "im2col"
-  c.unilevel.observer_dsa = False
-  variants["no_dsa"] = epoch_seconds(c)
-  c = base.copy_and_resolve_references()
-  c.model.conv_impl = "im2col"
-  variants["one_network"] = epoch_seconds(c, num_models=1)
-  c = base.copy_and_resolve_references()
-  c.model.conv_impl = "im2col"
-  variants["vmap"] = epoch_seconds(c, ensemble_impl="vmap")
+    c.model.conv_impl = conv_impl
+    c.unilevel.update(unilevel)
+    return c
+
+  variants = {name: epoch_seconds(variant(name)) for name in ("im2col", "xla")}
+  variants["no_dsa"] = epoch_seconds(variant(observer_dsa=False))
+  variants["one_network"] = epoch_seconds(variant(), num_models=1)
+  variants["vmap"] = epoch_seconds(variant(), ensemble_impl="vmap")
   per_image = {}
   for batch in (int(b) for b in args.batch_sizes.split(",") if b):
-    c = base.copy_and_resolve_references()
-    c.model.conv_impl = "im2col"
-    c.unilevel.observer_batch_size = batch
-    variants[f"batch_{batch}"] = epoch_seconds(c)
+    variants[f"batch_{batch}"] = epoch_seconds(variant(observer_batch_size=batch))
     per_image[f"batch_{batch}"] = base.unilevel.observer_batch_size / batch
   reference = variants["im2col"][0]
   print(f"{len(labels)} images, batch {base.unilevel.observer_batch_size}, width {args.width}, "

@@ -27,12 +27,11 @@ def factor_settings(imbalance_factor: float, dataset: str = "cifar10", profile: 
   uniform window at IF 100 (used for every other factor too). The `evidence` profile's CIFAR-100
   experts get the epochs that fit ~20 minutes on 2 cores: 30 above IF 10, 20 at IF 10 and below,
   whose long-tailed set is 1.55x the size of IF 50's (bench/RESULTS.md, expert probes)."""
-  if imbalance_factor <= 10:
-    out = {"ltdd": {"backbone_weight": 1.0, "classifier_weight": 0.2, "grow_window": True}}
-  else:
-    out = {"ltdd": {"backbone_weight": 0.5, "classifier_weight": 1.0, "grow_window": False}}
+  mild = imbalance_factor <= 10
+  out = {"ltdd": {"backbone_weight": 1.0 if mild else 0.5, "classifier_weight": 0.2 if mild else 1.0,
+                  "grow_window": mild}}
   if profile == "evidence" and dataset == "cifar100":
-    out["experts"] = {"epochs": 20 if imbalance_factor <= 10 else 30}
+    out["experts"] = {"epochs": 20 if mild else 30}
   return out
 
 
