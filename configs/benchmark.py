@@ -6,7 +6,9 @@
   python -m launch.benchmark --config=configs/benchmark.py:profile=evidence,grid=final --workdir=W
 
 Every cell is a full pipeline run in <workdir>/<cell>/; a finished cell (report.json present) is not
-run again, so an interrupted grid resumes where it stopped.
+run again, so an interrupted grid resumes where it stopped. With `benchmark.records=DIR` (the
+final grid's default: bench/records/final_<dataset>_<test>) each finished cell's report and config
+are also kept in DIR, and a grid in a fresh workdir restores them instead of running those cells.
 """
 
 import ml_collections
@@ -72,6 +74,10 @@ def get_config(arg=None):
   if args.profile == "evidence":
     c.benchmark.methods = EVIDENCE
   c.benchmark.include_full = not cpu_cifar  # one `full` row per imbalance factor
+  # A folder (relative to where the grid runs, meant to be committed) that keeps each finished
+  # cell's report.json and config.json: a grid run in a fresh workdir restores them and runs only
+  # the other cells, so a grid longer than a working session survives a new checkout. "": none.
+  c.benchmark.records = ""
   if args.grid == "final":
     # The final benchmark: CIFAR-10-LT IF 100 / 10, CIFAR-100-LT IF 50 / 10, IPC 10 / 1; `best`
     # (a row name) is the method both plugins are measured on.
@@ -81,6 +87,7 @@ def get_config(arg=None):
     c.benchmark.imbalance_factors, c.benchmark.ipcs = factors, ipcs
     c.benchmark.methods = final_rows(args.best)
     c.benchmark.include_full = True
+    c.benchmark.records = f"bench/records/final_{args.dataset}_{args.test}"
   elif args.grid != "default":
     raise ValueError(f"grid must be 'default' or 'final', got {args.grid!r}.")
   # `method@name` rows: the cell's config with these overrides applied last. A row that only

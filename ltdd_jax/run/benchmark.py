@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
+import shutil
 import time
 from typing import Sequence
 
@@ -27,6 +28,12 @@ CELL_ERRORS = (distill.DivergenceError, protocol_lib.EvaluationDivergedError)
 
 class CellsDivergedError(errors.DivergedError):
   """Some cells diverged; the others finished and are tabulated."""
+
+
+# A cell's record (`benchmark.records`): its figures and the settings it ran with, no data.
+RECORD_FILES = ("config.json", "report.json")
+# Settings a record is not compared on: the grid's own rows, where compiled programs are kept.
+_UNRECORDED = ("benchmark.", "mesh.compilation_cache_dir")
 
 
 def cells(config) -> list[tuple[float, int | None, str]]:
@@ -188,6 +195,60 @@ def record_failure(cell: pathlib.Path, error: str, reason: str) -> None:
   print(f"[benchmark] cell {cell.name} failed: {reason}", flush=True)
 
 
+def cell_values(config) -> dict:
+  """The values a cell's results depend on, from its config or the `config.json` it ran with."""
+  return {k: v for k, v in resume.config_values(config).items() if not k.startswith(_UNRECORDED)}
+
+
+def restore_records(config, workdir: pathlib.Path, grid) -> int:
+  """Copies each cell's record from `benchmark.records` (`<records>/<cell>/`: its report.json and
+  config.json) into `<workdir>/<cell>/` where that cell has no report of its own, so a grid
+  resumed in a fresh workdir (a new checkout, another machine) runs only the cells no record
+  holds. A record made with other settings than the cell's fails naming them, before any cell
+  runs. A restored cell keeps no set: a row that evaluates its set again distils it itself.
+
+  Returns:
+    How many cells were restored.
+  """
+  records, restored = pathlib.Path(config.benchmark.records), 0
+  for factor, ipc, method in grid:
+    name = cell_name(factor, ipc, method)
+    record, cell = records / name, workdir / name
+    if not (record / "report.json").exists() or (cell / "report.json").exists():
+      continue
+    try:
+      recorded = cell_values(json.loads((record / "config.json").read_text()))
+    except (OSError, ValueError) as e:
+      raise errors.InputError(f"{record} holds a report but no readable config.json ({e}); "
+                              "delete that record to measure the cell again.") from e
+    diff = resume.differences(recorded, cell_values(cell_config(config, factor, ipc, method,
+                                                                workdir)))
+    if diff:
+      raise errors.ResumeMismatchError(
+          f"{record} was measured with other settings than the grid's cell {name}:\n  " +
+          "\n  ".join(diff) + "\nSet those values back, delete the record to measure the cell "
+          "again, or give another benchmark.records.")
+    cell.mkdir(parents=True, exist_ok=True)
+    for file in RECORD_FILES:
+      shutil.copy2(record / file, cell / file)
+    restored += 1
+  return restored
+
+
+def save_records(config, workdir: pathlib.Path, grid) -> None:
+  """Copies every finished cell's report.json and config.json into `benchmark.records` (a folder
+  meant to be committed), unless a record of that cell is there; the report is written last, so
+  a record with a report is whole."""
+  records = pathlib.Path(config.benchmark.records)
+  for cell in grid:
+    name = cell_name(*cell)
+    if not (workdir / name / "report.json").exists() or (records / name / "report.json").exists():
+      continue
+    (records / name).mkdir(parents=True, exist_ok=True)
+    for file in RECORD_FILES:
+      shutil.copy2(workdir / name / file, records / name / file)
+
+
 def run_grid(config, workdir) -> list[dict]:
   """Runs every unfinished cell, then writes results.csv, results.md and the figures.
 
@@ -195,11 +256,17 @@ def run_grid(config, workdir) -> list[dict]:
   grid's) leaves its error in `<cell>/failed.txt` and the grid goes on; once the rest is
   tabulated, one `CellsDivergedError` names every such cell. Any other error stops the grid (it
   resumes on rerun). Each cell's folder is locked while it runs (`locks.each_free`): two grids
-  on one folder split the cells, and the table waits for the cells the other one runs."""
+  on one folder split the cells, and the table waits for the cells the other one runs. With
+  `benchmark.records`, finished cells are restored from and saved to that folder
+  (`restore_records`, `save_records`)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   grid = cells(config)
   check_cells(config, workdir, grid)
+  if config.benchmark.records:
+    restored = restore_records(config, workdir, grid)
+    if restored:
+      print(f"[benchmark] {restored} cell(s) restored from {config.benchmark.records}", flush=True)
   reporting.write_json(workdir / "config.json", config.to_dict())
   start = time.time()
   folders = {workdir / cell_name(*cell): (i, cell) for i, cell in enumerate(grid)}
@@ -228,6 +295,10 @@ def run_grid(config, workdir) -> list[dict]:
       pipeline.run_pipeline(cell_cfg, cell, data=data)
     except CELL_ERRORS as e:  # This cell's settings, not the grid's: record it and go on.
       record_failure(cell, type(e).__name__, str(e))
+    if config.benchmark.records:
+      save_records(config, workdir, [(factor, ipc, method)])
+  if config.benchmark.records:  # Cells another process finished, or finished before records.
+    save_records(config, workdir, grid)
   rows = collect(workdir, grid)
   failed = failed_cells(workdir, grid)
   write_tables(workdir, rows, len(grid), failed)

@@ -109,6 +109,12 @@ def _selected(config, prefixes: tuple[str, ...]) -> dict:
   return {**keep, "seed": config.seed}
 
 
+def config_values(config) -> dict:
+  """Every value of a config (a ConfigDict, or the dict a run's `config.json` holds) that its
+  outputs can depend on, flattened: where files are kept is left out."""
+  return {k: v for k, v in flatten(config).items() if k not in _NEUTRAL}
+
+
 def shared_values(config) -> dict:
   """The values every cell of one benchmark factor shares, whichever method its row runs: seed,
   data, augmentation, model, the trajectory experts' and the observers' settings (the cells

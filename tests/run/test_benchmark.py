@@ -143,6 +143,45 @@ def test_a_diverging_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch
   assert not (tmp_path / "if10_ipc2_mtt" / "failed.txt").exists()
 
 
+def test_records_let_a_fresh_workdir_run_only_the_cells_they_lack(tmp_path, monkeypatch):
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  from ltdd_jax import reporting  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config("dataset=digits")
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.benchmark.ipcs = (1,)
+  config.benchmark.methods = ("random", "mtt")
+  config.benchmark.records = str(tmp_path / "records")
+  ran = []
+  def fake_run(cell_config, workdir, data=None):
+    ran.append(workdir.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    reporting.write_json(workdir / "config.json", cell_config.to_dict())
+    report = {"method": cell_config.method, "ipc": cell_config.distill.ipc,
+              "test_acc_mean": 40.0 + len(ran), "test_acc_std": 1.0, "wall_seconds": 2.0,
+              "num_images": 10}
+    (workdir / "report.json").write_text(json.dumps(report))
+  monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+  benchmark.run_grid(config, tmp_path / "first")
+  assert ran == ["if10_full", "if10_ipc1_random", "if10_ipc1_mtt"]
+  for name in ran:
+    assert sorted(p.name for p in (tmp_path / "records" / name).iterdir()) == [
+        "config.json", "report.json"]
+  # A fresh workdir (a new checkout) runs only the row the records lack; the table is the same.
+  ran.clear()
+  config.benchmark.methods = ("random", "mtt", "herding")
+  benchmark.run_grid(config, tmp_path / "second")
+  assert ran == ["if10_ipc1_herding"]
+  first = (tmp_path / "first" / "results.md").read_text().split("\n\n")[0].splitlines()
+  second = (tmp_path / "second" / "results.md").read_text().split("\n\n")[0].splitlines()
+  assert second[:len(first)] == first and len(second) == len(first) + 1
+  # A record measured with other settings fails naming them, before any cell runs.
+  ran.clear()
+  config.evaluate.epochs += 1
+  with pytest.raises(errors.ResumeMismatchError, match="evaluate.epochs"):
+    benchmark.run_grid(config, tmp_path / "third")
+  assert ran == []
+
+
 def test_per_class_figures_for_every_factor_and_100_classes(tmp_path):
   rows = [{"imbalance_factor": f, "ipc": ipc, "method": m, "test_acc_mean": 1.0,
            "per_class_acc": list(np.linspace(80, 10, 100))}

@@ -80,7 +80,7 @@ def test_candidates_share_experts_only_when_their_expert_settings_agree(tmp_path
     ("hierarchical", "mtt+hierarchical", {"grouping.lambda_1", "grouping.lambda_2",
                                           "grouping.strategy", "grouping.num_groups"}),
     ("grouping", "mtt+two_stage", {"grouping.strategy", "grouping.num_groups",
-                                   "two_stage.arch"}),
+                                   "grouping.stage1_sampling", "two_stage.arch"}),
     ("distill", "mtt", {"distill.max_start_epoch", "distill.lr_img"}),
     ("labels", "datm", {"datm.lr_label"}),
     ("synthesis", "unilevel", {"unilevel.iterations", "unilevel.lr"}),
