@@ -7,8 +7,9 @@
 
 `search` names what is searched: `hierarchical` (the plugin's lambdas, grouping strategy and
 number of groups), `grouping` (the grouping strategy, number of groups (0: as `max_imbalance`
-cuts them), stage 1's balance (every group or every class equally often) and two-stage
-architecture, method mtt+two_stage: one distillation serves every candidate), `distill` (MTT's start window and image lr), `labels` (the soft labels' lr, method
+cuts them) and two-stage architecture, method mtt+two_stage: one distillation serves every
+candidate), `stage1` (how the group experts of mtt+hierarchical draw: every group or every class
+equally often; the per-group experts serve every candidate), `distill` (MTT's start window and image lr), `labels` (the soft labels' lr, method
 datm), `synthesis` (statistics matching's Adam iterations and lr on the pixels, method
 unilevel: one set of observers serves every candidate) or `statistics` (the weight of its
 batch-norm statistics term). Every combination of `tuning.search` is one run evaluated on
@@ -23,9 +24,11 @@ from configs import cifar10_lt, common, digits_lt
 SEARCHES = {
     "hierarchical": {"grouping": {"lambda_1": (0.5, 1.0), "lambda_2": (0.5, 1.0),
                                   "strategy": ("frequency", "similarity"), "num_groups": (2, 3)}},
-    "grouping": {"grouping": {"strategy": ("frequency", "similarity"), "num_groups": (0, 2, 3),
-                              "stage1_sampling": ("class_balanced", "by_class")},
+    "grouping": {"grouping": {"strategy": ("frequency", "similarity"), "num_groups": (0, 2, 3)},
                  "two_stage": {"arch": ("separate", "shared")}},
+    # Stage 1's balance acts where stage-1 networks train on real images (the group experts of
+    # +hierarchical), not on a distilled set: searched with the plugin, grouping fixed.
+    "stage1": {"grouping": {"stage1_sampling": ("class_balanced", "by_class")}},
     "distill": {"distill": {"max_start_epoch": (10, 20), "lr_img": (100.0, 1000.0)}},
     "labels": {"datm": {"lr_label": (2.0, 10.0)}},
     "synthesis": {"unilevel": {"iterations": (1, 100, 1000), "lr": (0.005, 0.05)}},
@@ -33,7 +36,8 @@ SEARCHES = {
     "statistics": {"unilevel": {"statistics_weight": (1.0, 100.0), "iterations": (100,),
                                 "lr": (0.005,)}},
 }
-DEFAULT_METHOD = {"hierarchical": "mtt+hierarchical", "grouping": "mtt+two_stage", "distill": "mtt",
+DEFAULT_METHOD = {"hierarchical": "mtt+hierarchical", "grouping": "mtt+two_stage",
+                  "stage1": "mtt+hierarchical", "distill": "mtt",
                   "labels": "datm", "synthesis": "unilevel", "statistics": "unilevel"}
 
 
