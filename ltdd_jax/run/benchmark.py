@@ -221,8 +221,8 @@ def restore_records(config, workdir: pathlib.Path, grid) -> int:
     except (OSError, ValueError) as e:
       raise errors.InputError(f"{record} holds a report but no readable config.json ({e}); "
                               "delete that record to measure the cell again.") from e
-    diff = resume.differences(recorded, cell_values(cell_config(config, factor, ipc, method,
-                                                                workdir)))
+    current = cell_values(cell_config(config, factor, ipc, method, workdir))
+    diff = resume.differences(resume.with_added(recorded, current), current)
     if diff:
       raise errors.ResumeMismatchError(
           f"{record} was measured with other settings than the grid's cell {name}:\n  " +

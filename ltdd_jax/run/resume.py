@@ -115,6 +115,12 @@ def config_values(config) -> dict:
   return {k: v for k, v in flatten(config).items() if k not in _NEUTRAL}
 
 
+def with_added(recorded: dict, current: dict) -> dict:
+  """`recorded` with the value every earlier record stands for of each key added since (`_ADDED`)
+  that `current` has and the record lacks."""
+  return {**{k: v for k, v in _ADDED.items() if k in current}, **recorded}
+
+
 def shared_values(config) -> dict:
   """The values every cell of one benchmark factor shares, whichever method its row runs: seed,
   data, augmentation, model, the trajectory experts' and the observers' settings (the cells
@@ -190,8 +196,7 @@ def check(config, directory, stage: str, classifier: bool = False) -> bool:
     raise errors.InputError(f"{path} is unreadable ({e}); delete it (and the stage outputs beside "
                             "it if they are not from this config).") from e
   current = stage_values(config, stage, classifier)
-  recorded = {**{k: v for k, v in _ADDED.items() if k in current}, **recorded}
-  diff = differences(recorded, current)
+  diff = differences(with_added(recorded, current), current)
   if not diff:
     return True
   if stage in _discarded(config):
