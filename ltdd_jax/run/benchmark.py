@@ -32,8 +32,9 @@ class CellsDivergedError(errors.DivergedError):
 
 # A cell's record (`benchmark.records`): its figures and the settings it ran with, no data.
 RECORD_FILES = ("config.json", "report.json")
-# Settings a record is not compared on: the grid's own rows, where compiled programs are kept.
-_UNRECORDED = ("benchmark.", "mesh.compilation_cache_dir")
+# Settings a record is not compared on: the grid's own rows and where files are kept. Every other
+# value is (a finished cell's figures depend on its iterations and its prediction rule too).
+_UNRECORDED = ("benchmark.", "mesh.compilation_cache_dir", "data.cache_dir", "experts.directory")
 
 
 def cells(config) -> list[tuple[float, int | None, str]]:
@@ -197,7 +198,7 @@ def record_failure(cell: pathlib.Path, error: str, reason: str) -> None:
 
 def cell_values(config) -> dict:
   """The values a cell's results depend on, from its config or the `config.json` it ran with."""
-  return {k: v for k, v in resume.config_values(config).items() if not k.startswith(_UNRECORDED)}
+  return {k: v for k, v in resume.flatten(config).items() if not k.startswith(_UNRECORDED)}
 
 
 def restore_records(config, workdir: pathlib.Path, grid) -> int:

@@ -109,12 +109,6 @@ def _selected(config, prefixes: tuple[str, ...]) -> dict:
   return {**keep, "seed": config.seed}
 
 
-def config_values(config) -> dict:
-  """Every value of a config (a ConfigDict, or the dict a run's `config.json` holds) that its
-  outputs can depend on, flattened: where files are kept is left out."""
-  return {k: v for k, v in flatten(config).items() if k not in _NEUTRAL}
-
-
 def with_added(recorded: dict, current: dict) -> dict:
   """`recorded` with the value every earlier record stands for of each key added since (`_ADDED`)
   that `current` has and the record lacks."""

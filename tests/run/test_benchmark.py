@@ -174,10 +174,11 @@ def test_records_let_a_fresh_workdir_run_only_the_cells_they_lack(tmp_path, monk
   first = (tmp_path / "first" / "results.md").read_text().split("\n\n")[0].splitlines()
   second = (tmp_path / "second" / "results.md").read_text().split("\n\n")[0].splitlines()
   assert second[:len(first)] == first and len(second) == len(first) + 1
-  # A record measured with other settings fails naming them, before any cell runs.
+  # A record measured with other settings (the iterations a resumed stage may extend included)
+  # fails naming them, before any cell runs.
   ran.clear()
-  config.evaluate.epochs += 1
-  with pytest.raises(errors.ResumeMismatchError, match="evaluate.epochs"):
+  config.distill.iterations += 1
+  with pytest.raises(errors.ResumeMismatchError, match="distill.iterations"):
     benchmark.run_grid(config, tmp_path / "third")
   assert ran == []
 
