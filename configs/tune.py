@@ -9,10 +9,10 @@
 number of groups), `grouping` (the grouping strategy, number of groups (0: as `max_imbalance`
 cuts them) and two-stage architecture, method mtt+two_stage: one distillation serves every
 candidate), `stage1` (how the group experts of mtt+hierarchical draw: every group or every class
-equally often; the per-group experts serve every candidate), `distill` (MTT's start window and image lr), `labels` (the soft labels' lr, method
-datm), `synthesis` (statistics matching's Adam iterations and lr on the pixels, method
-unilevel: one set of observers serves every candidate) or `statistics` (the weight of its
-batch-norm statistics term). Every combination of `tuning.search` is one run evaluated on
+equally often; the per-group experts serve every candidate), `distill` (MTT's start window and
+image lr), `labels` (the soft labels' lr, method datm), `synthesis` (statistics matching's Adam
+iterations and lr on the pixels, method unilevel: one set of observers serves every candidate)
+or `statistics` (the weight of its batch-norm statistics term). Every combination of `tuning.search` is one run evaluated on
 validation; `W/selection.md` lists them, `W/selection.json` names the choice. Resumable: rerun
 the same command.
 """

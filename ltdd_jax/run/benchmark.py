@@ -209,8 +209,10 @@ def restore_records(config, workdir: pathlib.Path, grid) -> int:
   runs. A restored cell keeps no set: a row that evaluates its set again distils it itself.
 
   Returns:
-    How many cells were restored.
+    How many cells were restored (none without `benchmark.records`).
   """
+  if not config.benchmark.records:
+    return 0
   records, restored = pathlib.Path(config.benchmark.records), 0
   for factor, ipc, method in grid:
     name = cell_name(factor, ipc, method)
@@ -239,7 +241,9 @@ def restore_records(config, workdir: pathlib.Path, grid) -> int:
 def save_records(config, workdir: pathlib.Path, grid) -> None:
   """Copies every finished cell's report.json and config.json into `benchmark.records` (a folder
   meant to be committed), unless a record of that cell is there; the report is written last, so
-  a record with a report is whole."""
+  a record with a report is whole. Without `benchmark.records`, nothing."""
+  if not config.benchmark.records:
+    return
   records = pathlib.Path(config.benchmark.records)
   for cell in grid:
     name = cell_name(*cell)
@@ -264,10 +268,9 @@ def run_grid(config, workdir) -> list[dict]:
   workdir.mkdir(parents=True, exist_ok=True)
   grid = cells(config)
   check_cells(config, workdir, grid)
-  if config.benchmark.records:
-    restored = restore_records(config, workdir, grid)
-    if restored:
-      print(f"[benchmark] {restored} cell(s) restored from {config.benchmark.records}", flush=True)
+  restored = restore_records(config, workdir, grid)
+  if restored:
+    print(f"[benchmark] {restored} cell(s) restored from {config.benchmark.records}", flush=True)
   reporting.write_json(workdir / "config.json", config.to_dict())
   start = time.time()
   folders = {workdir / cell_name(*cell): (i, cell) for i, cell in enumerate(grid)}
@@ -296,10 +299,8 @@ def run_grid(config, workdir) -> list[dict]:
       pipeline.run_pipeline(cell_cfg, cell, data=data)
     except CELL_ERRORS as e:  # This cell's settings, not the grid's: record it and go on.
       record_failure(cell, type(e).__name__, str(e))
-    if config.benchmark.records:
-      save_records(config, workdir, [(factor, ipc, method)])
-  if config.benchmark.records:  # Cells another process finished, or finished before records.
-    save_records(config, workdir, grid)
+    save_records(config, workdir, [(factor, ipc, method)])  # Kept even if the grid is stopped.
+  save_records(config, workdir, grid)  # Cells another process finished, or finished before.
   rows = collect(workdir, grid)
   failed = failed_cells(workdir, grid)
   write_tables(workdir, rows, len(grid), failed)
