@@ -12,9 +12,9 @@ candidate), `stage1` (how the group experts of mtt+hierarchical draw: every grou
 equally often; the per-group experts serve every candidate), `distill` (MTT's start window and
 image lr), `labels` (the soft labels' lr, method datm), `synthesis` (statistics matching's Adam
 iterations and lr on the pixels, method unilevel: one set of observers serves every candidate)
-or `statistics` (the weight of its batch-norm statistics term). Every combination of `tuning.search` is one run evaluated on
-validation; `W/selection.md` lists them, `W/selection.json` names the choice. Resumable: rerun
-the same command.
+or `statistics` (the weight of its batch-norm statistics term). Every combination of
+`tuning.search` is one run evaluated on validation; `W/selection.md` lists them,
+`W/selection.json` names the choice. Resumable: rerun the same command.
 """
 
 import ml_collections
