@@ -145,6 +145,13 @@ def cifar_config(arg, dataset: str):
     # 0.01 / 1 / 100 (`configs/tune.py:search=synthesis` and `statistics`; bench/RESULTS.md).
     c.unilevel.observer_epochs = 40
     c.unilevel.iterations, c.unilevel.lr, c.unilevel.statistics_weight = 100, 0.005, 1.0
+    if dataset == "cifar10":
+      # The grouping and two-stage classifier chosen on the validation split at IF 10 and IF 100
+      # (`configs/tune.py`, `search=grouping` on MTT's IPC-10 set, then `search=stage1` with
+      # `mtt+hierarchical` at IPC 1; bench/RESULTS.md): three similarity groups (IF 100's
+      # automatic count is the same partition), one shared network, group experts by class.
+      c.grouping.strategy, c.grouping.num_groups = "similarity", 3
+      c.grouping.stage1_sampling, c.two_stage.arch = "by_class", "shared"
     c.update(ipc_settings(args.profile, args.ipc, dataset))
   elif args.profile == "paper":
     # The published CIFAR-10(-LT) settings, side by side with their sources in docs/protocol.md.

@@ -93,6 +93,29 @@ def test_cifar100_evidence_grid_cells_take_their_factors_expert_epochs(tmp_path)
   assert benchmark.cell_config(cifar10, 10.0, 10, "mtt", tmp_path).experts.epochs == 40
 
 
+def test_evidence_cifar10_takes_the_grouping_chosen_on_validation(tmp_path):
+  """The evidence profile's CIFAR-10-LT runs and grid cells take the validated grouping (three
+  similarity groups, one shared network, group experts by class) at both factors; a grid's
+  command-line override still reaches its cells; other profiles and CIFAR-100 keep the defaults."""
+  from ltdd_jax.run import benchmark  # pylint: disable=g-import-not-at-top
+  chosen = ("similarity", 3, "by_class", "shared")
+  values = lambda c: (c.grouping.strategy, c.grouping.num_groups, c.grouping.stage1_sampling,
+                      c.two_stage.arch)
+  grid = importlib.import_module("configs.benchmark").get_config("profile=evidence,test=holdout")
+  for factor in (10.0, 100.0):
+    single = importlib.import_module("configs.cifar10_lt").get_config(
+        f"profile=evidence,source=folder,test=holdout,imbalance_factor={factor:g}")
+    assert values(single) == chosen
+    assert values(benchmark.cell_config(grid, factor, 1, "mtt+hierarchical", tmp_path)) == chosen
+  grid.unlock()
+  grid.two_stage.arch = "separate"
+  assert benchmark.cell_config(grid, 100.0, 10, "mtt+two_stage", tmp_path).two_stage.arch == (
+      "separate")
+  for name, arg in (("cifar10_lt", "profile=cpu"), ("cifar100_lt", "profile=evidence")):
+    other = importlib.import_module(f"configs.{name}").get_config(arg)
+    assert values(other) == ("frequency", 0, "class_balanced", "separate")
+
+
 def test_bad_config_argument_fails():
   with pytest.raises(ValueError, match="Unknown config argument 'profil'"):
     importlib.import_module("configs.digits_lt").get_config("profil=cpu")
