@@ -165,6 +165,27 @@ def manual_grouping(groups, num_classes: int) -> Grouping:
   return Grouping(tuple(tuple(int(c) for c in g) for g in groups), num_classes)
 
 
+def within_imbalance(grouping: Grouping, counts) -> np.ndarray:
+  """[G] each group's max / min training count: how imbalanced its per-group experts train (1 for
+  a one-class group)."""
+  counts = np.asarray(counts, np.float64)
+  return np.array([counts[list(g)].max() / max(counts[list(g)].min(), 1.0)
+                   for g in grouping.groups])
+
+
+def imbalanced_groups_note(grouping: Grouping, counts, max_imbalance: float) -> str | None:
+  """A one-line note naming the groups whose classes are more than `max_imbalance` times
+  imbalanced inside, or None. The hypothesis wants groups that are each close to balanced: a
+  group that pairs a head and a tail class gives per-group experts that learn the same bias."""
+  ratios = within_imbalance(grouping, counts)
+  over = [f"{set(g)} {r:.0f}x" for g, r in zip(grouping.groups, ratios) if r > max_imbalance]
+  if not over:
+    return None
+  return (f"groups {', '.join(over)} are more imbalanced inside than grouping.max_imbalance "
+          f"({max_imbalance:g}): their per-group experts train on that imbalance, which "
+          "hierarchical distillation means to remove; frequency groups keep every group within it.")
+
+
 def make_grouping(spec: GroupingSpec, counts: np.ndarray, seed: int,
                   class_features: np.ndarray | None = None) -> Grouping:
   """The grouping a spec asks for. `similarity` needs class-mean features [C, F] of an expert."""

@@ -46,3 +46,17 @@ def test_manual_and_bad_partitions(tmp_path):
     grouping.manual_grouping(((0, 1), (1, 2)), 3)
   with pytest.raises(ValueError, match="needs grouping.manual"):
     grouping.manual_grouping((), 3)
+
+
+def test_groups_that_pair_head_and_tail_classes_are_named():
+  """CIFAR-10-LT IF 100's similarity groups put a head and a tail class together (60x inside);
+  frequency groups stay within max_imbalance and get no note."""
+  pairs = grouping.Grouping(((0, 8), (1, 9), (2, 3, 4, 5, 6, 7)), 10)
+  np.testing.assert_allclose(grouping.within_imbalance(pairs, COUNTS),
+                             [5000 / 83, 2997 / 50, 1796 / 139])
+  note = grouping.imbalanced_groups_note(pairs, COUNTS, 5.0)
+  assert "{0, 8} 60x" in note and "{1, 9} 60x" in note and "{2, 3, 4, 5, 6, 7} 13x" in note
+  assert grouping.imbalanced_groups_note(pairs, COUNTS, 100.0) is None
+  assert grouping.imbalanced_groups_note(grouping.frequency_grouping(COUNTS, 5.0), COUNTS, 5.0) is None
+  single = grouping.Grouping(((0,), tuple(range(1, 10))), 10)
+  assert grouping.within_imbalance(single, COUNTS)[0] == 1.0
