@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import pathlib
 import shutil
 import time
 
@@ -148,15 +147,10 @@ def stage_grouping(ctx: context_lib.RunContext) -> grouping_lib.Grouping:
   grouping = grouping_lib.make_grouping(ctx.specs.grouping, data.counts, config.seed, features)
   path = ctx.workdir / "grouping.json"
   note = grouping_lib.imbalanced_groups_note(grouping, data.counts, ctx.specs.grouping.max_imbalance)
-  if note and ctx.method.has("hierarchical") and grouping != _saved_grouping(path):
+  if note and ctx.method.has("hierarchical") and not path.exists():
     print(f"[grouping] {note}", flush=True)  # Once per run, not at each stage that groups.
   grouping.save(path)
   return grouping
-
-
-def _saved_grouping(path: pathlib.Path) -> grouping_lib.Grouping | None:
-  """The grouping a run saved earlier, or None."""
-  return grouping_lib.Grouping.load(path) if path.exists() else None
 
 
 def stage_group_experts(ctx: context_lib.RunContext, grouping: grouping_lib.Grouping,
