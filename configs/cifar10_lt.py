@@ -150,6 +150,8 @@ def cifar_config(arg, dataset: str):
       # (`configs/tune.py`, `search=grouping` on MTT's IPC-10 set, then `search=stage1` with
       # `mtt+hierarchical` at IPC 1; bench/RESULTS.md): three similarity groups (IF 100's
       # automatic count is the same partition), one shared network, group experts by class.
+      # `+hierarchical` chose frequency groups instead (`search=hierarchical`): the grid's rows
+      # take them by name (`benchmark.variants.frequency_groups`, configs/benchmark.py).
       c.grouping.strategy, c.grouping.num_groups = "similarity", 3
       c.grouping.stage1_sampling, c.two_stage.arch = "by_class", "shared"
     c.update(ipc_settings(args.profile, args.ipc, dataset))

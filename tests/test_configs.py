@@ -71,10 +71,12 @@ def test_evidence_grid_has_the_methods_and_full_rows():
   assert cells[0] == (100.0, None, "full") and cells[1][:2] == (100.0, 10)
   methods = {m for _, ipc, m in cells if ipc is not None}
   assert methods == {"random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+two_stage",
-                     "mtt+hierarchical", "ltdd+hierarchical", "datm+rectify", "ltdd+rectify",
+                     "mtt+hierarchical@frequency_groups", "ltdd+hierarchical@frequency_groups",
+                     "ltdd+two_stage@no_dam", "ltdd+hierarchical@no_dam_frequency_groups",
+                     "datm+rectify", "ltdd+rectify",
                      "ltdd@no_dam", "ltdd+rectify@no_dam", "datm+rectify@validation",
                      "ltdd+rectify@validation", "ltdd+rectify@no_dam_validation"}
-  assert len(cells) == 2 * (1 + 2 * 16)
+  assert len(cells) == 2 * (1 + 2 * 18)
   assert c.benchmark.ipc_settings.ipc1.distill.batch_syn == 10
 
 
@@ -96,7 +98,9 @@ def test_cifar100_evidence_grid_cells_take_their_factors_expert_epochs(tmp_path)
 def test_evidence_cifar10_takes_the_grouping_chosen_on_validation(tmp_path):
   """The evidence profile's CIFAR-10-LT runs and grid cells take the validated grouping (three
   similarity groups, one shared network, group experts by class) at both factors; a grid's
-  command-line override still reaches its cells; other profiles and CIFAR-100 keep the defaults."""
+  command-line override still reaches its cells; the `frequency_groups` rows take the frequency
+  grouping (the one `+hierarchical` chose on validation at IF 100) and nothing else; other profiles
+  and CIFAR-100 keep the defaults."""
   from ltdd_jax.run import benchmark  # pylint: disable=g-import-not-at-top
   chosen = ("similarity", 3, "by_class", "shared")
   values = lambda c: (c.grouping.strategy, c.grouping.num_groups, c.grouping.stage1_sampling,
@@ -107,6 +111,10 @@ def test_evidence_cifar10_takes_the_grouping_chosen_on_validation(tmp_path):
         f"profile=evidence,source=folder,test=holdout,imbalance_factor={factor:g}")
     assert values(single) == chosen
     assert values(benchmark.cell_config(grid, factor, 1, "mtt+hierarchical", tmp_path)) == chosen
+    for row in ("mtt+hierarchical@frequency_groups", "ltdd+hierarchical@no_dam_frequency_groups"):
+      cell = benchmark.cell_config(grid, factor, 10, row, tmp_path)
+      assert values(cell) == ("frequency", 0, "by_class", "shared")
+    assert not cell.ltdd.dam
   grid.unlock()
   grid.two_stage.arch = "separate"
   assert benchmark.cell_config(grid, 100.0, 10, "mtt+two_stage", tmp_path).two_stage.arch == (

@@ -183,7 +183,8 @@ def imbalanced_groups_note(grouping: Grouping, counts, max_imbalance: float) -> 
     return None
   return (f"groups {', '.join(over)} are more imbalanced inside than grouping.max_imbalance "
           f"({max_imbalance:g}): their per-group experts train on that imbalance, which "
-          "hierarchical distillation means to remove; frequency groups keep every group within it.")
+          "hierarchical distillation means to remove; frequency groups keep every group within it "
+          "(--config.grouping.strategy=frequency --config.grouping.num_groups=0).")
 
 
 def make_grouping(spec: GroupingSpec, counts: np.ndarray, seed: int,
