@@ -98,20 +98,21 @@ def get_config(arg=None):
     raise ValueError(f"grid must be 'default' or 'final', got {args.grid!r}.")
   # `method@name` rows: the cell's config with these overrides applied last. A row that only
   # changes the evaluation takes the set of the first row with its distillation settings: the
-  # plain base row's for `validation` and `relabel`, the `@no_dam` row's for `no_dam_validation`. A factor's cells share data and experts: variants may not change them.
-  c.benchmark.variants = ml_collections.ConfigDict({
-      "no_dam": {"ltdd": {"dam": False}},
+  # plain base row's for `validation` and `relabel`, the `@no_dam` row's for `no_dam_validation`.
+  # A factor's cells share data and experts: variants may not change them.
+  # Each `no_dam_<v>` is `no_dam` with `<v>` (their keys are disjoint).
+  no_dam = {"ltdd": {"dam": False}}
+  variants = {
       "validation": {"rectify": {"mode": "validation"}},
-      "no_dam_validation": {"ltdd": {"dam": False}, "rectify": {"mode": "validation"}},
       # Evaluated with the statistics-matching teacher's labels on every augmented batch.
       "relabel": {"evaluate": {"protocol": "relabel"}},
-      "no_dam_relabel": {"ltdd": {"dam": False}, "evaluate": {"protocol": "relabel"}},
       # The class-frequency grouping with its automatic group count, for a row whose method
       # wants other groups than the profile's (e.g. `+hierarchical` at a high imbalance factor).
       "frequency_groups": {"grouping": {"strategy": "frequency", "num_groups": 0}},
-      "no_dam_frequency_groups": {"ltdd": {"dam": False},
-                                  "grouping": {"strategy": "frequency", "num_groups": 0}},
-  })
+  }
+  c.benchmark.variants = ml_collections.ConfigDict({
+      "no_dam": no_dam, **variants,
+      **{f"no_dam_{name}": {**no_dam, **overrides} for name, overrides in variants.items()}})
   # Settings each imbalance factor's and each IPC's cells take (the published per-factor LTDD
   # values; the paper profile's per-IPC values). A grid overridden to other factors or IPCs
   # needs entries for them.

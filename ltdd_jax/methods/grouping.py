@@ -169,8 +169,8 @@ def within_imbalance(grouping: Grouping, counts) -> np.ndarray:
   """[G] each group's max / min training count: how imbalanced its per-group experts train (1 for
   a one-class group)."""
   counts = np.asarray(counts, np.float64)
-  return np.array([counts[list(g)].max() / max(counts[list(g)].min(), 1.0)
-                   for g in grouping.groups])
+  inside = [counts[list(g)] for g in grouping.groups]
+  return np.array([c.max() / max(c.min(), 1.0) for c in inside])
 
 
 def imbalanced_groups_note(grouping: Grouping, counts, max_imbalance: float) -> str | None:

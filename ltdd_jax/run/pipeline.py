@@ -146,9 +146,11 @@ def stage_grouping(ctx: context_lib.RunContext) -> grouping_lib.Grouping:
       features = class_mean_features(data, expert_set)
   grouping = grouping_lib.make_grouping(ctx.specs.grouping, data.counts, config.seed, features)
   path = ctx.workdir / "grouping.json"
-  note = grouping_lib.imbalanced_groups_note(grouping, data.counts, ctx.specs.grouping.max_imbalance)
-  if note and ctx.method.has("hierarchical") and not path.exists():
-    print(f"[grouping] {note}", flush=True)  # Once per run, not at each stage that groups.
+  if ctx.method.has("hierarchical") and not path.exists():  # once per run, not at each stage
+    note = grouping_lib.imbalanced_groups_note(grouping, data.counts,
+                                               ctx.specs.grouping.max_imbalance)
+    if note:
+      print(f"[grouping] {note}", flush=True)
   grouping.save(path)
   return grouping
 
