@@ -38,14 +38,16 @@ EVIDENCE = ("random", "herding", "mtt", "datm", "ltdd", "mtt+two_stage", "ltdd+t
 def final_rows(best: str) -> tuple[str, ...]:
   """The final benchmark's rows (`grid=final`): the baselines, the three trajectory-matching
   methods (LTDD-style with and without DAM), the statistics-matching method, rectification on the
-  soft-label sets and both plugins on `best`; then each row again under the teacher-relabel
-  protocol, an evaluation-only row that takes its base row's set, but the rectified rows (whose
-  stored labels a relabelled network never reads) and the two-stage ones (the protocol relabels
-  a flat network's class targets)."""
+  soft-label sets and both plugins on `best` (`+hierarchical` with the frequency grouping it chose
+  on the validation split, `+two_stage` with the profile's); then each row again under the
+  teacher-relabel protocol, an evaluation-only row that takes its base row's set, but the
+  rectified rows (whose stored labels a relabelled network never reads) and the two-stage ones
+  (the protocol relabels a flat network's class targets)."""
   base = ("random", "herding", "mtt", "datm", "datm+rectify", "ltdd", "ltdd@no_dam", "unilevel",
           "unilevel+rectify")
   name, at, variant = best.partition("@")
-  plugins = tuple(f"{name}+{p}{at}{variant}" for p in ("hierarchical", "two_stage"))
+  frequency = f"{variant}_frequency_groups" if variant else "frequency_groups"
+  plugins = (f"{name}+hierarchical@{frequency}", f"{name}+two_stage{at}{variant}")
   fixed = base + tuple(p for p in plugins if p not in base)
   flat = lambda m: not any(f"+{p}" in m for p in ("rectify", "hierarchical", "two_stage"))
   relabel = tuple(f"{m}_relabel" if "@" in m else f"{m}@relabel" for m in fixed if flat(m))

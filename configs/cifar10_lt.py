@@ -43,7 +43,8 @@ def ipc_settings(profile: str, ipc: int, dataset: str) -> dict:
   if profile == "evidence":
     if ipc != 1:
       return {}
-    return {"distill": {"max_start_epoch": 4, "lr_lr": 1e-7, "batch_syn": 10},
+    every_image = 100 if dataset == "cifar100" else 10  # one image per class
+    return {"distill": {"max_start_epoch": 4, "lr_lr": 1e-7, "batch_syn": every_image},
             "datm": {"lr_label": 5.0, "initial_max_start_epoch": 2}}
   if profile != "paper":
     return {}

@@ -59,8 +59,9 @@ def test_evidence_profile_passes_the_checks(name, ipc):
   experts = (32, 5, 40, 0.05) if name == "cifar10_lt" else (32, 5, 30, 0.1)  # IF 100
   assert (c.model.width, c.experts.num_experts, c.experts.epochs, c.experts.lr) == experts
   assert c.distill.syn_lr_init == c.experts.lr  # the student starts at the experts' lr
-  if ipc == 1:  # the published IPC-1 choices
-    assert (c.distill.max_start_epoch, c.distill.batch_syn, c.datm.lr_label) == (4, 10, 5.0)
+  if ipc == 1:  # the published IPC-1 choices, every image in each inner batch
+    classes = 10 if name == "cifar10_lt" else 100
+    assert (c.distill.max_start_epoch, c.distill.batch_syn, c.datm.lr_label) == (4, classes, 5.0)
   assert c.datm.initial_max_start_epoch < c.distill.max_start_epoch
 
 
