@@ -219,7 +219,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The two-stage classifier (+two_stage, +hierarchical; ltdd_jax/methods/two_stage.py): separate
   # networks per stage, or one shared backbone with a group head and a head per group.
   c.two_stage = ml_collections.ConfigDict()
-  c.two_stage.arch = "separate"       # separate | shared
+  c.two_stage.arch = "shared"         # shared | separate
   # A two-stage run's test evaluation also trains the other classifiers on the same set (one flat
   # network, the other architecture) and records them under report.json's `classifiers`.
   c.two_stage.compare = True

@@ -122,7 +122,7 @@ def test_evidence_cifar10_takes_the_grouping_chosen_on_validation(tmp_path):
       "separate")
   for name, arg in (("cifar10_lt", "profile=cpu"), ("cifar100_lt", "profile=evidence")):
     other = importlib.import_module(f"configs.{name}").get_config(arg)
-    assert values(other) == ("frequency", 0, "class_balanced", "separate")
+    assert values(other) == ("frequency", 0, "class_balanced", "shared")
 
 
 def test_bad_config_argument_fails():

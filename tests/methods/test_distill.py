@@ -248,12 +248,12 @@ def test_pipeline_cli_end_to_end_through_a_sigint(tmp_path):
   assert report["method"] == "mtt+hierarchical" and report["ipc"] == 2
   assert report["num_images"] == 20  # the flat budget: C x IPC
   assert report["classifier"] == "two_stage_soft" and 0 <= report["group_acc"] <= 100
-  # One hierarchical set, three classifiers: flat, separate (the report's own) and shared.
-  assert report["two_stage_arch"] == "separate"
+  # One hierarchical set, three classifiers: flat, separate and shared (the report's own).
+  assert report["two_stage_arch"] == "shared"
   assert list(report["classifiers"]) == ["flat", "separate", "shared"]
-  assert report["classifiers"]["separate"]["test_acc_mean"] == report["test_acc_mean"]
+  assert report["classifiers"]["shared"]["test_acc_mean"] == report["test_acc_mean"]
   assert "group_acc" not in report["classifiers"]["flat"]
-  assert 0 <= report["classifiers"]["shared"]["within_group_acc"] <= 100
+  assert 0 <= report["classifiers"]["separate"]["within_group_acc"] <= 100
   assert report["wall_seconds"] > report["segment_seconds"] > 0  # both segments counted
   groups = json.loads((tmp_path / "grouping.json").read_text())["groups"]
   assert len(groups) > 1

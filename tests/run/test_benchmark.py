@@ -25,7 +25,7 @@ def test_benchmark_grid_runs_resumes_and_tabulates(tmp_path):
   # header, rule, full, random, and random+two_stage's three classifiers (one cell)
   assert len(table) == 2 + 5
   assert [line.split(" | ")[2] for line in table[-3:]] == [  # the cell's own classifier first
-      f"random+two_stage [{name}]" for name in ("separate", "flat", "shared")]
+      f"random+two_stage [{name}]" for name in ("shared", "flat", "separate")]
   # The two-stage cell's flat network is the flat cell's: same set, same seed, same figures.
   assert table[-2].split(" | ")[4:11] == table[-4].split(" | ")[4:11]
   assert summary.startswith("3 of 3 cells finished; sum of cell wall times")
