@@ -154,11 +154,16 @@ def test_diverging_evaluation_stops_at_once_and_saves_nothing_non_finite(tiny, t
   assert ensemble.all_finite(saved)
 
 
-def test_stage_evaluate_resumes_a_two_stage_evaluation(tiny, tmp_path, epoch_counter):
+@pytest.mark.parametrize("arch", ["separate", "shared"])
+def test_stage_evaluate_resumes_a_two_stage_evaluation(tiny, tmp_path, epoch_counter, arch):
+  """`separate` trains the group networks, then each group's: interrupted 2 epochs into the
+  second, neither the group networks nor those 2 epochs run again. `shared` is one program of
+  every head: 2 epochs in, they are not run again."""
   config, data, _ = tiny
   ran, stop_after = epoch_counter
   config = config.copy_and_resolve_references()
   config.method, config.evaluate.checkpoint_seconds = "random+two_stage", 0.0
+  config.two_stage.arch = arch
   config.two_stage.compare = False  # the comparison networks resume as these do, each its folder
 
   def evaluate_in(workdir, stop=None):
@@ -169,12 +174,15 @@ def test_stage_evaluate_resumes_a_two_stage_evaluation(tiny, tmp_path, epoch_cou
 
   reference = evaluate_in(tmp_path / "whole")
   total = len(ran)
-  assert total > 2 * config.evaluate.epochs  # the group networks, then each group's
+  done_before_stop = config.evaluate.epochs + 2 if arch == "separate" else 2
+  if arch == "separate":
+    assert total > 2 * config.evaluate.epochs  # the group networks, then each group's
+  else:
+    assert total == config.evaluate.epochs  # one network of every head
   with pytest.raises(Interrupted):
-    evaluate_in(tmp_path / "resumed", stop=config.evaluate.epochs + 2)
+    evaluate_in(tmp_path / "resumed", stop=done_before_stop)
   resumed = evaluate_in(tmp_path / "resumed")
-  # The group networks were trained and the next ones had 2 epochs: neither runs again.
-  assert len(ran) == total - config.evaluate.epochs - 2
+  assert len(ran) == total - done_before_stop
   assert resumed["per_class_acc"] == reference["per_class_acc"]
   assert resumed["group_acc"] == reference["group_acc"]
   assert not (tmp_path / "resumed" / "evaluate_ckpt").exists()
