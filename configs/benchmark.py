@@ -55,6 +55,9 @@ def final_rows(best: str) -> tuple[str, ...]:
 
 
 def get_config(arg=None):
+  # `best` (grid=final): statistics matching, the published family's strongest and the best row
+  # under `relabel` at CIFAR-10-LT IF 10 (holdout); the plugins on MTT and on LTDD-style without
+  # DAM are measured in the evidence grid's cells (docs/design.md §6).
   args = common.parse_arg(arg, profile="cpu", dataset="cifar10", source="folder", test="real",
                           grid="default", best="unilevel")
   if args.dataset == "digits":
