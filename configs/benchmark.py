@@ -46,6 +46,9 @@ def final_rows(best: str) -> tuple[str, ...]:
   base = ("random", "herding", "mtt", "datm", "datm+rectify", "ltdd", "ltdd@no_dam", "unilevel",
           "unilevel+rectify")
   name, at, variant = best.partition("@")
+  if variant not in ("", "no_dam"):
+    raise ValueError(f"best={best!r}: the final grid's plugins run on a method row without a "
+                     "variant or with `@no_dam` (e.g. best=unilevel, best=ltdd@no_dam).")
   frequency = f"{variant}_frequency_groups" if variant else "frequency_groups"
   plugins = (f"{name}+hierarchical@{frequency}", f"{name}+two_stage{at}{variant}")
   fixed = base + tuple(p for p in plugins if p not in base)

@@ -267,6 +267,8 @@ def test_final_grid_rows_take_sets_only_from_earlier_rows(tmp_path, dataset, fac
                                    config).name.endswith("ltdd@no_dam")
   with pytest.raises(ValueError, match="grid must be 'default' or 'final'"):
     benchmark_config.get_config("grid=last")
+  with pytest.raises(ValueError, match="best='mtt@relabel'.*without a variant or with `@no_dam`"):
+    benchmark_config.get_config("profile=evidence,grid=final,best=mtt@relabel")
 
 
 def test_a_variant_that_moves_rectification_to_init_distils_itself(tmp_path):
