@@ -18,6 +18,7 @@ the training images first, as every result before the real split was measured.
 from configs import common
 
 # The shared copies: (file type, what it is).
+CLASSES = {"cifar10": 10, "cifar100": 100}
 FOLDER_COPIES = {"cifar10": ("jpeg", "JPEG, quality 75"), "cifar100": ("png", "PNG, lossless")}
 
 
@@ -43,8 +44,7 @@ def ipc_settings(profile: str, ipc: int, dataset: str) -> dict:
   if profile == "evidence":
     if ipc != 1:
       return {}
-    every_image = 100 if dataset == "cifar100" else 10  # one image per class
-    return {"distill": {"max_start_epoch": 4, "lr_lr": 1e-7, "batch_syn": every_image},
+    return {"distill": {"max_start_epoch": 4, "lr_lr": 1e-7, "batch_syn": CLASSES[dataset]},
             "datm": {"lr_label": 5.0, "initial_max_start_epoch": 2}}
   if profile != "paper":
     return {}
@@ -54,7 +54,7 @@ def ipc_settings(profile: str, ipc: int, dataset: str) -> dict:
   return {"distill": {"max_start_epoch": max_start,
                       "lr_img": 1000.0 if ipc >= 50 else 100.0,
                       "lr_lr": 1e-7 if ipc == 1 else 1e-5,
-                      "batch_syn": min(256, 10 * ipc if dataset == "cifar10" else 100 * ipc)},
+                      "batch_syn": min(256, CLASSES[dataset] * ipc)},
           "datm": {"lr_label": 5.0 if ipc == 1 else 2.0,
                    "initial_max_start_epoch": min(10, max_start)}}
 
