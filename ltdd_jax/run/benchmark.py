@@ -129,7 +129,7 @@ def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None, metho
   v = `no_dam_validation`; `X@v` takes `X`'s, or an earlier `X@w` row's, where v changes only the
   evaluation (e.g. `relabel`, `no_dam_relabel` after `no_dam`); a row whose variant makes its
   distillation its own (e.g. `rectify.at=init` for `X+rectify`, `no_dam` for `ltdd`) distils
-  itself (None)."""
+  itself (None). Only the grid's rows are candidates: a set no cell distils is not taken."""
   name, variant = split_variant(method)
   if config is None:
     if variant is not None:
@@ -147,7 +147,8 @@ def distilling_cell(workdir: pathlib.Path, factor: float, ipc: int | None, metho
   if name == base and method in rows:  # `X@v` takes an `X@w` row's set only from an earlier row
     rows = rows[:rows.index(method)]
   candidates = [base, *rows] + ([f"{base}@{variant}"] if variant is not None else [])
-  source = next((c for c in dict.fromkeys(candidates) if c != method and resume.stage_values(
+  candidates = [c for c in dict.fromkeys(candidates) if c in config.benchmark.methods]
+  source = next((c for c in candidates if c != method and resume.stage_values(
       cell_config(config, factor, ipc, c, workdir), "distill") == own), None)
   return None if source is None else workdir / cell_name(factor, ipc, source)
 

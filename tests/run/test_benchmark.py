@@ -256,12 +256,13 @@ def test_final_grid_rows_take_sets_only_from_earlier_rows(tmp_path, dataset, fac
   names = [benchmark.cell_name(factors[0], 10, r) for r in methods]
   for m in methods:
     source = benchmark.distilling_cell(tmp_path, factors[0], 10, m, config)
-    # A source outside the grid (CIFAR-100's default grouping is the frequency one, so
-    # `+hierarchical@frequency_groups` distils as `+hierarchical` would) is never run: the row
-    # distils itself.
-    if source is not None and source.name in names:
+    # Only grid rows are sources: on CIFAR-100 the default grouping is the frequency one, so
+    # `+hierarchical@frequency_groups` distils as `+hierarchical` (not a row) would, and distils
+    # itself.
+    if source is not None:
       taken = methods[names.index(source.name)]
       assert place[taken] < place[m], (m, taken)
+  assert benchmark.distilling_cell(tmp_path, factors[0], 10, hierarchical, config) is None
   assert benchmark.distilling_cell(tmp_path, factors[0], 10, "ltdd@no_dam", config) is None
   assert benchmark.distilling_cell(tmp_path, factors[0], 10, "ltdd@no_dam_relabel",
                                    config).name.endswith("ltdd@no_dam")
