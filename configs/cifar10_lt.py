@@ -123,7 +123,8 @@ def cifar_config(arg, dataset: str):
     # Experts that learn the data on 2 CPU cores (bench/RESULTS.md, expert probe): the references'
     # plain SGD at a 5x larger lr and a quarter of the width, 40 epochs. The start window and
     # image lr were chosen on the validation split at IF 100, IPC 10 (bench/RESULTS.md: window
-    # 5 / 10 / 20 and lr_img 100 / 1000 tried; 10 and 100 chosen).
+    # 5 / 10 / 20 and lr_img 100 / 1000 tried; 10 and 100 chosen); CIFAR-100-LT (IF 50, IPC 10,
+    # windows 10 / 20 x lr_img 100 / 1000) chose the same.
     c.model.depth, c.model.width = 3, 32
     c.experts.num_experts, c.experts.epochs = 5, 40
     c.experts.lr, c.experts.momentum, c.experts.weight_decay, c.experts.batch_size = 0.05, 0, 0, 256
