@@ -1,4 +1,4 @@
-"""Runs (or resumes) the benchmark grid and writes results.csv, results.md and figures.
+"""Runs (or resumes) the benchmark grid and writes results.csv, results.md, summary.md, figures.
 
   python -m launch.benchmark --config=configs/benchmark.py:profile=cpu --workdir=runs/bench
 """

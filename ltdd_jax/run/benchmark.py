@@ -14,7 +14,7 @@ import numpy as np
 from ltdd_jax import errors, reporting
 from ltdd_jax.evaluation import protocol as protocol_lib
 from ltdd_jax.methods import distill, registry
-from ltdd_jax.run import checks, locks, pipeline, resume, specs
+from ltdd_jax.run import checks, locks, pipeline, published, resume, specs
 
 COLUMNS = ("dataset", "imbalance_factor", "ipc", "method", "images", "test_acc_mean",
            "test_acc_std", "many_acc", "medium_acc", "few_acc", "per_class_acc_std",
@@ -387,6 +387,31 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def summary_table(rows: list[dict]) -> str:
+  """The grid at a glance (summary.md): one row per method, one column per (IF, IPC), test
+  accuracy mean +- std, and in brackets the published figure for that method and cell where a
+  paper reports one (`published.accuracy`: the published protocol, not our profile's). The whole
+  long-tailed set (IPC None) shows under every IPC of its factor."""
+  distilled = [r for r in rows if r["ipc"] is not None]
+  columns = list(dict.fromkeys((r["imbalance_factor"], r["ipc"]) for r in distilled))
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  table = {}
+  for r in rows:
+    value = f"{_fmt(r['test_acc_mean'])} +- {_fmt(r['test_acc_std'])}"
+    for factor, ipc in columns:
+      if factor == r["imbalance_factor"] and r["ipc"] in (ipc, None):
+        paper = published.accuracy(r["dataset"], factor, ipc, r["method"])
+        table[r["method"], (factor, ipc)] = value + (f" ({paper})" if paper else "")
+  lines = ["| method | " + " | ".join(f"IF {f:g} IPC {i}" for f, i in columns) + " |",
+           "|---|" + "---|" * len(columns)]
+  for m in methods:
+    label = "whole LT set" if m == "full" else m
+    lines.append(f"| {label} | " + " | ".join(table.get((m, c), "-") for c in columns) + " |")
+  note = ("\n(x): the published figure, under the published protocol, not this profile "
+          "(docs/published.md).\n" if any("(" in v for v in table.values()) else "")
+  return "\n".join(lines) + "\n" + note
+
+
 def time_summary(rows: list[dict], num_cells: int, failed: Sequence[str] = ()) -> str:
   """How many cells are done and the sum of their wall times: the grid's cost on this machine,
   however many resumptions it took (experts are timed inside the first cell that needs them);
@@ -402,12 +427,15 @@ def time_summary(rows: list[dict], num_cells: int, failed: Sequence[str] = ()) -
 
 def write_tables(workdir: pathlib.Path, rows: list[dict], num_cells: int,
                  failed: Sequence[str] = ()) -> None:
-  """results.csv (one row per finished cell) and results.md (the table and the time summary)."""
+  """results.csv (one row per finished cell), results.md (the table and the time summary) and
+  summary.md (accuracy per method and cell, published figures beside: `summary_table`)."""
   with (workdir / "results.csv").open("w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
   (workdir / "results.md").write_text(markdown_table(rows) + "\n" +
+                                      time_summary(rows, num_cells, failed))
+  (workdir / "summary.md").write_text(summary_table(rows) + "\n" +
                                       time_summary(rows, num_cells, failed))
 
 

@@ -32,6 +32,7 @@ def test_benchmark_grid_runs_resumes_and_tabulates(tmp_path):
   two_stage = json.loads((tmp_path / "if10_ipc2_random-two_stage" / "report.json").read_text())
   assert "group_acc" in two_stage and "within_group_acc" in two_stage
   assert (tmp_path / "accuracy_heatmap.png").exists() and (tmp_path / "per_class_if10.png").exists()
+  assert (tmp_path / "summary.md").read_text().splitlines()[2].startswith("| whole LT set | ")
   report = tmp_path / "if10_ipc2_random" / "report.json"
   before = report.stat().st_mtime_ns
   again = subprocess.run(cmd, capture_output=True, text=True)
@@ -91,6 +92,25 @@ def test_table_shows_the_learned_lr_of_distilled_sets_only():
   assert line.endswith("| 0.0361 | - |")  # `fixed`: no teacher
   relabelled = benchmark.markdown_table([{**row, "teacher_set_acc": 52.0}]).splitlines()[2]
   assert relabelled.endswith("| 0.0361 | 52.0 |")
+
+
+def test_summary_puts_each_method_in_one_row_with_the_published_figure_beside():
+  def row(factor, ipc, method, acc, dataset="cifar10_lt"):
+    return {"dataset": dataset, "imbalance_factor": factor, "ipc": ipc, "method": method,
+            "test_acc_mean": acc, "test_acc_std": 0.5}
+  rows = [row(100.0, None, "full", 44.1), row(100.0, 10, "mtt", 34.5),
+          row(100.0, 10, "mtt@relabel", 30.0), row(100.0, 1, "mtt", 28.9),
+          row(10.0, 10, "mtt", 46.1)]
+  header, rule, full, mtt, relabel, _, note = benchmark.summary_table(rows).splitlines()
+  assert header == "| method | IF 100 IPC 10 | IF 100 IPC 1 | IF 10 IPC 10 |"
+  assert rule.count("|") == full.count("|") == mtt.count("|") == 5
+  # The whole set shows under each IPC of its own factor only; no published MTT at IPC 1.
+  assert full == "| whole LT set | 44.1 +- 0.5 | 44.1 +- 0.5 | - |"
+  assert mtt == "| mtt | 34.5 +- 0.5 (37.7 +- 0.6) | 28.9 +- 0.5 | 46.1 +- 0.5 (58.0 +- 0.8) |"
+  assert relabel == "| mtt@relabel | 30.0 +- 0.5 | - | - |"  # not the papers' protocol
+  assert note.startswith("(x): the published figure")
+  digits = benchmark.summary_table([row(10.0, 10, "mtt", 90.0, "digits_lt")])
+  assert "(" not in digits and digits.count("\n") == 3
 
 
 @pytest.mark.parametrize("error", benchmark.CELL_ERRORS)
