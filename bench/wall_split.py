@@ -1,0 +1,105 @@
+"""Where a benchmark grid's wall time went: model training, distillation or synthesis, the rest.
+
+  python bench/wall_split.py --workdir=runs/final/cifar10
+
+Reads each finished cell's `report.json` and `metrics.jsonl`. Model training is the flat experts
+(with LTDD's classifier experts where that cell trained them: `experts`) or the observer and
+teacher (`observers`), timed inside the first cell of its factor that needed them; distillation
+is the trajectory-matching iterations, or the statistics-matching stage (recalibration, crop
+scoring, Adam on the pixels); "rest" is the cell's wall time less both (evaluation, data,
+compilation). A distillation resumed across sessions is the sum of its segments (the work lost
+after a segment's last checkpoint not counted). Then, per factor and IPC, the statistics-matching
+method's model training + synthesis against MTT's experts + distillation, as a ratio.
+"""
+
+import argparse
+import json
+import pathlib
+
+
+def distill_seconds(records: list[dict]) -> tuple[float | None, int]:
+  """(seconds, segments) of a cell's distillation: the `distill_done` record's own time when it ran
+  in one segment; the sum of each segment's last `distill` record where a resume reset the clock
+  (a `seconds` value below its predecessor starts a segment)."""
+  done = [r["seconds"] for r in records if r.get("stage") == "distill_done" and "seconds" in r]
+  steps = [r["seconds"] for r in records if r.get("stage") == "distill" and "seconds" in r]
+  segments, total = 1, 0.0
+  for before, after in zip(steps, steps[1:]):
+    if after < before:
+      segments, total = segments + 1, total + before
+  if segments == 1:
+    return (done[0] if done else None), 1
+  return total + (max(steps[-1], done[0]) if done else steps[-1]), segments
+
+
+def cell_times(cell: pathlib.Path) -> dict | None:
+  """A finished cell's wall time and its parts (seconds; None where the cell had no such part)."""
+  report = cell / "report.json"
+  if not report.exists():
+    return None
+  records = []
+  metrics = cell / "metrics.jsonl"
+  if metrics.exists():
+    for line in metrics.read_text().splitlines():
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue
+  training = {s: r["seconds"] for r in records for s in ("experts", "observers")
+              if r.get("stage") == s and "seconds" in r}
+  distill, segments = distill_seconds(records)
+  wall = json.loads(report.read_text()).get("wall_seconds")
+  return {"wall": wall, "training": training, "distill": distill, "segments": segments,
+          "rest": None if wall is None else wall - sum(training.values()) - (distill or 0.0)}
+
+
+def parse_name(name: str) -> tuple[str, str, str] | None:
+  """`if100_ipc10_mtt` -> ('100', '10', 'mtt'); None for a folder that is not a cell."""
+  parts = name.split("_", 2)
+  if len(parts) != 3 or not parts[0].startswith("if") or not parts[1].startswith("ipc"):
+    return None
+  return parts[0][2:], parts[1][3:], parts[2]
+
+
+def fmt(value) -> str:
+  return "-" if value is None else f"{value:.0f}"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True)
+  args = parser.parse_args()
+  workdir = pathlib.Path(args.workdir)
+  cells = {}
+  print("| cell | wall s | experts s | observers s | distillation s | rest s |")
+  print("|---|---|---|---|---|---|")
+  for folder in sorted(p for p in workdir.iterdir() if p.is_dir()):
+    name = parse_name(folder.name)
+    times = cell_times(folder) if name else None
+    if times is None:
+      continue
+    cells[name] = times
+    t = times["training"]
+    resumed = f" ({times['segments']} segments)" if times["segments"] > 1 else ""
+    print(f"| {folder.name} | {fmt(times['wall'])} | {fmt(t.get('experts'))} | "
+          f"{fmt(t.get('observers'))} | {fmt(times['distill'])}{resumed} | {fmt(times['rest'])} |")
+  experts = {f: t["training"]["experts"] for (f, _, _), t in cells.items()
+             if "experts" in t["training"]}
+  observers = {f: t["training"]["observers"] for (f, _, _), t in cells.items()
+               if "observers" in t["training"]}
+  print("\n| IF | IPC | MTT: experts + distillation s | statistics matching: observers + "
+        "synthesis s | ratio |")
+  print("|---|---|---|---|---|")
+  for (factor, ipc, method), t in sorted(cells.items()):
+    if method != "mtt" or (factor, ipc, "unilevel") not in cells:
+      continue
+    mtt = experts.get(factor, 0.0) + (t["distill"] or 0.0)
+    uni = observers.get(factor, 0.0) + (cells[factor, ipc, "unilevel"]["distill"] or 0.0)
+    if factor not in experts or factor not in observers:
+      print(f"| {factor} | {ipc} | {mtt:.0f} | {uni:.0f} | - (model training not timed here) |")
+    else:
+      print(f"| {factor} | {ipc} | {mtt:.0f} | {uni:.0f} | {uni / mtt:.2f} |")
+
+
+if __name__ == "__main__":
+  main()
