@@ -2,14 +2,18 @@
 
   python bench/wall_split.py --workdir=runs/final/cifar10
 
-Reads each finished cell's `report.json` and `metrics.jsonl`. Model training is the flat experts
-(with LTDD's classifier experts where that cell trained them: `experts`) or the observer and
-teacher (`observers`), timed inside the first cell of its factor that needed them; distillation
-is the trajectory-matching iterations, or the statistics-matching stage (recalibration, crop
-scoring, Adam on the pixels); "rest" is the cell's wall time less both (evaluation, data,
-compilation). A distillation resumed across sessions is the sum of its segments (the work lost
-after a segment's last checkpoint not counted). Then, per factor and IPC, the statistics-matching
-method's model training + synthesis against MTT's experts + distillation, as a ratio.
+Reads each finished cell's `report.json` and `metrics.jsonl` (a cell restored from records has no
+metrics: its parts show "-"). Model training is the flat experts (`experts`, with LTDD's
+classifier experts only where the same cell trained the flat set; otherwise those fall in "rest")
+or the observer and teacher (`observers`), timed inside the first cell of its factor that needed
+them. Distillation is the trajectory-matching stage (initialisation and iterations; a
+`+hierarchical` cell's group experts too) or the statistics-matching one (recalibration, crop
+scoring, Adam on the pixels); a cell that evaluates another cell's set shows "-". "rest" is the
+cell's wall time less both (evaluation, data, compilation). A trajectory-matching distillation
+resumed across sessions is the sum of its segments (the work lost after a segment's last
+checkpoint not counted); a statistics-matching synthesis (about a minute) counts its last segment
+only. Then, per factor and IPC, the statistics-matching method's model training + synthesis
+against MTT's experts + distillation, as a ratio.
 """
 
 import argparse
@@ -23,38 +27,43 @@ def distill_seconds(records: list[dict]) -> tuple[float | None, int]:
   (a `seconds` value below its predecessor starts a segment)."""
   done = [r["seconds"] for r in records if r.get("stage") == "distill_done" and "seconds" in r]
   steps = [r["seconds"] for r in records if r.get("stage") == "distill" and "seconds" in r]
+  synthesized = any(r.get("stage") == "synthesize" for r in records)
+  if not steps and not synthesized:  # another cell's set, or no distillation
+    return None, 1
   segments, total = 1, 0.0
   for before, after in zip(steps, steps[1:]):
     if after < before:
       segments, total = segments + 1, total + before
-  if segments == 1:
-    return (done[0] if done else None), 1
-  return total + (max(steps[-1], done[0]) if done else steps[-1]), segments
+  last = max([*steps[-1:], *done[:1]], default=None)  # a done record of a setup-only resume
+  return (None if last is None else total + last), segments
 
 
 def cell_times(cell: pathlib.Path) -> dict | None:
-  """A finished cell's wall time and its parts (seconds; None where the cell had no such part)."""
+  """A finished cell's wall time and its parts in seconds: `training` holds the model trainings the
+  cell timed, `distill` is None where it distilled nothing, `rest` None without metrics."""
   report = cell / "report.json"
   if not report.exists():
     return None
-  records = []
+  wall = json.loads(report.read_text()).get("wall_seconds")
   metrics = cell / "metrics.jsonl"
-  if metrics.exists():
-    for line in metrics.read_text().splitlines():
-      try:
-        records.append(json.loads(line))
-      except ValueError:
-        continue
+  if not metrics.exists():  # restored from records: only its wall time is known
+    return {"wall": wall, "training": {}, "distill": None, "segments": 1, "rest": None}
+  records = []
+  for line in metrics.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue
   training = {s: r["seconds"] for r in records for s in ("experts", "observers")
               if r.get("stage") == s and "seconds" in r}
   distill, segments = distill_seconds(records)
-  wall = json.loads(report.read_text()).get("wall_seconds")
   return {"wall": wall, "training": training, "distill": distill, "segments": segments,
           "rest": None if wall is None else wall - sum(training.values()) - (distill or 0.0)}
 
 
 def parse_name(name: str) -> tuple[str, str, str] | None:
-  """`if100_ipc10_mtt` -> ('100', '10', 'mtt'); None for a folder that is not a cell."""
+  """`if100_ipc10_mtt` -> ('100', '10', 'mtt'); None for any other folder (experts, and the
+  whole-set cells `if100_full`, which distil nothing)."""
   parts = name.split("_", 2)
   if len(parts) != 3 or not parts[0].startswith("if") or not parts[1].startswith("ipc"):
     return None
@@ -90,7 +99,8 @@ def main():
   print("\n| IF | IPC | MTT: experts + distillation s | statistics matching: observers + "
         "synthesis s | ratio |")
   print("|---|---|---|---|---|")
-  for (factor, ipc, method), t in sorted(cells.items()):
+  for (factor, ipc, method), t in sorted(cells.items(), key=lambda c: (-float(c[0][0]),
+                                                                         -int(c[0][1]))):
     if method != "mtt" or (factor, ipc, "unilevel") not in cells:
       continue
     mtt = experts.get(factor, 0.0) + (t["distill"] or 0.0)

@@ -256,7 +256,7 @@ def save_records(config, workdir: pathlib.Path, grid) -> None:
 
 
 def run_grid(config, workdir) -> list[dict]:
-  """Runs every unfinished cell, then writes results.csv, results.md and the figures.
+  """Runs every unfinished cell, then writes results.csv, results.md, summary.md and the figures.
 
   A cell whose distillation or evaluation diverges (`CELL_ERRORS`: its settings' fault, not the
   grid's) leaves its error in `<cell>/failed.txt` and the grid goes on; once the rest is
@@ -391,13 +391,17 @@ def summary_table(rows: list[dict]) -> str:
   """The grid at a glance (summary.md): one row per method, one column per (IF, IPC), test
   accuracy mean +- std, and in brackets the published figure for that method and cell where a
   paper reports one (`published.accuracy`: the published protocol, not our profile's). The whole
-  long-tailed set (IPC None) shows under every IPC of its factor."""
+  long-tailed set (IPC None) shows under every IPC of its factor; a grid of it alone has no
+  columns, and no table ("")."""
   distilled = [r for r in rows if r["ipc"] is not None]
   columns = list(dict.fromkeys((r["imbalance_factor"], r["ipc"]) for r in distilled))
+  if not columns:
+    return ""
   methods = list(dict.fromkeys(r["method"] for r in rows))
   table = {}
   for r in rows:
-    value = f"{_fmt(r['test_acc_mean'])} +- {_fmt(r['test_acc_std'])}"
+    value = ("-" if r["test_acc_mean"] is None
+             else f"{_fmt(r['test_acc_mean'])} +- {_fmt(r['test_acc_std'])}")
     for factor, ipc in columns:
       if factor == r["imbalance_factor"] and r["ipc"] in (ipc, None):
         paper = published.accuracy(r["dataset"], factor, ipc, r["method"])

@@ -1,9 +1,10 @@
 """Published ConvNet-3 test accuracies (%) for the benchmark's cells, to print beside ours.
 
 The figures and their sources are in docs/published.md (a test keeps the two equal): the
-uni-level paper's Tables 1, 2 and 6, whose random, MTT, DATM and LTDD rows it takes from the LTDD
-paper. They are the published protocol's (width 128, 100 experts, 10,000 iterations, the real
-test split), not our profile's; a method a paper does not report at a cell has no entry.
+uni-level paper's Tables 1, 2 (whose random, MTT, DATM and LTDD rows it takes from the LTDD paper)
+and 6 (IPC 1, which does not say which baseline rows it re-ran). They are the published protocol's
+(docs/published.md says how it differs from our profiles), not our profile's; a method a paper
+does not report at a cell has no entry.
 """
 
 # dataset -> (imbalance factor, IPC) -> method (our registry's name) -> "mean +- std".

@@ -30,6 +30,14 @@ def test_one_segment_takes_the_done_record_and_a_resumed_one_sums_its_segments(t
              {"stage": "distill", "step": 200, "seconds": 190.0},
              {"stage": "distill_done", "step": 200, "seconds": 195.0}]
   assert wall_split.distill_seconds(resumed) == (200.0 + 195.0, 2)
+  # Resumed after the last checkpoint: the done record times only the setup.
+  assert wall_split.distill_seconds([*one[1:3], {**one[3], "seconds": 3.0}]) == (400.0, 1)
+  # A cell that evaluates another cell's set distils nothing.
+  assert wall_split.distill_seconds([{"stage": "distill_done", "step": 200, "seconds": 2.0}]) == (
+      None, 1)
+  (tmp_path / "restored").mkdir()
+  (tmp_path / "restored" / "report.json").write_text(json.dumps({"wall_seconds": 60.0}))
+  assert wall_split.cell_times(tmp_path / "restored")["rest"] is None
   assert wall_split.cell_times(tmp_path / "if100_ipc1_mtt") is None  # not finished
   assert wall_split.parse_name("if100_experts") is None
   assert wall_split.parse_name("if10_ipc1_ltdd@no_dam") == ("10", "1", "ltdd@no_dam")

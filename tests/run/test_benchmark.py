@@ -111,6 +111,14 @@ def test_summary_puts_each_method_in_one_row_with_the_published_figure_beside():
   assert note.startswith("(x): the published figure")
   digits = benchmark.summary_table([row(10.0, 10, "mtt", 90.0, "digits_lt")])
   assert "(" not in digits and digits.count("\n") == 3
+  # A two-stage cell's classifiers are rows of their own; an accuracy-less row shows "-".
+  two_stage = [row(100.0, 10, "mtt+two_stage [shared]", 31.7),
+               {**row(100.0, 10, "mtt+two_stage [flat]", 34.5), "extra": True},
+               row(100.0, 10, "mtt", None)]
+  lines = benchmark.summary_table(two_stage).splitlines()
+  assert lines[2:5] == ["| mtt+two_stage [shared] | 31.7 +- 0.5 |",
+                        "| mtt+two_stage [flat] | 34.5 +- 0.5 |", "| mtt | - (37.7 +- 0.6) |"]
+  assert benchmark.summary_table([row(100.0, None, "full", 44.1)]) == ""
 
 
 @pytest.mark.parametrize("error", benchmark.CELL_ERRORS)
