@@ -18,7 +18,12 @@ against MTT's experts + distillation, as a ratio.
 
 import argparse
 import json
+import os
 import pathlib
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ltdd_jax import reporting  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def distill_seconds(records: list[dict]) -> tuple[float | None, int]:
@@ -48,12 +53,7 @@ def cell_times(cell: pathlib.Path) -> dict | None:
   metrics = cell / "metrics.jsonl"
   if not metrics.exists():  # restored from records: only its wall time is known
     return {"wall": wall, "training": {}, "distill": None, "segments": 1, "rest": None}
-  records = []
-  for line in metrics.read_text().splitlines():
-    try:
-      records.append(json.loads(line))
-    except ValueError:
-      continue
+  records = reporting.MetricsWriter(cell).lines()
   training = {s: r["seconds"] for r in records for s in ("experts", "observers")
               if r.get("stage") == s and "seconds" in r}
   distill, segments = distill_seconds(records)
